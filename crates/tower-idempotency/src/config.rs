@@ -1,0 +1,110 @@
+//! Options and their defaults. The builder methods live on
+//! [`IdempotencyLayer`](crate::IdempotencyLayer) and mirror the proxy's flags.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+
+use crate::extract::KeySources;
+use crate::scope::{HeaderScope, ScopeExtractor};
+
+/// How long a completed record is kept: 240 s, the seed's default.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(240);
+/// How long a lease lives without renewal: 30 s. It is renewed every third of that while the
+/// handler runs.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(30);
+/// How long a duplicate waits for the request in flight: 60 s.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request body a tracked request may carry: 1 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
+/// The largest response kept for replay: 1 MiB.
+pub const DEFAULT_MAX_RESPONSE_BODY: usize = 1024 * 1024;
+
+/// What a duplicate does while the original request is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnConflict {
+    /// Wait for the original's outcome and replay it (the seed's behaviour). A request may ask
+    /// for less waiting with `Prefer: wait=N`.
+    #[default]
+    Wait,
+    /// Answer 409 with `Retry-After` at once (the IETF draft's advice).
+    Reject,
+}
+
+impl std::str::FromStr for OnConflict {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wait" => Ok(Self::Wait),
+            "reject" => Ok(Self::Reject),
+            other => Err(format!("expected `wait` or `reject`, got `{other}`")),
+        }
+    }
+}
+
+/// The default storable predicate: any status below 500 except 408, 409, 425 and 429, which
+/// say "try again", so storing them would make the retry fail forever.
+pub fn default_storable(status: StatusCode) -> bool {
+    status.as_u16() < 500 && !matches!(status.as_u16(), 408 | 409 | 425 | 429)
+}
+
+pub(crate) type Storable = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) ttl: Duration,
+    pub(crate) lock_ttl: Duration,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) on_conflict: OnConflict,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) require_key: bool,
+    pub(crate) fail_open: bool,
+    pub(crate) scope: Arc<dyn ScopeExtractor>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) storable: Storable,
+    pub(crate) key_sources: KeySources,
+    pub(crate) namespace: String,
+    pub(crate) retry_after: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_TTL,
+            lock_ttl: DEFAULT_LOCK_TTL,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            on_conflict: OnConflict::Wait,
+            methods: vec![Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
+            require_key: false,
+            fail_open: false,
+            scope: Arc::new(HeaderScope::default()),
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            max_response_body: DEFAULT_MAX_RESPONSE_BODY,
+            storable: Arc::new(default_storable),
+            key_sources: KeySources::default(),
+            namespace: String::new(),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("ttl", &self.ttl)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("on_conflict", &self.on_conflict)
+            .field("methods", &self.methods)
+            .field("require_key", &self.require_key)
+            .field("fail_open", &self.fail_open)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_response_body", &self.max_response_body)
+            .field("key_sources", &self.key_sources)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,170 @@
+//! [`IdempotencyLayer`]: the tower layer and its builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method, StatusCode};
+use tower::Layer;
+
+use crate::config::{Config, OnConflict};
+use crate::extract::KeySources;
+use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
+use crate::service::Idempotency;
+use crate::store::Store;
+
+/// Makes every covered request that carries an idempotency key run once, and replays its
+/// response to every duplicate. See the [crate docs](crate) for the contract.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, OnConflict};
+///
+/// async fn create_order() -> &'static str { "created" }
+///
+/// let app: Router = Router::new()
+///     .route("/orders", post(create_order))
+///     .layer(
+///         IdempotencyLayer::new(MemoryStore::default())
+///             .with_ttl(Duration::from_secs(24 * 3600))
+///             .with_on_conflict(OnConflict::Wait),
+///     );
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: Arc<Config>,
+}
+
+impl std::fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer over `store` with the default options.
+    pub fn new(store: impl Store) -> Self {
+        Self::from_shared(Arc::new(store))
+    }
+
+    /// A layer over a store shared with other parts of the program.
+    pub fn from_shared(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// How long a completed response is kept for replay (default 240 s, the seed's).
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.config(|c| c.ttl = ttl)
+    }
+
+    /// How long a lease lives without renewal (default 30 s); it is renewed every third of that
+    /// while the handler runs. After a crash, the next attempt runs once this has passed.
+    pub fn with_lock_ttl(self, lock_ttl: Duration) -> Self {
+        self.config(|c| c.lock_ttl = lock_ttl.max(Duration::from_millis(3)))
+    }
+
+    /// How long a duplicate waits for the request in flight before a 409 (default 60 s).
+    pub fn with_wait_timeout(self, wait_timeout: Duration) -> Self {
+        self.config(|c| c.wait_timeout = wait_timeout)
+    }
+
+    /// Wait for the request in flight (default) or answer 409 at once.
+    pub fn with_on_conflict(self, on_conflict: OnConflict) -> Self {
+        self.config(|c| c.on_conflict = on_conflict)
+    }
+
+    /// The methods that are tracked (default POST, PUT, PATCH, DELETE). Others pass through.
+    pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.config(|c| c.methods = methods)
+    }
+
+    /// Whether a covered request without a key is a 400 (default: it passes through untracked).
+    pub fn with_require_key(self, require_key: bool) -> Self {
+        self.config(|c| c.require_key = require_key)
+    }
+
+    /// Whether a request runs untracked when the store is unavailable (default: no, a 503).
+    /// Each such pass is logged and counted.
+    pub fn with_fail_open(self, fail_open: bool) -> Self {
+        self.config(|c| c.fail_open = fail_open)
+    }
+
+    /// How requests are assigned to scopes (default: the `Authorization` header).
+    pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
+        let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
+        self.config(|c| c.scope = scope)
+    }
+
+    /// The scope is the values of these headers (the proxy's `--scope-header`).
+    pub fn with_scope_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.with_scope(HeaderScope::new(names))
+    }
+
+    /// One scope for every request. Any caller who knows a key can then read its response.
+    pub fn with_global_scope(self) -> Self {
+        self.with_scope(GlobalScope)
+    }
+
+    /// The largest request body a tracked request may carry (default 1 MiB); larger is a 413.
+    pub fn with_max_request_body(self, bytes: usize) -> Self {
+        self.config(|c| c.max_request_body = bytes)
+    }
+
+    /// The largest response kept for replay (default 1 MiB). A larger response still reaches
+    /// its caller in full; duplicates then get a 409 instead of a replay.
+    pub fn with_max_response_body(self, bytes: usize) -> Self {
+        self.config(|c| c.max_response_body = bytes)
+    }
+
+    /// Which statuses are stored for replay. Others release the lease so a retry runs again.
+    /// Default: [`default_storable`](crate::default_storable).
+    pub fn with_storable(
+        self,
+        storable: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let storable = Arc::new(storable);
+        self.config(|c| c.storable = storable)
+    }
+
+    /// Where keys are read from (default: every source).
+    pub fn with_key_sources(self, sources: KeySources) -> Self {
+        self.config(|c| c.key_sources = sources)
+    }
+
+    /// A namespace mixed into every storage key, so that services sharing a store never share
+    /// records (default: empty).
+    pub fn with_namespace(self, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        self.config(|c| c.namespace = namespace)
+    }
+
+    /// The `Retry-After` advised with 409 and 503 answers (default 1 s).
+    pub fn with_retry_after(self, retry_after: Duration) -> Self {
+        self.config(|c| c.retry_after = retry_after)
+    }
+
+    /// The store this layer uses.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, self.clone())
+    }
+}

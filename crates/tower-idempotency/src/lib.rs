@@ -1,0 +1,91 @@
+//! Idempotency keys for [tower] and [axum]: a request that carries a key runs once, and every
+//! duplicate, simultaneous or later, gets the same response instead of running again.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! async fn create_order() -> &'static str { "order 1" }
+//!
+//! let app: Router = Router::new()
+//!     .route("/orders", post(create_order))
+//!     .layer(IdempotencyLayer::new(MemoryStore::default()));
+//! ```
+//!
+//! # The contract
+//!
+//! **Which requests.** POST, PUT, PATCH and DELETE ([configurable](IdempotencyLayer::with_methods))
+//! that carry a key in the `Idempotency-Key` header (an RFC 8941 sf-string, `"abc"`, or a bare
+//! `abc`), the `X-Idempotent-Key` header, the `__idempotent_key` query parameter, or the
+//! `__idempotent_key` field of a urlencoded or multipart form. Keys are 1 to 255 visible ASCII
+//! characters. A bad key, two sources naming different keys, or a repeated key header is a 400.
+//! Requests without a key pass through, unless [keys are required](IdempotencyLayer::with_require_key).
+//!
+//! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the
+//! `Authorization` header, so one caller can never replay another's response. The store sees
+//! only a SHA-256 of (namespace, scope, key). Each record carries a fingerprint of the request
+//! (method, path, query without the key, content type, body): reusing a key for another request
+//! is a 422 and does not run the handler.
+//!
+//! **Lifecycle.** The first request takes a lease (30 s, renewed every 10 s while it runs),
+//! runs the handler in its own task, then stores the response for 240 s. Duplicates that arrive
+//! meanwhile wait for it, woken by the store, and get the stored response with
+//! `Idempotent-Replayed: true`: the same status, body bytes and headers (except `Set-Cookie`,
+//! `Date` and hop-by-hop headers). `on_conflict = reject` answers them 409 at once instead, and a
+//! client can shorten its wait with `Prefer: wait=N`.
+//!
+//! Responses with a status of 500 or more, 408, 409, 425 or 429 are not stored: the lease is
+//! released so a retry runs again. So is a handler that panics (its caller gets a 500) or that
+//! fails. A caller that disconnects does not cancel the handler; its outcome is stored for the
+//! retry. A response larger than the replay limit reaches its caller in full; duplicates then
+//! get a 409 instead of running the handler twice.
+//!
+//! **Crashes.** If a process dies while a handler runs, its lease expires after the lock TTL and
+//! the next attempt runs the handler again. After a crash the promise is at-least-once: a
+//! handler that must never run twice should also be idempotent in its own data.
+//!
+//! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key, 409 in
+//! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 503 store
+//! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
+//! request untracked instead).
+//!
+//! # Stores
+//!
+//! [`MemoryStore`] is the embedded default, for one process. Any backend implements the small
+//! [`Store`] trait; every atomic step of the lifecycle is one call.
+//!
+//! # Runtime
+//!
+//! The layer runs handlers with `tokio::spawn`, so it needs a tokio runtime.
+//!
+//! [tower]: https://docs.rs/tower
+//! [axum]: https://docs.rs/axum
+
+pub mod body;
+pub mod config;
+pub mod extract;
+pub mod fingerprint;
+pub mod form;
+pub mod future;
+pub mod key;
+pub mod layer;
+pub mod metrics;
+pub mod problem;
+pub mod record;
+pub mod scope;
+pub mod service;
+pub mod store;
+
+pub use body::IdempotencyBody;
+pub use config::{OnConflict, default_storable};
+pub use extract::{KeySource, KeySources};
+pub use form::{idempotent_input, idempotent_key};
+pub use key::{IdempotencyKey, KeyError};
+pub use layer::IdempotencyLayer;
+pub use problem::Problem;
+pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
+pub use service::Idempotency;
+pub use store::{MemoryStore, Store, StoreError};
+
+/// The error type bodies are converted to.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

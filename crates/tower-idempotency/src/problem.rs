@@ -1,0 +1,166 @@
+//! Errors as `application/problem+json` (RFC 9457).
+//!
+//! Every error the layer answers by itself is a [`Problem`]: one place maps each case to its
+//! status, its `type` and its words. No problem reveals another request's stored response.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::key::KeyError;
+
+/// Media type of every error the layer answers.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An error the layer answers by itself, without running the handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// 400: the key is missing where required, malformed, or named twice.
+    BadKey(KeyError),
+    /// 409: a request with this key is in flight (reject mode), with the advised retry delay.
+    InFlight {
+        /// Seconds for `Retry-After`.
+        retry_after: Duration,
+    },
+    /// 409: the wait for the request in flight ran out, with the advised retry delay.
+    WaitTimeout {
+        /// Seconds for `Retry-After`.
+        retry_after: Duration,
+    },
+    /// 409: the request completed, but its response was too large to keep for replay.
+    NotReplayable,
+    /// 413: the request body is larger than the limit.
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// 422: the key was used before with another request (fingerprint mismatch).
+    FingerprintMismatch,
+    /// 500: the handler panicked or its response body failed; its lease was released.
+    HandlerFailed,
+    /// 400: the request body could not be read.
+    BodyUnreadable,
+    /// 503: the store could not be reached or is full.
+    StoreUnavailable {
+        /// Seconds for `Retry-After`.
+        retry_after: Duration,
+    },
+}
+
+impl Problem {
+    /// The status code of this problem.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Problem::BadKey(_) | Problem::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Problem::InFlight { .. } | Problem::WaitTimeout { .. } | Problem::NotReplayable => {
+                StatusCode::CONFLICT
+            }
+            Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Problem::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A stable identifier, the last part of the problem's `type` URI.
+    pub fn slug(&self) -> &'static str {
+        match self {
+            Problem::BadKey(KeyError::Missing) => "key-required",
+            Problem::BadKey(KeyError::Conflicting) => "key-conflict",
+            Problem::BadKey(_) => "key-invalid",
+            Problem::InFlight { .. } => "request-in-flight",
+            Problem::WaitTimeout { .. } => "wait-timeout",
+            Problem::NotReplayable => "response-not-replayable",
+            Problem::BodyTooLarge { .. } => "request-too-large",
+            Problem::FingerprintMismatch => "key-reused",
+            Problem::HandlerFailed => "handler-failed",
+            Problem::BodyUnreadable => "body-unreadable",
+            Problem::StoreUnavailable { .. } => "store-unavailable",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Problem::BadKey(KeyError::Missing) => "Idempotency key required",
+            Problem::BadKey(_) => "Invalid idempotency key",
+            Problem::InFlight { .. } => "A request with this idempotency key is in progress",
+            Problem::WaitTimeout { .. } => "Timed out waiting for the original request",
+            Problem::NotReplayable => "The original response cannot be replayed",
+            Problem::BodyTooLarge { .. } => "Request body too large",
+            Problem::FingerprintMismatch => "Idempotency key reused with a different request",
+            Problem::HandlerFailed => "The request failed",
+            Problem::BodyUnreadable => "Request body unreadable",
+            Problem::StoreUnavailable { .. } => "Idempotency store unavailable",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Problem::BadKey(e) => format!("{e}."),
+            Problem::InFlight { .. } => {
+                "Another request with this idempotency key is being processed. Retry later with the same key.".into()
+            }
+            Problem::WaitTimeout { .. } => {
+                "The original request with this idempotency key is still being processed. Retry later with the same key.".into()
+            }
+            Problem::NotReplayable => {
+                "The original request with this idempotency key completed, but its response was too large to keep for replay. It will not run again.".into()
+            }
+            Problem::BodyTooLarge { limit } => {
+                format!("Requests with an idempotency key may carry at most {limit} bytes.")
+            }
+            Problem::FingerprintMismatch => {
+                "This idempotency key was already used with a different method, path, query or body. Use a new key for a new request.".into()
+            }
+            Problem::BodyUnreadable => "The request body could not be read in full.".into(),
+            Problem::HandlerFailed => {
+                "The server failed while processing the request. It may be retried with the same key.".into()
+            }
+            Problem::StoreUnavailable { .. } => {
+                "The idempotency store cannot take this request now. Retry later with the same key.".into()
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Problem::InFlight { retry_after }
+            | Problem::WaitTimeout { retry_after }
+            | Problem::StoreUnavailable { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The problem as a JSON document.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": format!("urn:tower-idempotency:problem:{}", self.slug()),
+            "title": self.title(),
+            "status": self.status().as_u16(),
+            "detail": self.detail(),
+        })
+    }
+
+    /// The problem as an HTTP response with an `application/problem+json` body.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let body = Bytes::from(self.to_json().to_string());
+        let mut res = Response::new(body);
+        *res.status_mut() = self.status();
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.title(), self.status())
+    }
+}

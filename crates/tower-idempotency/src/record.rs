@@ -1,0 +1,213 @@
+//! The stored response and its versioned binary codec.
+//!
+//! The format is ours, small and explicit (no serializer that could run code on decode, unlike
+//! the seed's pickle):
+//!
+//! ```text
+//! version u8 (= 1) | flags u8 (bit 0: replayable) | fingerprint [32]
+//! status u16 | header count u16 | { name len u16, name, value len u32, value }*
+//! body len u32 | body
+//! ```
+//! All integers are big-endian. A decoder refuses unknown versions, truncated input and
+//! trailing bytes.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+
+const VERSION: u8 = 1;
+const FLAG_REPLAYABLE: u8 = 1;
+
+/// A completed request as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The fingerprint of the request that produced it.
+    pub fingerprint: Fingerprint,
+    /// The response, or `None` when the request completed with a response too large to keep:
+    /// duplicates then get an error instead of a replay, and the handler does not run again.
+    pub response: Option<StoredResponse>,
+}
+
+/// A response kept for replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// The stored headers, repeated values and non-UTF-8 bytes kept as they were.
+    pub headers: HeaderMap,
+    /// The body, byte for byte.
+    pub body: Bytes,
+}
+
+/// Why a stored record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(&'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad record: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl Record {
+    /// Encodes the record.
+    pub fn encode(&self) -> Bytes {
+        let size = 2
+            + 32
+            + 4
+            + self.response.as_ref().map_or(4, |r| {
+                r.headers
+                    .iter()
+                    .map(|(n, v)| 6 + n.as_str().len() + v.len())
+                    .sum::<usize>()
+                    + 4
+                    + r.body.len()
+            });
+        let mut out = BytesMut::with_capacity(size);
+        out.put_u8(VERSION);
+        out.put_u8(if self.response.is_some() {
+            FLAG_REPLAYABLE
+        } else {
+            0
+        });
+        out.put_slice(&self.fingerprint.0);
+        match &self.response {
+            Some(r) => {
+                out.put_u16(r.status.as_u16());
+                let count = r.headers.len().min(u16::MAX as usize);
+                out.put_u16(count as u16);
+                for (name, value) in r.headers.iter().take(count) {
+                    out.put_u16(name.as_str().len() as u16);
+                    out.put_slice(name.as_str().as_bytes());
+                    out.put_u32(value.len() as u32);
+                    out.put_slice(value.as_bytes());
+                }
+                out.put_u32(r.body.len() as u32);
+                out.put_slice(&r.body);
+            }
+            None => {
+                out.put_u16(0);
+                out.put_u16(0);
+                out.put_u32(0);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Decodes a record written by [`Record::encode`].
+    pub fn decode(mut buf: Bytes) -> Result<Self, DecodeError> {
+        fn need(buf: &Bytes, n: usize) -> Result<(), DecodeError> {
+            if buf.remaining() < n {
+                Err(DecodeError("truncated"))
+            } else {
+                Ok(())
+            }
+        }
+        need(&buf, 2 + 32 + 4)?;
+        if buf.get_u8() != VERSION {
+            return Err(DecodeError("unknown version"));
+        }
+        let flags = buf.get_u8();
+        let mut fp = [0u8; 32];
+        buf.copy_to_slice(&mut fp);
+        let status = buf.get_u16();
+        let count = buf.get_u16();
+        let mut headers = HeaderMap::with_capacity(count as usize);
+        for _ in 0..count {
+            need(&buf, 2)?;
+            let n = buf.get_u16() as usize;
+            need(&buf, n)?;
+            let name = HeaderName::from_bytes(&buf.split_to(n))
+                .map_err(|_| DecodeError("bad header name"))?;
+            need(&buf, 4)?;
+            let n = buf.get_u32() as usize;
+            need(&buf, n)?;
+            let value = HeaderValue::from_maybe_shared(buf.split_to(n))
+                .map_err(|_| DecodeError("bad header value"))?;
+            headers.append(name, value);
+        }
+        need(&buf, 4)?;
+        let n = buf.get_u32() as usize;
+        need(&buf, n)?;
+        let body = buf.split_to(n);
+        if buf.has_remaining() {
+            return Err(DecodeError("trailing bytes"));
+        }
+        let response = if flags & FLAG_REPLAYABLE != 0 {
+            Some(StoredResponse {
+                status: StatusCode::from_u16(status).map_err(|_| DecodeError("bad status"))?,
+                headers,
+                body,
+            })
+        } else {
+            None
+        };
+        Ok(Record {
+            fingerprint: Fingerprint(fp),
+            response,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_bytes_and_repeats() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        headers.append(
+            "x-bin",
+            HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),
+        );
+        let rec = Record {
+            fingerprint: Fingerprint([3; 32]),
+            response: Some(StoredResponse {
+                status: StatusCode::CREATED,
+                headers,
+                body: Bytes::from_static(&[0, 1, 2, 255]),
+            }),
+        };
+        let back = Record::decode(rec.encode()).unwrap();
+        assert_eq!(back, rec);
+        let vals: Vec<_> = back
+            .response
+            .unwrap()
+            .headers
+            .get_all("x-a")
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(vals, ["1", "2"]);
+    }
+
+    #[test]
+    fn not_replayable_round_trips() {
+        let rec = Record {
+            fingerprint: Fingerprint([1; 32]),
+            response: None,
+        };
+        assert_eq!(Record::decode(rec.encode()).unwrap(), rec);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(Record::decode(Bytes::from_static(b"")).is_err());
+        assert!(Record::decode(Bytes::from_static(&[9; 60])).is_err());
+        let mut good = Record {
+            fingerprint: Fingerprint([1; 32]),
+            response: None,
+        }
+        .encode()
+        .to_vec();
+        good.push(0);
+        assert!(Record::decode(Bytes::from(good.clone())).is_err());
+        good.truncate(20);
+        assert!(Record::decode(Bytes::from(good)).is_err());
+    }
+}

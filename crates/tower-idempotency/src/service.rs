@@ -1,0 +1,630 @@
+//! [`Idempotency`]: the service, and the lifecycle of a tracked request.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SET_COOKIE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::BoxError;
+use crate::body::IdempotencyBody;
+use crate::config::{Config, OnConflict};
+use crate::extract::{self, FORM_FIELD, FormKind};
+use crate::fingerprint::{Fingerprint, query_without_key};
+use crate::future::ResponseFuture;
+use crate::key::{IdempotencyKey, KeyError};
+use crate::layer::IdempotencyLayer;
+use crate::metrics::{Event, record};
+use crate::problem::Problem;
+use crate::record::{Record, StoredResponse};
+use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
+
+/// The header that marks a replayed response.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Clone, Debug)]
+pub struct Idempotency<S> {
+    inner: S,
+    layer: IdempotencyLayer,
+}
+
+impl<S> Idempotency<S> {
+    pub(crate) fn new(inner: S, layer: IdempotencyLayer) -> Self {
+        Self { inner, layer }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+type Res<B> = Response<IdempotencyBody<B>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Res<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.layer.config;
+        if !config.methods.contains(req.method()) {
+            return ResponseFuture::inner(self.inner.call(req.map(IdempotencyBody::stream)));
+        }
+        let head_key =
+            match extract::from_head(req.headers(), req.uri().query(), &config.key_sources) {
+                Ok(key) => key,
+                Err(e) => return ResponseFuture::ready(bad_key(e)),
+            };
+        let form = extract::form_kind(req.headers(), &config.key_sources);
+        if head_key.is_none() && form.is_none() {
+            if config.require_key {
+                return ResponseFuture::ready(bad_key(KeyError::Missing));
+            }
+            return ResponseFuture::inner(self.inner.call(req.map(IdempotencyBody::stream)));
+        }
+        // The service that was made ready is the one that runs the request.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::tracked(Box::pin(tracked(
+            self.layer.clone(),
+            inner,
+            req,
+            head_key,
+            form,
+        )))
+    }
+}
+
+fn problem<B>(problem: Problem) -> Res<B> {
+    problem.to_response().map(IdempotencyBody::full)
+}
+
+fn bad_key<B>(e: KeyError) -> Res<B> {
+    record(Event::BadKey);
+    problem(Problem::BadKey(e))
+}
+
+/// The storage key: a hash of (namespace, scope, key), length-prefixed and versioned.
+pub(crate) fn storage_key(
+    namespace: &str,
+    scope: Option<&[u8]>,
+    key: &IdempotencyKey,
+) -> StorageKey {
+    let mut h = Sha256::new();
+    let scope_tag: &[u8] = if scope.is_some() { b"s" } else { b"g" };
+    for part in [
+        b"tower-idempotency storage v1".as_slice(),
+        namespace.as_bytes(),
+        scope_tag,
+        scope.unwrap_or_default(),
+        key.as_str().as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    StorageKey(h.finalize().into())
+}
+
+async fn tracked<S, ReqBody, ResBody>(
+    layer: IdempotencyLayer,
+    inner: S,
+    req: Request<ReqBody>,
+    head_key: Option<IdempotencyKey>,
+    form: Option<FormKind>,
+) -> Result<Res<ResBody>, S::Error>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let config = &*layer.config;
+    let (parts, body) = req.into_parts();
+    let body = match read_request_body(body, &parts.headers, config.max_request_body).await {
+        Ok(body) => body,
+        Err(p) => return Ok(problem(p)),
+    };
+    let key = match &form {
+        Some(kind) => extract::with_form_body(head_key, kind, &body).await,
+        None => Ok(head_key),
+    };
+    let key = match key {
+        Ok(Some(key)) => key,
+        Ok(None) if config.require_key => return Ok(bad_key(KeyError::Missing)),
+        Ok(None) => return untracked(inner, parts, body).await,
+        Err(e) => return Ok(bad_key(e)),
+    };
+
+    let skey = storage_key(
+        &config.namespace,
+        config.scope.scope(&parts).as_deref(),
+        &key,
+    );
+    let query = query_without_key(parts.uri.query().unwrap_or(""), FORM_FIELD);
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .map_or(&[][..], |v| v.as_bytes());
+    let fingerprint = Fingerprint::compute(
+        parts.method.as_str().as_bytes(),
+        parts.uri.path().as_bytes(),
+        query.as_bytes(),
+        content_type,
+        &body,
+    );
+
+    let budget = match config.on_conflict {
+        OnConflict::Reject => Duration::ZERO,
+        OnConflict::Wait => {
+            prefer_wait(&parts.headers).map_or(config.wait_timeout, |w| w.min(config.wait_timeout))
+        }
+    };
+    let deadline = Instant::now() + budget;
+    let mut waited = false;
+    loop {
+        let begun = match layer
+            .store
+            .begin(&skey, &fingerprint, config.lock_ttl)
+            .await
+        {
+            Ok(begun) => begun,
+            Err(e) => return store_failed(e, config, inner, parts, body).await,
+        };
+        match begun {
+            Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey, config)),
+            Begin::InFlight { fingerprint: other } => {
+                if other != fingerprint {
+                    record(Event::Mismatch);
+                    return Ok(problem(Problem::FingerprintMismatch));
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    let retry_after = config.retry_after;
+                    return Ok(if budget.is_zero() {
+                        record(Event::Conflict);
+                        problem(Problem::InFlight { retry_after })
+                    } else {
+                        record(Event::WaitTimeout);
+                        problem(Problem::WaitTimeout { retry_after })
+                    });
+                }
+                if !waited {
+                    waited = true;
+                    record(Event::Waited);
+                }
+                if let Err(e) = layer.store.wait(&skey, deadline - now).await {
+                    return store_failed(e, config, inner, parts, body).await;
+                }
+            }
+            Begin::Acquired(token) => {
+                record(Event::Executed);
+                let req = Request::from_parts(parts, IdempotencyBody::full(body));
+                let lease = Lease {
+                    store: layer.store.clone(),
+                    key: skey,
+                    token,
+                    lock_ttl: config.lock_ttl,
+                };
+                let (tx, rx) = oneshot::channel();
+                // The handler runs in its own task: a caller that goes away does not cancel it,
+                // and its outcome is stored for the retry.
+                tokio::spawn(own(
+                    layer.config.clone(),
+                    lease,
+                    inner,
+                    req,
+                    fingerprint,
+                    tx,
+                ));
+                return match rx.await {
+                    Ok(res) => res,
+                    Err(_) => Ok(problem(Problem::HandlerFailed)),
+                };
+            }
+        }
+    }
+}
+
+async fn untracked<S, ReqBody, ResBody>(
+    mut inner: S,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Res<ResBody>, S::Error>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+{
+    let res = inner
+        .call(Request::from_parts(parts, IdempotencyBody::full(body)))
+        .await?;
+    Ok(res.map(IdempotencyBody::stream))
+}
+
+async fn store_failed<S, ReqBody, ResBody>(
+    e: StoreError,
+    config: &Config,
+    inner: S,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Res<ResBody>, S::Error>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+{
+    record(Event::StoreError);
+    let retry_after = config.retry_after;
+    match e {
+        // Full is the bound doing its job, not an outage: running untracked would defeat it.
+        StoreError::Full => {
+            tracing::warn!("idempotency store full of requests in flight; refusing a new key");
+        }
+        e if config.fail_open => {
+            tracing::warn!(error = %e, "idempotency store failed; running the request untracked (fail open)");
+            record(Event::FailOpen);
+            return untracked(inner, parts, body).await;
+        }
+        e => {
+            tracing::error!(error = %e, "idempotency store failed; refusing the request (fail closed)")
+        }
+    }
+    Ok(problem(Problem::StoreUnavailable { retry_after }))
+}
+
+async fn read_request_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Problem>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Problem::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Problem::BodyTooLarge { limit }),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read a tracked request's body");
+            Err(Problem::BodyUnreadable)
+        }
+    }
+}
+
+/// The `wait=N` preference of RFC 7240, in seconds.
+fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(http::header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|pref| {
+            let (name, value) = pref.split(';').next()?.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            let secs = value.trim().trim_matches('"').parse::<u64>().ok()?;
+            Some(Duration::from_secs(secs))
+        })
+}
+
+fn replay<B>(bytes: Bytes, fingerprint: &Fingerprint, key: StorageKey, config: &Config) -> Res<B> {
+    let record_ = match Record::decode(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(?key, error = %e, "idempotency store holds a record that does not decode");
+            self::record(Event::StoreError);
+            return problem(Problem::StoreUnavailable {
+                retry_after: config.retry_after,
+            });
+        }
+    };
+    if record_.fingerprint != *fingerprint {
+        record(Event::Mismatch);
+        return problem(Problem::FingerprintMismatch);
+    }
+    let Some(stored) = record_.response else {
+        return problem(Problem::NotReplayable);
+    };
+    record(Event::Replayed);
+    let mut res = Response::new(IdempotencyBody::full(stored.body));
+    *res.status_mut() = stored.status;
+    *res.headers_mut() = stored.headers;
+    res.headers_mut().insert(
+        IDEMPOTENT_REPLAYED.clone(),
+        HeaderValue::from_static("true"),
+    );
+    res
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The headers kept for replay: end-to-end headers except Set-Cookie (another caller's
+/// session) and Date (a replay gets a fresh one).
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if name == SET_COOKIE
+            || name == DATE
+            || HOP_BY_HOP.contains(&n)
+            || named.iter().any(|c| c == n)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+struct Lease {
+    store: Arc<dyn Store>,
+    key: StorageKey,
+    token: LeaseToken,
+    lock_ttl: Duration,
+}
+
+impl Lease {
+    /// Runs `work` while renewing the lease every third of its TTL.
+    async fn renewing<F: Future>(&self, work: F) -> F::Output {
+        let renew = async {
+            let period = self.lock_ttl / 3;
+            let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match self.store.renew(&self.key, self.token, self.lock_ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(key = ?self.key, "lease lost while the handler runs; its outcome will not be stored");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = ?self.key, error = %e, "could not renew a lease")
+                    }
+                }
+            }
+            std::future::pending::<Infallible>().await
+        };
+        tokio::select! {
+            biased;
+            out = work => out,
+            never = renew => match never {},
+        }
+    }
+
+    async fn release(&self) {
+        record(Event::Released);
+        match self.store.release(&self.key, self.token).await {
+            Ok(true) => {}
+            Ok(false) => {
+                record(Event::LeaseLost);
+                tracing::warn!(key = ?self.key, "lease was lost before release");
+            }
+            Err(e) => {
+                tracing::warn!(key = ?self.key, error = %e, "could not release a lease; it will expire")
+            }
+        }
+    }
+
+    async fn complete(&self, record_: Record, ttl: Duration) {
+        match self
+            .store
+            .complete(&self.key, self.token, record_.encode(), ttl)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                record(Event::LeaseLost);
+                tracing::warn!(key = ?self.key, "lease was lost before completion; the outcome was refused");
+            }
+            Err(e) => {
+                record(Event::StoreError);
+                tracing::warn!(key = ?self.key, error = %e, "could not store an outcome; the lease will expire and a retry will run again");
+            }
+        }
+    }
+}
+
+enum Outcome<B, E> {
+    /// The handler failed with a service error.
+    Error(E),
+    /// A status that is not stored.
+    Release(Response<B>),
+    /// A storable response, read in full.
+    Store(http::response::Parts, Bytes),
+    /// A storable response too large to keep.
+    TooLarge(http::response::Parts, Bytes, Pin<Box<B>>),
+    /// The response body failed while being read.
+    BodyFailed,
+}
+
+/// The lease owner's part: run the handler, store or release, answer the first caller.
+async fn own<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    lease: Lease,
+    mut inner: S,
+    req: Request<IdempotencyBody<ReqBody>>,
+    fingerprint: Fingerprint,
+    tx: oneshot::Sender<Result<Res<ResBody>, S::Error>>,
+) where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    let limit = config.max_response_body;
+    let storable = config.storable.clone();
+    let work = AssertUnwindSafe(async move {
+        let res = match inner.call(req).await {
+            Ok(res) => res,
+            Err(e) => return Outcome::Error(e),
+        };
+        if !storable(res.status()) {
+            return Outcome::Release(res);
+        }
+        let (parts, body) = res.into_parts();
+        let mut body = Box::pin(body);
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Outcome::BodyFailed;
+            };
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                if buf.len() > limit {
+                    return Outcome::TooLarge(parts, buf.freeze(), body);
+                }
+            }
+        }
+        Outcome::Store(parts, buf.freeze())
+    })
+    .catch_unwind();
+
+    let answer = match lease.renewing(work).await {
+        Err(_panic) => {
+            tracing::error!(key = ?lease.key, "handler panicked; lease released");
+            lease.release().await;
+            Ok(problem(Problem::HandlerFailed))
+        }
+        Ok(Outcome::Error(e)) => {
+            lease.release().await;
+            Err(e)
+        }
+        Ok(Outcome::BodyFailed) => {
+            tracing::warn!(key = ?lease.key, "response body failed; lease released");
+            lease.release().await;
+            Ok(problem(Problem::HandlerFailed))
+        }
+        Ok(Outcome::Release(res)) => {
+            lease.release().await;
+            Ok(res.map(IdempotencyBody::stream))
+        }
+        Ok(Outcome::Store(parts, body)) => {
+            let stored = StoredResponse {
+                status: parts.status,
+                headers: storable_headers(&parts.headers),
+                body: body.clone(),
+            };
+            lease
+                .complete(
+                    Record {
+                        fingerprint,
+                        response: Some(stored),
+                    },
+                    config.ttl,
+                )
+                .await;
+            Ok(Response::from_parts(parts, IdempotencyBody::full(body)))
+        }
+        Ok(Outcome::TooLarge(parts, prefix, rest)) => {
+            tracing::info!(key = ?lease.key, limit, "response too large to keep for replay; duplicates will get 409");
+            lease
+                .complete(
+                    Record {
+                        fingerprint,
+                        response: None,
+                    },
+                    config.ttl,
+                )
+                .await;
+            Ok(Response::from_parts(
+                parts,
+                IdempotencyBody::prefixed(prefix, rest),
+            ))
+        }
+    };
+    // The caller may have gone away; the outcome is stored all the same.
+    let _ = tx.send(answer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefer_wait_is_parsed() {
+        let mut h = HeaderMap::new();
+        h.append("prefer", HeaderValue::from_static("respond-async, wait=5"));
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(5)));
+        let mut h = HeaderMap::new();
+        h.append("prefer", HeaderValue::from_static("return=minimal"));
+        assert_eq!(prefer_wait(&h), None);
+    }
+
+    #[test]
+    fn connection_named_and_private_headers_are_not_stored() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("x-hop, close"));
+        h.append("x-hop", HeaderValue::from_static("1"));
+        h.append("set-cookie", HeaderValue::from_static("s=1"));
+        h.append(
+            "date",
+            HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"),
+        );
+        h.append("x-keep", HeaderValue::from_static("a"));
+        h.append("x-keep", HeaderValue::from_static("b"));
+        let kept = storable_headers(&h);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept.get_all("x-keep").iter().count(), 2);
+    }
+
+    #[test]
+    fn scopes_and_namespaces_separate_keys() {
+        let key = IdempotencyKey::new("k").unwrap();
+        let a = storage_key("", None, &key);
+        assert_ne!(a, storage_key("", Some(b""), &key));
+        assert_ne!(a, storage_key("ns", None, &key));
+        assert_ne!(
+            storage_key("", Some(b"alice"), &key),
+            storage_key("", Some(b"bob"), &key)
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! The store seam: the one trait a backend implements.
+//!
+//! Its verbs follow the lifecycle of a tracked request (see the crate docs):
+//! [`begin`](Store::begin) takes a lease or finds the completed record or the request in flight,
+//! [`complete`](Store::complete), [`release`](Store::release) and [`renew`](Store::renew) act only
+//! for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
+//!
+//! Every verb is meant to be one atomic step: one round trip for a networked store. A backend
+//! proves itself by passing the conformance suite in `tests/conformance`.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::fingerprint::Fingerprint;
+
+mod memory;
+
+pub use memory::{DEFAULT_CAPACITY, MemoryStore, MemoryStoreStats};
+
+/// Where a record lives: a fixed-size hash of (namespace, scope, key).
+///
+/// No raw key or scope ever reaches a store, so keys cannot be long, injected or read back.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorageKey(pub [u8; 32]);
+
+impl StorageKey {
+    /// The key as 64 lowercase hex digits, the form networked stores use.
+    pub fn to_hex(&self) -> String {
+        use fmt::Write;
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            let _ = write!(s, "{b:02x}");
+        }
+        s
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StorageKey({})", &self.to_hex()[..16])
+    }
+}
+
+/// The owner token of a lease. Only its holder may complete, release or renew the lease.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct LeaseToken(pub u128);
+
+impl LeaseToken {
+    /// A fresh random token.
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().as_u128())
+    }
+}
+
+/// What [`Store::begin`] found.
+#[derive(Debug, Clone)]
+pub enum Begin {
+    /// There was no record (or only an expired lease): the caller now holds a lease and must
+    /// run the request, then complete or release.
+    Acquired(LeaseToken),
+    /// The request completed earlier: the encoded [`Record`](crate::record::Record).
+    Completed(Bytes),
+    /// Another caller holds a live lease for a request with this fingerprint.
+    InFlight {
+        /// The fingerprint of the request in flight.
+        fingerprint: Fingerprint,
+    },
+}
+
+/// A store error. Each backend maps its own errors to these.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend cannot be reached or failed to answer.
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
+    /// The store is at capacity with live leases and cannot take a new one.
+    Full,
+    /// A stored value could not be decoded.
+    Corrupt(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(e) => write!(f, "idempotency store unavailable: {e}"),
+            StoreError::Full => f.write_str("idempotency store is full of requests in flight"),
+            StoreError::Corrupt(why) => {
+                write!(f, "idempotency store returned a corrupt value: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Unavailable(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// A backend that keeps idempotency records and leases, shared by every process that uses it.
+///
+/// Expiry is by the store's own clock: a lease lives `lease_ttl` from its last grant or renewal,
+/// a completed record `ttl` from its completion.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Atomically: if a completed record exists, return it; if a live lease exists, report it in
+    /// flight; otherwise (no record, or an expired lease) grant a new lease to a fresh owner.
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease_ttl: Duration,
+    ) -> Result<Begin, StoreError>;
+
+    /// Replaces the caller's lease with the completed `record`, kept for `ttl`, and wakes the
+    /// waiters. Returns `false`, changing nothing, when `token` no longer owns the lease.
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: LeaseToken,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Drops the caller's lease so that the next attempt runs, and wakes the waiters.
+    /// Returns `false` when `token` no longer owns the lease.
+    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError>;
+
+    /// Extends the caller's lease to `lease_ttl` from now. Returns `false` when `token` no longer
+    /// owns the lease.
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Waits until the record under `key` may have changed: completed, released, or its lease
+    /// expired; or until `timeout` passes. Returns at once when no live lease exists.
+    ///
+    /// Implementations must not lose a wake-up that happens between the caller's
+    /// [`begin`](Store::begin) and this call. Spurious returns are allowed: the caller calls
+    /// `begin` again to learn what changed.
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError>;
+
+    /// Checks that the store answers, for health endpoints.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        (**self).begin(key, fingerprint, lease_ttl).await
+    }
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: LeaseToken,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
+        (**self).release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).renew(key, token, lease_ttl).await
+    }
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        (**self).wait(key, timeout).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        (**self).ping().await
+    }
+}
