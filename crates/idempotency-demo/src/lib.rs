@@ -12,8 +12,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
+use minijinja::{Environment, context};
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{IdempotencyLayer, idempotent_input};
+use tower_idempotency::IdempotencyLayer;
 
 /// The products the shop sells: (name, price in cents).
 pub const PRODUCTS: &[(&str, u64)] = &[("Coffee beans", 1_450), ("Teapot", 3_900), ("Mug", 1_200)];
@@ -31,6 +32,12 @@ pub struct Order {
     pub total_cents: u64,
 }
 
+#[derive(Deserialize)]
+struct OrderForm {
+    product: String,
+    quantity: u32,
+}
+
 /// What a client sends to place an order.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct NewOrder {
@@ -40,12 +47,13 @@ pub struct NewOrder {
     pub quantity: u32,
 }
 
-/// The shop's state: its orders.
-#[derive(Clone, Default)]
+/// The shop's state: its orders and templates.
+#[derive(Clone)]
 pub struct Shop {
     orders: Arc<Mutex<Vec<Order>>>,
-    /// How long placing an order takes (a stand-in for charging a card), so that duplicates
-    /// really overlap with the original.
+    templates: Arc<Environment<'static>>,
+    /// How long an order takes to confirm after it is charged (a stand-in for a payment
+    /// provider's round trip), so that duplicates really overlap with the original.
     pub work: Duration,
 }
 
@@ -54,6 +62,7 @@ impl Shop {
     pub fn new(work: Duration) -> Self {
         Self {
             orders: Arc::default(),
+            templates: Arc::new(templates()),
             work,
         }
     }
@@ -75,15 +84,20 @@ impl Shop {
         if !(1..=100).contains(&new.quantity) {
             return Err("quantity must be between 1 and 100".into());
         }
-        tokio::time::sleep(self.work).await;
-        let mut orders = self.orders.lock().unwrap_or_else(|p| p.into_inner());
-        let order = Order {
-            id: orders.len() as u64 + 1,
-            product: new.product,
-            quantity: new.quantity,
-            total_cents: price * u64::from(new.quantity),
+        let order = {
+            let mut orders = self.orders.lock().unwrap_or_else(|p| p.into_inner());
+            let order = Order {
+                id: orders.len() as u64 + 1,
+                product: new.product,
+                quantity: new.quantity,
+                total_cents: price * u64::from(new.quantity),
+            };
+            orders.push(order.clone());
+            order
         };
-        orders.push(order.clone());
+        // The card is charged; the receipt takes a while. A browser that gives up now (a
+        // second click replaces the first submission) leaves a charged order behind.
+        tokio::time::sleep(self.work).await;
         Ok(order)
     }
 
@@ -103,123 +117,77 @@ pub fn app(shop: Shop, layer: IdempotencyLayer) -> Router {
         .with_state(shop)
 }
 
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
+fn templates() -> Environment<'static> {
+    let mut env = Environment::new();
+    tower_idempotency::form::minijinja::register(&mut env);
+    for (name, source) in [
+        ("base.html", include_str!("../templates/base.html")),
+        ("index.html", include_str!("../templates/index.html")),
+        ("order.html", include_str!("../templates/order.html")),
+        ("message.html", include_str!("../templates/message.html")),
+    ] {
+        // The templates are part of the binary and covered by its tests.
+        #[allow(clippy::expect_used)]
+        env.add_template(name, source)
+            .expect("built-in template parses");
     }
-    out
+    env
 }
 
 fn money(cents: u64) -> String {
     format!("${}.{:02}", cents / 100, cents % 100)
 }
 
-fn page(title: &str, body: &str) -> Html<String> {
-    Html(format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title} · Idempotent Shop</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem}}
-table{{border-collapse:collapse}}td,th{{padding:.3rem .8rem;border-bottom:1px solid #ddd;text-align:left}}
-button{{font-size:1.1rem;padding:.4rem 1.2rem}}</style></head>
-<body><h1><a href="/">Idempotent Shop</a></h1>{body}</body></html>"#,
-        title = escape(title),
-    ))
+fn view(o: &Order) -> minijinja::Value {
+    context! { id => o.id, product => o.product.clone(), quantity => o.quantity, total => money(o.total_cents) }
 }
 
-fn orders_table(orders: &[Order]) -> String {
-    if orders.is_empty() {
-        return "<p>No orders yet.</p>".into();
+impl Shop {
+    fn render(&self, name: &str, ctx: minijinja::Value) -> Response {
+        match self
+            .templates
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+        {
+            Ok(html) => Html(html).into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, template = name, "template failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "template error").into_response()
+            }
+        }
     }
-    let rows: String = orders
-        .iter()
-        .rev()
-        .map(|o| {
-            format!(
-                r#"<tr><td><a href="/orders/{id}">#{id}</a></td><td>{p}</td><td>{q}</td><td>{t}</td></tr>"#,
-                id = o.id,
-                p = escape(&o.product),
-                q = o.quantity,
-                t = money(o.total_cents)
-            )
-        })
-        .collect();
-    format!(
-        "<table><tr><th>Order</th><th>Product</th><th>Qty</th><th>Total</th></tr>{rows}</table>"
-    )
+
+    fn message(&self, status: StatusCode, title: &str, message: &str) -> Response {
+        let mut res = self.render("message.html", context! { title, message });
+        *res.status_mut() = status;
+        res
+    }
 }
 
-async fn index(State(shop): State<Shop>) -> Html<String> {
-    let options: String = PRODUCTS
+async fn index(State(shop): State<Shop>) -> Response {
+    let products: Vec<_> = PRODUCTS
         .iter()
-        .map(|(name, price)| {
-            format!(
-                r#"<option value="{n}">{n} ({m})</option>"#,
-                n = escape(name),
-                m = money(*price)
-            )
-        })
+        .map(|(name, price)| context! { name => *name, price => money(*price) })
         .collect();
-    page(
-        "Order",
-        &format!(
-            r#"<form method="post" action="/orders">
-{key}
-<p><label>Product <select name="product">{options}</select></label></p>
-<p><label>Quantity <input type="number" name="quantity" value="1" min="1" max="100"></label></p>
-<p><button type="submit">Place order</button></p>
-</form>
-<h2>Orders</h2>{table}"#,
-            key = idempotent_input(),
-            table = orders_table(&shop.orders()),
-        ),
-    )
-}
-
-#[derive(Deserialize)]
-struct OrderForm {
-    product: String,
-    quantity: u32,
+    let orders: Vec<_> = shop.orders().iter().rev().map(view).collect();
+    shop.render("index.html", context! { products, orders })
 }
 
 async fn place_form(State(shop): State<Shop>, Form(form): Form<OrderForm>) -> Response {
-    match shop
-        .place(NewOrder {
-            product: form.product,
-            quantity: form.quantity,
-        })
-        .await
-    {
+    let new = NewOrder {
+        product: form.product,
+        quantity: form.quantity,
+    };
+    match shop.place(new).await {
         Ok(order) => Redirect::to(&format!("/orders/{}", order.id)).into_response(),
-        Err(why) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            page("Order refused", &format!("<p>{}</p>", escape(&why))),
-        )
-            .into_response(),
+        Err(why) => shop.message(StatusCode::UNPROCESSABLE_ENTITY, "Order refused", &why),
     }
 }
 
 async fn order_page(State(shop): State<Shop>, Path(id): Path<u64>) -> Response {
     match shop.get(id) {
-        Some(o) => page(
-            &format!("Order #{}", o.id),
-            &format!(
-                r#"<h2 id="order">Order #{id}</h2><p>{q} × {p}, {t} charged once.</p><p><a href="/">Place another order</a></p>"#,
-                id = o.id,
-                q = o.quantity,
-                p = escape(&o.product),
-                t = money(o.total_cents)
-            ),
-        )
-        .into_response(),
-        None => (StatusCode::NOT_FOUND, page("Not found", "<p>No such order.</p>")).into_response(),
+        Some(order) => shop.render("order.html", context! { order => view(&order) }),
+        None => shop.message(StatusCode::NOT_FOUND, "Not found", "No such order."),
     }
 }
 

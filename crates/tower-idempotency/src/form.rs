@@ -8,6 +8,24 @@
 //! );
 //! assert!(html.contains(r#"name="__idempotent_key""#));
 //! ```
+//!
+//! With the `minijinja` feature, [`minijinja::register`] makes both helpers template functions,
+//! so a template says `{{ idempotent_input() }}` as in the seed. From askama, call the function by
+//! path and mark it safe (the markup holds nothing but a UUID):
+//!
+//! ```
+//! use askama::Template;
+//!
+//! #[derive(Template)]
+//! #[template(
+//!     source = r#"<form method="post">{{ tower_idempotency::idempotent_input()|safe }}<button>Pay</button></form>"#,
+//!     ext = "html"
+//! )]
+//! struct PayForm;
+//!
+//! let html = PayForm.render().unwrap();
+//! assert!(html.contains(r#"<input type="hidden" name="__idempotent_key" value=""#));
+//! ```
 
 use crate::extract::FORM_FIELD;
 
@@ -24,6 +42,30 @@ pub fn idempotent_input() -> String {
         r#"<input type="hidden" name="{FORM_FIELD}" value="{}">"#,
         idempotent_key()
     )
+}
+
+/// The helpers as minijinja template functions (feature `minijinja`).
+#[cfg(feature = "minijinja")]
+pub mod minijinja {
+    use minijinja::{Environment, Value};
+
+    /// Registers `idempotent_input()` (markup marked safe, so it is not escaped) and
+    /// `idempotent_key()` in `env`. Each call renders a fresh key, so each rendered form is one
+    /// submission however often it is sent.
+    ///
+    /// ```
+    /// let mut env = minijinja::Environment::new();
+    /// tower_idempotency::form::minijinja::register(&mut env);
+    /// env.add_template("order", r#"<form method="post">{{ idempotent_input() }}</form>"#).unwrap();
+    /// let html = env.get_template("order").unwrap().render(()).unwrap();
+    /// assert!(html.contains(r#"<input type="hidden" name="__idempotent_key" value=""#));
+    /// ```
+    pub fn register(env: &mut Environment<'_>) {
+        env.add_function("idempotent_input", || {
+            Value::from_safe_string(super::idempotent_input())
+        });
+        env.add_function("idempotent_key", super::idempotent_key);
+    }
 }
 
 #[cfg(test)]
