@@ -9,7 +9,7 @@
 //! assert!(html.contains(r#"name="__idempotent_key""#));
 //! ```
 //!
-//! With the `minijinja` feature, [`minijinja::register`] makes both helpers template functions,
+//! With the `minijinja` feature, `form::minijinja::register` makes both helpers template functions,
 //! so a template says `{{ idempotent_input() }}` as in the seed. From askama, call the function by
 //! path and mark it safe (the markup holds nothing but a UUID):
 //!

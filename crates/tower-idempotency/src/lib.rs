@@ -51,8 +51,11 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] is the embedded default, for one process. Any backend implements the small
-//! [`Store`] trait; every atomic step of the lifecycle is one call.
+//! [`MemoryStore`] is the embedded default, for one process: bounded, woken by notification.
+//! `RedisStore` (feature `redis`) shares records between every process and machine that talks
+//! to one Redis or Redis Cluster, at one round trip per step (see [`store`]). Any backend
+//! implements the small [`Store`] trait; every atomic step of the lifecycle is one call, and the
+//! conformance suite in `tests/conformance` is how a backend proves itself.
 //!
 //! # Runtime
 //!
@@ -85,6 +88,8 @@ pub use layer::IdempotencyLayer;
 pub use problem::Problem;
 pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
 pub use service::Idempotency;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{MemoryStore, Store, StoreError};
 
 /// The error type bodies are converted to.

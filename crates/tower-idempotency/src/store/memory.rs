@@ -237,12 +237,15 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
+        // An expired lease is no longer its owner's, even before someone takes it over: the
+        // same fencing a store with server-side expiry gives.
         let notify = match inner.map.get(key) {
             Some(Entry::Lease {
                 token: owner,
                 notify,
+                slot,
                 ..
-            }) if *owner == token => notify.clone(),
+            }) if *owner == token && slot.0 > now => notify.clone(),
             _ => return Ok(false),
         };
         inner.remove(key);
@@ -255,9 +258,12 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
+        let now = Instant::now();
         let mut inner = self.lock();
         match inner.map.get(key) {
-            Some(Entry::Lease { token: owner, .. }) if *owner == token => {}
+            Some(Entry::Lease {
+                token: owner, slot, ..
+            }) if *owner == token && slot.0 > now => {}
             _ => return Ok(false),
         }
         let entry = inner.remove(key);
@@ -279,7 +285,7 @@ impl Store for MemoryStore {
         let old = match inner.map.get(key) {
             Some(Entry::Lease {
                 token: owner, slot, ..
-            }) if *owner == token => *slot,
+            }) if *owner == token && slot.0 > now => *slot,
             _ => return Ok(false),
         };
         let new = inner.slot(now + lease_ttl);

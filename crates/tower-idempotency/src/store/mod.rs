@@ -17,7 +17,11 @@ use bytes::Bytes;
 use crate::fingerprint::Fingerprint;
 
 mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{DEFAULT_CAPACITY, MemoryStore, MemoryStoreStats};
 
 /// Where a record lives: a fixed-size hash of (namespace, scope, key).
@@ -106,7 +110,9 @@ impl std::error::Error for StoreError {
 /// A backend that keeps idempotency records and leases, shared by every process that uses it.
 ///
 /// Expiry is by the store's own clock: a lease lives `lease_ttl` from its last grant or renewal,
-/// a completed record `ttl` from its completion.
+/// a completed record `ttl` from its completion. A lease that has expired belongs to nobody: its
+/// former owner's `complete`, `release` and `renew` return `false`, even before another caller
+/// takes it over.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Atomically: if a completed record exists, return it; if a live lease exists, report it in

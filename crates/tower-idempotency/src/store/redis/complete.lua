@@ -1,0 +1,14 @@
+-- complete: replace the caller's lease with the completed record and wake the waiters.
+-- KEYS[1]  the record key
+-- KEYS[2]  the key's notification channel (same hash slot)
+-- ARGV[1]  'L' .. owner token (16 bytes): the caller's lease prefix
+-- ARGV[2]  'C' .. encoded record
+-- ARGV[3]  the record TTL in milliseconds
+-- ARGV[4]  PUBLISH, or SPUBLISH on a Redis Cluster
+-- Returns 1, or 0 (changing nothing) when the caller no longer owns a live lease.
+if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call(ARGV[4], KEYS[2], 'c')
+return 1
