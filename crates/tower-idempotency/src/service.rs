@@ -24,7 +24,9 @@ use crate::BoxError;
 use crate::body::IdempotencyBody;
 use crate::config::{Config, OnConflict};
 use crate::extract::{self, FORM_FIELD, FormKind};
-use crate::fingerprint::{Fingerprint, query_without_key};
+use crate::fingerprint::{
+    Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, query_without_key,
+};
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
@@ -178,12 +180,17 @@ where
         .headers
         .get(CONTENT_TYPE)
         .map_or(&[][..], |v| v.as_bytes());
+    let canonical = canonical_multipart(content_type, &body).await;
+    let (content_type, fp_body) = match &canonical {
+        Some(fields) => (MULTIPART_FORM_DATA, &fields[..]),
+        None => (content_type, &body[..]),
+    };
     let fingerprint = Fingerprint::compute(
         parts.method.as_str().as_bytes(),
         parts.uri.path().as_bytes(),
         query.as_bytes(),
         content_type,
-        &body,
+        fp_body,
     );
 
     let budget = match config.on_conflict {

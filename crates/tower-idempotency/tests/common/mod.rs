@@ -1,0 +1,280 @@
+//! The test harness of the contract suite: a real axum server on 127.0.0.1:0, a real HTTP client,
+//! handlers that count their executions, and a few helpers to read and judge responses.
+
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A server bound to 127.0.0.1:0, stopped when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    /// The absolute URL of `path_and_query` on this server.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `app` on a fresh port of 127.0.0.1 in the current runtime.
+pub async fn serve(app: Router) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    TestServer { addr, task }
+}
+
+/// A real HTTP client. The generous timeout only keeps a broken build from hanging the suite;
+/// no test asserts on how long anything took.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Counts executions of a handler, and lets a test wait until it reached a number.
+#[derive(Clone)]
+pub struct Counter(Arc<watch::Sender<usize>>);
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl Counter {
+    /// Counts one execution and returns its number, from 1.
+    pub fn hit(&self) -> usize {
+        let mut n = 0;
+        self.0.send_modify(|c| {
+            *c += 1;
+            n = *c;
+        });
+        n
+    }
+
+    /// Executions so far.
+    pub fn get(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Waits until at least `n` executions have started.
+    pub async fn reached(&self, n: usize) {
+        let mut rx = self.0.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("the handler never reached {n} executions"))
+            .unwrap();
+    }
+}
+
+/// A gate a handler waits at until the test opens it. Once open it stays open.
+#[derive(Clone)]
+pub struct Gate(Arc<watch::Sender<bool>>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Gate {
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub async fn pass(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+}
+
+/// What a client saw: status, headers and body bytes.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// Whether the response is marked `Idempotent-Replayed: true`.
+    pub fn replayed(&self) -> bool {
+        match self.headers.get("idempotent-replayed") {
+            None => false,
+            Some(v) => {
+                assert_eq!(v, "true", "Idempotent-Replayed must be `true` when present");
+                true
+            }
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Sends the request and reads the whole response.
+pub async fn send(req: reqwest::RequestBuilder) -> Reply {
+    let res = req.send().await.expect("request failed");
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.bytes().await.expect("response body failed");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Asserts that `reply` is an RFC 9457 problem with this status whose `type` ends in `slug`, and
+/// returns its JSON.
+pub fn assert_problem(reply: &Reply, status: u16, slug: &str) -> serde_json::Value {
+    assert_eq!(
+        reply.status.as_u16(),
+        status,
+        "expected a {status} problem, got {} {}",
+        reply.status,
+        reply.text()
+    );
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json"),
+        "a problem is application/problem+json"
+    );
+    assert!(!reply.replayed(), "a problem is never a replay");
+    let json: serde_json::Value = serde_json::from_slice(&reply.body).expect("problem is JSON");
+    let ty = json["type"].as_str().expect("problem has a type");
+    assert!(
+        ty.ends_with(slug),
+        "problem type `{ty}` should end in `{slug}`"
+    );
+    assert!(
+        !json["title"]
+            .as_str()
+            .expect("problem has a title")
+            .is_empty(),
+        "title is not empty"
+    );
+    assert_eq!(json["status"], status, "problem status member");
+    assert!(
+        !json["detail"]
+            .as_str()
+            .expect("problem has a detail")
+            .is_empty(),
+        "detail is not empty"
+    );
+    json
+}
+
+/// Asserts a `Retry-After` of a whole number of seconds, at least 1.
+pub fn assert_retry_after(reply: &Reply) {
+    let after = reply
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("{} without Retry-After", reply.status));
+    let secs: u64 = after.parse().expect("Retry-After is delta-seconds");
+    assert!(secs >= 1, "Retry-After is at least one second");
+}
+
+/// A router whose routes `/orders` and `/other` (any method) count their executions and answer
+/// 201 with a body unique to the execution: `exec-N METHOD PATH BODYLEN`.
+pub fn counting_app(layer: tower_idempotency::IdempotencyLayer) -> (Router, Counter) {
+    let count = Counter::default();
+    let c = count.clone();
+    let handler = move |method: Method, uri: Uri, body: Bytes| {
+        let c = c.clone();
+        async move {
+            let n = c.hit();
+            (
+                StatusCode::CREATED,
+                format!("exec-{n} {method} {} {}", uri.path(), body.len()),
+            )
+        }
+    };
+    let router = Router::new()
+        .route("/orders", axum::routing::any(handler.clone()))
+        .route("/other", axum::routing::any(handler))
+        .layer(layer);
+    (router, count)
+}
+
+/// A router whose `/slow` route counts, then waits at `gate`, then answers 201 `exec-N`.
+pub fn gated_app(layer: tower_idempotency::IdempotencyLayer, gate: Gate) -> (Router, Counter) {
+    let count = Counter::default();
+    let c = count.clone();
+    let handler = move || {
+        let c = c.clone();
+        let gate = gate.clone();
+        async move {
+            let n = c.hit();
+            gate.pass().await;
+            (StatusCode::CREATED, format!("exec-{n}"))
+        }
+    };
+    let router = Router::new()
+        .route("/slow", axum::routing::post(handler))
+        .layer(layer);
+    (router, count)
+}
+
+/// Tells whether the server dropped a request's future before it answered (the client went
+/// away): an axum middleware outside the layer that flags its own cancellation.
+#[derive(Clone, Default)]
+pub struct CancelProbe(Counter);
+
+impl CancelProbe {
+    /// `router` with the probe outside every layer it already has.
+    pub fn wrap(&self, router: Router) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(self.clone(), probe))
+    }
+
+    /// Waits until a request future was dropped unfinished.
+    pub async fn cancelled(&self) {
+        self.0.reached(1).await;
+    }
+}
+
+async fn probe(
+    axum::extract::State(probe): axum::extract::State<CancelProbe>,
+    req: Request,
+    next: Next,
+) -> Response {
+    struct Guard(Option<Counter>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.take() {
+                c.hit();
+            }
+        }
+    }
+    let mut guard = Guard(Some(probe.0.clone()));
+    let res = next.run(req).await;
+    guard.0 = None;
+    res
+}
