@@ -1,0 +1,499 @@
+//! The command line: every flag, also read from `IDEMPOTENCY_PROXY_<FLAG>`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, Method, Uri};
+
+const LONG_ABOUT: &str = "\
+A reverse proxy that gives any HTTP service idempotency keys.
+
+A POST, PUT, PATCH or DELETE that carries a key (the `Idempotency-Key` header, `X-Idempotent-Key`,
+or an `__idempotent_key` query parameter or form field) reaches the upstream once; every duplicate,
+simultaneous or later, gets the stored response with `Idempotent-Replayed: true`. Requests without
+a key, and other methods, stream through untouched.
+
+Every flag can also be set through the environment as IDEMPOTENCY_PROXY_<FLAG>, for example
+IDEMPOTENCY_PROXY_UPSTREAM=http://127.0.0.1:5000. Durations read like `500ms`, `2s`, `5m`; sizes are
+bytes, with `KiB`, `MiB` or `GiB` accepted (`1MiB`). Set RUST_LOG to change the log level.
+
+A configuration error (a bad flag, an unreachable store at start-up) prints one line and exits
+with code 2. SIGTERM or SIGINT stops accepting connections, lets requests in flight finish and
+store their outcomes, then exits 0.";
+
+/// Put any HTTP service behind idempotency keys: each keyed request runs once, duplicates get
+/// the stored response.
+#[derive(Parser, Debug)]
+#[command(name = "idempotency-proxy", version, about, long_about = LONG_ABOUT)]
+pub(crate) struct Args {
+    /// The service to proxy to, as `http://HOST:PORT[/PREFIX]`. Request paths are appended to
+    /// the prefix.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_UPSTREAM",
+        value_name = "URL",
+        value_parser = Upstream::parse
+    )]
+    pub(crate) upstream: Upstream,
+
+    /// Address the proxy listens on (HTTP/1.1 and HTTP/2 cleartext).
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub(crate) listen: SocketAddr,
+
+    /// Address of the admin endpoints: `GET /healthz` (200 when the store answers, 503
+    /// otherwise) and `GET /metrics` (Prometheus text). Off unless set.
+    #[arg(long, env = "IDEMPOTENCY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    pub(crate) admin_listen: Option<SocketAddr>,
+
+    /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
+    /// `rediss://...` (TLS), or `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
+    /// over TLS). Proxies that share a Redis share their records. A password goes in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`) and is never logged.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_STORE",
+        value_name = "STORE",
+        default_value = "memory",
+        hide_env_values = true,
+        value_parser = StoreSpec::parse
+    )]
+    pub(crate) store: StoreSpec,
+
+    /// How long a completed response is kept for replay.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_TTL",
+        value_name = "DURATION",
+        default_value = "240s",
+        value_parser = positive_duration
+    )]
+    pub(crate) ttl: Duration,
+
+    /// How long a duplicate waits for the original request in flight before a 409 (with
+    /// `--on-conflict wait`). A client may ask for less with `Prefer: wait=N`.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_WAIT_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = duration
+    )]
+    pub(crate) wait_timeout: Duration,
+
+    /// How long a lease on a request in flight lives without renewal; it is renewed every third
+    /// of that while the upstream works. If a proxy dies mid-request, the next attempt runs after
+    /// this long.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_LOCK_TTL",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
+    pub(crate) lock_ttl: Duration,
+
+    /// What a duplicate does while the original is in flight: `wait` for its outcome and replay
+    /// it, or `reject` with 409 and `Retry-After` at once.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_ON_CONFLICT",
+        value_name = "MODE",
+        default_value = "wait"
+    )]
+    pub(crate) on_conflict: ConflictMode,
+
+    /// The methods that are tracked, comma-separated. Other methods always pass through.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_METHODS",
+        value_name = "METHODS",
+        value_delimiter = ',',
+        default_value = "POST,PUT,PATCH,DELETE",
+        value_parser = parse_method
+    )]
+    pub(crate) methods: Vec<Method>,
+
+    /// Answer 400 to a tracked method that carries no key, instead of passing it through.
+    #[arg(long, env = "IDEMPOTENCY_PROXY_REQUIRE_KEY")]
+    pub(crate) require_key: bool,
+
+    /// When the store is unavailable, pass requests through untracked (logged and counted)
+    /// instead of answering 503.
+    #[arg(long, env = "IDEMPOTENCY_PROXY_FAIL_OPEN")]
+    pub(crate) fail_open: bool,
+
+    /// A request header whose value scopes keys, so one caller never sees another's responses.
+    /// Repeat the flag (or comma-separate in the environment) for several headers.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_SCOPE_HEADER",
+        value_name = "NAME",
+        value_delimiter = ',',
+        default_value = "Authorization",
+        value_parser = parse_header_name
+    )]
+    pub(crate) scope_header: Vec<HeaderName>,
+
+    /// The largest body a tracked request may carry; larger is a 413. Untracked requests
+    /// stream and have no limit.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_MAX_REQUEST_BODY",
+        value_name = "BYTES",
+        default_value = "1MiB",
+        value_parser = parse_size
+    )]
+    pub(crate) max_request_body: usize,
+
+    /// The largest response kept for replay. A larger one still reaches its caller in full;
+    /// duplicates then get a 409 instead of running again.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY",
+        value_name = "BYTES",
+        default_value = "1MiB",
+        value_parser = parse_size
+    )]
+    pub(crate) max_response_body: usize,
+
+    /// How long the upstream may take to answer with its status and headers; past that the
+    /// caller gets a 504 (never stored). Response bodies then stream without a deadline.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = positive_duration
+    )]
+    pub(crate) upstream_timeout: Duration,
+
+    /// How long a shutdown waits for requests in flight before exiting anyway (exit code 1).
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_SHUTDOWN_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = duration
+    )]
+    pub(crate) shutdown_timeout: Duration,
+
+    /// Log lines as human-readable `text` or one JSON object per line (`json`). Keys are never
+    /// logged, only their hashes.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub(crate) log_format: LogFormat,
+}
+
+/// `--on-conflict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ConflictMode {
+    /// Wait for the original's outcome and replay it.
+    Wait,
+    /// Answer 409 with Retry-After at once.
+    Reject,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--upstream`: where requests go.
+#[derive(Debug, Clone)]
+pub(crate) struct Upstream {
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    /// The path prefix, without a trailing slash (empty for none).
+    pub(crate) base_path: String,
+}
+
+impl Upstream {
+    fn parse(s: &str) -> Result<Self, String> {
+        let uri: Uri = s
+            .parse()
+            .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(
+                    "https upstreams are not supported; point the proxy at the service's plain \
+                     http:// address"
+                        .into(),
+                );
+            }
+            _ => return Err("expected an http:// URL such as http://127.0.0.1:5000".into()),
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or("the URL has no host; expected http://HOST:PORT")?;
+        if authority.host().is_empty() {
+            return Err("the URL has no host; expected http://HOST:PORT".into());
+        }
+        if authority.as_str().contains('@') {
+            return Err("user names and passwords in the upstream URL are not supported".into());
+        }
+        if uri.query().is_some() {
+            return Err("the upstream URL must not carry a query".into());
+        }
+        Ok(Self {
+            scheme: Scheme::HTTP,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The upstream URI for a request's path and query.
+    pub(crate) fn uri_for(&self, uri: &Uri) -> Result<Uri, http::Error> {
+        let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let pq = if self.base_path.is_empty() {
+            pq.to_owned()
+        } else {
+            format!("{}{pq}", self.base_path)
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// `--store`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum StoreSpec {
+    /// The embedded memory store.
+    Memory,
+    /// A Redis URL: `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://`.
+    Redis(String),
+}
+
+impl StoreSpec {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s == "memory" {
+            return Ok(Self::Memory);
+        }
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return Err(store_usage());
+        };
+        if !matches!(
+            scheme,
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
+        ) {
+            return Err(store_usage());
+        }
+        let hosts = rest.rsplit('@').next().unwrap_or(rest);
+        let hosts = hosts.split('/').next().unwrap_or(hosts);
+        if hosts.is_empty() || hosts.split(',').any(|h| h.trim().is_empty()) {
+            return Err(format!("{scheme}:// URL names no host; {}", store_usage()));
+        }
+        Ok(Self::Redis(s.to_owned()))
+    }
+}
+
+fn store_usage() -> String {
+    "expected `memory`, `redis://HOST:PORT[/DB]`, `rediss://HOST:PORT[/DB]` or \
+     `redis+cluster://HOST:PORT[,HOST:PORT...]`"
+        .into()
+}
+
+/// Never shows a password.
+impl fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The store as it may be logged: without user name or password.
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Redis(url) => match url.split_once("://") {
+                Some((scheme, rest)) => match rest.rsplit_once('@') {
+                    Some((_, hosts)) => write!(f, "{scheme}://***@{hosts}"),
+                    None => f.write_str(url),
+                },
+                None => f.write_str("redis"),
+            },
+        }
+    }
+}
+
+/// A duration such as `500ms`, `2s` or `5m`.
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; expected a duration such as 500ms, 2s or 5m"))
+}
+
+/// A duration above zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// A size in bytes: `1048576`, `512KiB`, `1MiB`, `1 GiB`.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err("expected a number of bytes, such as 65536, 512KiB or 1MiB".into());
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "number of bytes too large".to_owned())?;
+    let unit = unit.trim();
+    let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "unknown size unit `{unit}`; use bytes or KiB, MiB, GiB"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| "size too large".to_owned())
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    let s = s.trim().to_ascii_uppercase();
+    if s.is_empty() {
+        return Err("empty method name".into());
+    }
+    Method::from_bytes(s.as_bytes()).map_err(|_| format!("`{s}` is not an HTTP method"))
+}
+
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(s.trim().as_bytes())
+        .map_err(|_| format!("`{}` is not a valid header name", s.trim()))
+}
+
+/// A clap error as one line, without the usage block that follows it.
+pub(crate) fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let head = rendered.split("\n\n").next().unwrap_or(&rendered);
+    let line = head.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line).to_owned();
+    format!("{line} (see --help)")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2 mib"), Ok(2 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("1MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn upstreams() {
+        let u = Upstream::parse("http://127.0.0.1:5000/api/").unwrap();
+        assert_eq!(u.base_path, "/api");
+        let to = u.uri_for(&"/orders?x=1".parse().unwrap()).unwrap();
+        assert_eq!(to.to_string(), "http://127.0.0.1:5000/api/orders?x=1");
+        let u = Upstream::parse("http://localhost:5000").unwrap();
+        let to = u.uri_for(&"/".parse().unwrap()).unwrap();
+        assert_eq!(to.to_string(), "http://localhost:5000/");
+        assert!(Upstream::parse("localhost:5000").is_err());
+        assert!(Upstream::parse("https://example.com").is_err());
+        assert!(Upstream::parse("http://").is_err());
+        assert!(Upstream::parse("http://h:1/?q=1").is_err());
+        assert!(Upstream::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn stores() {
+        assert!(StoreSpec::parse("memory") == Ok(StoreSpec::Memory));
+        assert!(StoreSpec::parse("redis://127.0.0.1:6379/2").is_ok());
+        assert!(StoreSpec::parse("rediss://u:p@h:6380").is_ok());
+        assert!(StoreSpec::parse("redis+cluster://a:1,b:2").is_ok());
+        assert!(StoreSpec::parse("redis+cluster://a:1,").is_err());
+        assert!(StoreSpec::parse("redis://").is_err());
+        assert!(StoreSpec::parse("postgres://x").is_err());
+        assert!(StoreSpec::parse("mem").is_err());
+        let s = StoreSpec::parse("redis://user:secret@h:6379").unwrap();
+        assert_eq!(s.to_string(), "redis://***@h:6379");
+        assert!(!format!("{s:?}").contains("secret"));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let a = Args::try_parse_from([
+            "idempotency-proxy",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--methods",
+            "post,put",
+            "--scope-header",
+            "X-Tenant",
+            "--scope-header",
+            "authorization",
+            "--ttl",
+            "5m",
+        ])
+        .unwrap();
+        assert_eq!(a.methods, vec![Method::POST, Method::PUT]);
+        assert_eq!(a.scope_header.len(), 2);
+        assert_eq!(a.ttl, Duration::from_secs(300));
+        assert_eq!(a.max_request_body, 1 << 20);
+        let e = Args::try_parse_from(["idempotency-proxy"]).unwrap_err();
+        let line = one_line(&e);
+        assert!(line.contains("--upstream"), "{line}");
+        assert!(!line.contains('\n'));
+        let e = Args::try_parse_from([
+            "idempotency-proxy",
+            "--upstream",
+            "http://h:1",
+            "--ttl",
+            "soon",
+        ])
+        .unwrap_err();
+        assert!(one_line(&e).contains("--ttl"), "{}", one_line(&e));
+    }
+
+    #[test]
+    fn help_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,373 @@
+//! The inner service: forwards a request to the upstream over a pooled keep-alive client.
+//!
+//! The idempotency layer sits in front of it. Requests it does not track reach this service
+//! with their body still streaming, and their responses stream back as they come; tracked ones
+//! arrive buffered, and the layer buffers their responses within its limits.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, EXPECT, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
+use tower::Service;
+use tower_idempotency::IdempotencyBody;
+
+use crate::cli::Upstream;
+
+/// The error type of response bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the proxy answers with: the upstream's body as it streams, or a problem document.
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The body the upstream client sends: the caller's, as the layer hands it on.
+type UpstreamReqBody = IdempotencyBody<Incoming>;
+
+/// The caller's address, put in the request's extensions by the server for `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+
+/// Headers that belong to one connection and are never forwarded (RFC 9110 section 7.6.1),
+/// plus `Expect`, which the proxy's own server answers.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Histogram of the time until the upstream answered (or failed), by outcome.
+pub(crate) const UPSTREAM_DURATION: &str = "idempotency_proxy_upstream_duration_seconds";
+
+/// Counts requests still being worked on, including response bodies still being read, so a
+/// shutdown can wait for upstream calls whose caller went away.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    /// Returns once no request is in flight.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Forwards requests to the upstream. Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
+pub(crate) struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client<HttpConnector, UpstreamReqBody>,
+    upstream: Upstream,
+    timeout: Duration,
+    in_flight: Arc<InFlight>,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` that waits at most `timeout` for each response head.
+    pub(crate) fn new(upstream: Upstream, timeout: Duration, in_flight: Arc<InFlight>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                upstream,
+                timeout,
+                in_flight,
+            }),
+        }
+    }
+}
+
+impl Service<Request<UpstreamReqBody>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<UpstreamReqBody>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(inner.forward(req).await) })
+    }
+}
+
+impl Inner {
+    async fn forward(&self, req: Request<UpstreamReqBody>) -> Response<ProxyBody> {
+        let guard = self.in_flight.enter();
+        let (mut parts, body) = req.into_parts();
+        let uri = match self.upstream.uri_for(&parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                tracing::debug!(error = %e, "request target cannot be forwarded");
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request-target",
+                    "Bad request target",
+                    "The request target cannot be forwarded.".into(),
+                );
+            }
+        };
+        let host = parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(HOST);
+        parts.headers.remove(EXPECT);
+        if let Some(ClientAddr(peer)) = parts.extensions.get::<ClientAddr>().copied() {
+            append_forwarded_for(&mut parts.headers, peer);
+        }
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        match host {
+            Some(host) => {
+                parts.headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+            None => {
+                parts.headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
+
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, self.inner_request(req)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(Ok(res)) => {
+                metrics::histogram!(UPSTREAM_DURATION, "outcome" => "response").record(elapsed);
+                let (mut parts, body) = res.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                // The caller's connection has its own version; hyper frames the answer for it.
+                parts.version = Version::default();
+                // The guard lives as long as the body, so a shutdown waits for it to be read.
+                let body = body
+                    .map_frame(move |frame| {
+                        let _ = &guard;
+                        frame
+                    })
+                    .map_err(BoxError::from)
+                    .boxed_unsync();
+                Response::from_parts(parts, body)
+            }
+            Ok(Err(e)) => {
+                metrics::histogram!(UPSTREAM_DURATION, "outcome" => "error").record(elapsed);
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    error = %error_chain(&e),
+                    "upstream request failed"
+                );
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    "Upstream unavailable",
+                    "The proxy could not get a response from the upstream service. The request \
+                     was not stored and may be retried with the same key."
+                        .into(),
+                )
+            }
+            Err(_) => {
+                metrics::histogram!(UPSTREAM_DURATION, "outcome" => "timeout").record(elapsed);
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    timeout = ?self.timeout,
+                    "upstream did not answer in time"
+                );
+                problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    "Upstream timed out",
+                    format!(
+                        "The upstream service did not answer within {}. The request was not \
+                         stored and may be retried with the same key.",
+                        humantime::format_duration(self.timeout)
+                    ),
+                )
+            }
+        }
+    }
+
+    async fn inner_request(
+        &self,
+        req: Request<UpstreamReqBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(req).await
+    }
+}
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Appends the caller's address to `X-Forwarded-For`, keeping the addresses already there.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let previous: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let value = if previous.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", previous.join(", "))
+    };
+    match HeaderValue::from_str(&value) {
+        Ok(v) => {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(&X_FORWARDED_FOR);
+        }
+    }
+}
+
+/// An `application/problem+json` answer (RFC 9457) made by the proxy itself.
+fn problem(status: StatusCode, slug: &str, title: &str, detail: String) -> Response<ProxyBody> {
+    let doc = serde_json::json!({
+        "type": format!("urn:idempotency-proxy:problem:{slug}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let body = Full::new(Bytes::from(doc.to_string()))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// An error and its sources, as one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let peer: SocketAddr = "10.0.0.9:1234".parse().unwrap();
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9");
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, v6);
+        assert_eq!(h[&X_FORWARDED_FOR], "::1");
+    }
+}

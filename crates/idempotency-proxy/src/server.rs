@@ -1,0 +1,129 @@
+//! The proxy's HTTP server: accepts connections until a signal, then drains.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_idempotency::{Idempotency, IdempotencyBody};
+
+use crate::proxy::{ClientAddr, InFlight, Proxy, ProxyBody};
+use crate::telemetry::REQUEST_DURATION;
+
+/// The full stack a request goes through.
+pub(crate) type Stack = Idempotency<Proxy>;
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// Every request in flight finished.
+    Clean,
+    /// The shutdown timeout passed first.
+    TimedOut,
+}
+
+/// Serves `stack` on `listener` until `shutdown` resolves, then stops accepting and waits up to
+/// `grace` for connections and upstream calls in flight.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    stack: Stack,
+    in_flight: Arc<InFlight>,
+    shutdown: impl std::future::Future<Output = &'static str>,
+    grace: Duration,
+) -> Drained {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let stack = stack.clone();
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(ClientAddr(peer));
+                    handle(stack.clone(), req)
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            signal = &mut shutdown => {
+                tracing::info!(
+                    signal,
+                    "shutting down: no new connections; waiting for requests in flight"
+                );
+                break;
+            }
+        }
+    }
+    drop(listener);
+    let drain = async {
+        graceful.shutdown().await;
+        // Upstream calls whose caller went away still run; their outcomes are stored after.
+        in_flight.idle().await;
+    };
+    match tokio::time::timeout(grace, drain).await {
+        Ok(()) => Drained::Clean,
+        Err(_) => Drained::TimedOut,
+    }
+}
+
+async fn handle(
+    stack: Stack,
+    req: Request<Incoming>,
+) -> Result<Response<IdempotencyBody<ProxyBody>>, Infallible> {
+    let started = Instant::now();
+    let method = method_label(req.method());
+    let path = req.uri().path().to_owned();
+    let res = stack.oneshot(req).await?;
+    let elapsed = started.elapsed();
+    let status = res.status();
+    let status_label = status.as_str().to_owned();
+    metrics::histogram!(REQUEST_DURATION, "method" => method, "status" => status_label)
+        .record(elapsed.as_secs_f64());
+    // The query is left out: it may carry an idempotency key.
+    tracing::debug!(
+        method,
+        path,
+        status = status.as_u16(),
+        replayed = res.headers().contains_key("idempotent-replayed"),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "request"
+    );
+    Ok(res)
+}
+
+/// The method as a metric label, from a fixed set so that labels stay few.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}

@@ -1,0 +1,395 @@
+//! The proxy as a process: configuration, the environment, admin endpoints, logs and signals.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Proxy, Upstream, client, event_count, free_addr, run_to_exit};
+
+/// Runs the binary with `args` and `env`; it must exit 2 with one line naming `mentions`.
+fn fails_with_one_line(args: &[&str], env: &[(&str, &str)], mentions: &str) {
+    let (code, out) = run_to_exit(args, env);
+    assert_eq!(code, Some(2), "{args:?} {env:?}: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?} {env:?}: one line expected, got {out:?}"
+    );
+    assert!(lines[0].starts_with("idempotency-proxy: "), "{out}");
+    assert!(lines[0].contains(mentions), "{args:?} {env:?}: {out}");
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+#[test]
+fn a_bad_configuration_is_one_line_and_exit_code_2() {
+    let up = "http://127.0.0.1:9";
+    fails_with_one_line(&[], &[], "--upstream");
+    fails_with_one_line(&["--upstream", "ftp://example"], &[], "--upstream");
+    fails_with_one_line(&["--upstream", "not a url"], &[], "--upstream");
+    fails_with_one_line(&["--upstream", up, "--ttl", "soon"], &[], "--ttl");
+    fails_with_one_line(&["--upstream", up, "--lock-ttl", "0s"], &[], "--lock-ttl");
+    fails_with_one_line(
+        &["--upstream", up, "--max-request-body", "1MB"],
+        &[],
+        "--max-request-body",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--on-conflict", "maybe"],
+        &[],
+        "--on-conflict",
+    );
+    fails_with_one_line(&["--upstream", up, "--methods", "PO ST"], &[], "--methods");
+    fails_with_one_line(&["--upstream", up, "--store", "bogus"], &[], "--store");
+    fails_with_one_line(
+        &["--upstream", up, "--listen", "localhost"],
+        &[],
+        "--listen",
+    );
+    fails_with_one_line(&["--upstream", up, "--bogus-flag"], &[], "--bogus-flag");
+    fails_with_one_line(
+        &["--upstream", up],
+        &[("IDEMPOTENCY_PROXY_WAIT_TIMEOUT", "forever")],
+        "--wait-timeout",
+    );
+    fails_with_one_line(&[], &[("IDEMPOTENCY_PROXY_UPSTREAM", "nope")], "--upstream");
+
+    // An address in use.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    fails_with_one_line(&["--upstream", up, "--listen", &busy_addr], &[], "--listen");
+    drop(busy);
+
+    // A store that does not answer at start-up.
+    let redis = format!("redis://{}", free_addr());
+    fails_with_one_line(&["--upstream", up, "--store", &redis], &[], "--store");
+    let cluster = format!("redis+cluster://{}", free_addr());
+    fails_with_one_line(&["--upstream", up, "--store", &cluster], &[], "--store");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let (code, out) = run_to_exit(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    for flag in [
+        "--upstream",
+        "--listen",
+        "--admin-listen",
+        "--store",
+        "--ttl",
+        "--wait-timeout",
+        "--lock-ttl",
+        "--on-conflict",
+        "--methods",
+        "--require-key",
+        "--fail-open",
+        "--scope-header",
+        "--max-request-body",
+        "--max-response-body",
+        "--upstream-timeout",
+        "--log-format",
+        "IDEMPOTENCY_PROXY_UPSTREAM",
+    ] {
+        assert!(out.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environment_configures_every_flag() {
+    let up = Upstream::start().await;
+    let addr = free_addr();
+    let admin = free_addr();
+    let env = [
+        ("IDEMPOTENCY_PROXY_UPSTREAM", up.url()),
+        ("IDEMPOTENCY_PROXY_LISTEN", addr.to_string()),
+        ("IDEMPOTENCY_PROXY_ADMIN_LISTEN", admin.to_string()),
+        ("IDEMPOTENCY_PROXY_ON_CONFLICT", "reject".to_owned()),
+        ("IDEMPOTENCY_PROXY_METHODS", "POST,PATCH".to_owned()),
+        ("IDEMPOTENCY_PROXY_REQUIRE_KEY", "true".to_owned()),
+        (
+            "IDEMPOTENCY_PROXY_SCOPE_HEADER",
+            "X-Tenant,X-User".to_owned(),
+        ),
+        ("IDEMPOTENCY_PROXY_MAX_REQUEST_BODY", "16".to_owned()),
+        ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "5s".to_owned()),
+        ("IDEMPOTENCY_PROXY_LOG_FORMAT", "json".to_owned()),
+    ];
+    let proxy = Proxy::spawn(Vec::new(), &env, addr, admin).await;
+    let c = client();
+
+    // require-key: a keyless POST is a 400; PUT is not a tracked method and passes through.
+    let keyless = c.post(proxy.url("/orders")).send().await.unwrap();
+    assert_eq!(keyless.status(), 400);
+    let put = c
+        .put(proxy.url("/orders"))
+        .body("keyless put")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    assert_eq!(up.hits("/orders"), 1);
+
+    // max-request-body: 16 bytes.
+    let big = c
+        .post(proxy.url("/orders"))
+        .header("Idempotency-Key", "big")
+        .body("x".repeat(17))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+
+    // on-conflict reject: a duplicate of a request in flight is a 409 at once.
+    let slow = proxy.url("/slow?ms=1500");
+    let c1 = c.clone();
+    let s1 = slow.clone();
+    let first = tokio::spawn(async move {
+        c1.post(s1)
+            .header("Idempotency-Key", "busy")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hits("/slow") == 0 {
+        assert!(Instant::now() < deadline, "the first request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dup = c
+        .post(&slow)
+        .header("Idempotency-Key", "busy")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dup.status(), 409);
+    assert!(dup.headers().contains_key("retry-after"));
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(up.hits("/slow"), 1);
+
+    // The scope is X-Tenant and X-User; Authorization no longer separates callers.
+    for auth in ["Bearer a", "Bearer b"] {
+        let res = c
+            .post(proxy.url("/orders"))
+            .header("Idempotency-Key", "scoped")
+            .header("authorization", auth)
+            .header("x-tenant", "t1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    assert_eq!(up.hits("/orders"), 2);
+
+    // The admin endpoints listen where the environment said; logs are JSON lines.
+    let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let logs = proxy.logs();
+    assert!(!logs.is_empty());
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_metrics_count_what_happened() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), &[]).await;
+    let c = client();
+
+    let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let before = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(event_count(&before, "executed"), Some(0), "{before}");
+
+    for key in ["m1", "m2"] {
+        for _ in 0..3 {
+            let res = c
+                .post(proxy.url("/orders"))
+                .header("Idempotency-Key", key)
+                .body("same")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+        }
+    }
+    let mismatch = c
+        .post(proxy.url("/orders"))
+        .header("Idempotency-Key", "m1")
+        .body("different")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mismatch.status(), 422);
+    let failed = c
+        .post(proxy.url("/fail"))
+        .header("Idempotency-Key", "f1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 500);
+    let bad = c
+        .post(proxy.url("/orders"))
+        .header("Idempotency-Key", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    c.get(proxy.url("/orders")).send().await.unwrap();
+
+    let res = c.get(proxy.admin_url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = res.text().await.unwrap();
+    assert_eq!(event_count(&text, "executed"), Some(3), "{text}");
+    assert_eq!(event_count(&text, "replayed"), Some(4), "{text}");
+    assert_eq!(event_count(&text, "mismatch"), Some(1), "{text}");
+    assert_eq!(event_count(&text, "released"), Some(1), "{text}");
+    assert_eq!(event_count(&text, "bad_key"), Some(1), "{text}");
+    assert_eq!(event_count(&text, "wait_timeout"), Some(0), "{text}");
+    assert_eq!(up.hits("/orders"), 3);
+    // The latency histogram counted every request: 6 + 1 + 1 + 1 + 1.
+    let count_line = text
+        .lines()
+        .filter(|l| l.starts_with("idempotency_proxy_request_duration_seconds_count"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum::<u64>();
+    assert_eq!(count_line, 10, "{text}");
+    assert!(text.contains("idempotency_proxy_request_duration_seconds_bucket{"));
+    assert!(text.contains("idempotency_proxy_upstream_duration_seconds_bucket{"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_never_appear_in_the_logs() {
+    let up = Upstream::start().await;
+    let addr = free_addr();
+    let admin = free_addr();
+    let args = vec![
+        "--upstream".to_owned(),
+        up.url(),
+        "--listen".to_owned(),
+        addr.to_string(),
+        "--log-format".to_owned(),
+        "json".to_owned(),
+        "--upstream-timeout".to_owned(),
+        "200ms".to_owned(),
+    ];
+    let env = [("RUST_LOG", "debug".to_owned())];
+    let mut proxy = Proxy::spawn(args, &env, addr, admin).await;
+    let c = client();
+    let secret = "sekrit-key-4f1d2c";
+    for path in ["/orders", "/fail", "/slow?ms=500"] {
+        c.post(proxy.url(path))
+            .header("Idempotency-Key", secret)
+            .send()
+            .await
+            .unwrap();
+        c.post(proxy.url(&format!(
+            "{path}{}__idempotent_key={secret}-q",
+            if path.contains('?') { "&" } else { "?" }
+        )))
+        .send()
+        .await
+        .unwrap();
+    }
+    proxy.terminate();
+    assert!(
+        proxy
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .success()
+    );
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("\"path\":\"/orders\""),
+        "the access log is on at debug: {logs}"
+    );
+    assert!(!logs.contains(secret), "a raw key was logged: {logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_tracked_request_finish_then_exits_0() {
+    let up = Upstream::start().await;
+    let mut proxy = Proxy::start(&up.url(), &[]).await;
+    let c = client();
+    let url = proxy.url("/slow?ms=1500");
+    let request = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let res = c
+                .post(url)
+                .header("Idempotency-Key", "in-flight-at-shutdown")
+                .send()
+                .await
+                .unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    });
+    // Let the request reach the upstream, then ask the proxy to stop.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.hits("/slow") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.terminate();
+    // New connections are refused soon, while the request in flight is still running.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy kept accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "slow run 1");
+    let exit = proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("proxy did not exit");
+    assert_eq!(exit.code(), Some(0), "{}", proxy.logs());
+    assert_eq!(up.hits("/slow"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_an_idle_proxy_with_exit_0() {
+    let up = Upstream::start().await;
+    let mut proxy = Proxy::start(&up.url(), &[]).await;
+    // An idle keep-alive connection must not hold the shutdown up.
+    let c = client();
+    assert_eq!(
+        c.get(proxy.url("/orders")).send().await.unwrap().status(),
+        201
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = proxy
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("proxy did not exit");
+    assert_eq!(exit.code(), Some(0), "{}", proxy.logs());
+}

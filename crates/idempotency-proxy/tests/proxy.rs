@@ -1,0 +1,436 @@
+//! The contract through the proxy: a real upstream that counts its executions, the real binary
+//! in front of it, and reqwest as the client. Every test runs twice: with the memory store and
+//! with a Redis server of its own.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use common::{Backend, Upstream, client};
+
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::memory()).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::redis()).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    tracked_post_runs_once_and_the_duplicate_is_replayed_byte_identical,
+    concurrent_duplicates_reach_the_upstream_once,
+    a_key_reused_for_another_request_is_422,
+    get_and_keyless_post_pass_through_every_time,
+    upstream_5xx_is_not_stored,
+    upstream_down_is_502_problem_json,
+    a_slow_upstream_is_504_and_not_stored,
+    forwarded_headers_are_added_and_hop_by_hop_headers_stripped,
+    scopes_limits_and_required_keys_follow_the_flags,
+    a_duplicate_waits_at_most_the_wait_timeout,
+    keys_in_form_fields_are_tracked_and_bad_keys_refused,
+);
+
+const KEY: &str = "Idempotency-Key";
+
+fn is_problem(res: &reqwest::Response) -> bool {
+    res.headers()
+        .get("content-type")
+        .is_some_and(|v| v == "application/problem+json")
+}
+
+async fn tracked_post_runs_once_and_the_duplicate_is_replayed_byte_identical(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    let send = || {
+        c.post(proxy.url("/orders"))
+            .header(KEY, "\"order-1\"")
+            .header("content-type", "application/json")
+            .body(r#"{"item":"tea"}"#)
+            .send()
+    };
+
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_headers = first.headers().clone();
+    let first_body = first.bytes().await.unwrap();
+
+    let second = send().await.unwrap();
+    assert_eq!(second.status(), 201);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    assert_eq!(second.headers()["x-order-id"], first_headers["x-order-id"]);
+    assert_eq!(
+        second
+            .headers()
+            .get_all("x-multi")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(
+        second.headers()["content-type"],
+        first_headers["content-type"]
+    );
+    let second_body = second.bytes().await.unwrap();
+    assert_eq!(second_body, first_body, "replay must be byte-identical");
+    assert_eq!(up.hits("/orders"), 1);
+
+    // The bare token form and the seed's header name the same key.
+    let third = c
+        .post(proxy.url("/orders"))
+        .header("X-Idempotent-Key", "order-1")
+        .header("content-type", "application/json")
+        .body(r#"{"item":"tea"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.headers()["idempotent-replayed"], "true");
+    assert_eq!(third.bytes().await.unwrap(), first_body);
+    assert_eq!(up.hits("/orders"), 1);
+}
+
+async fn concurrent_duplicates_reach_the_upstream_once(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    let url = proxy.url("/slow?ms=600");
+    let requests = (0..12).map(|_| {
+        let c = c.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let res = c
+                .post(url)
+                .header(KEY, "burst")
+                .body("same")
+                .send()
+                .await
+                .unwrap();
+            let replayed = res.headers().contains_key("idempotent-replayed");
+            (res.status().as_u16(), replayed, res.text().await.unwrap())
+        })
+    });
+    let mut answers = Vec::new();
+    for r in requests {
+        answers.push(r.await.unwrap());
+    }
+    assert_eq!(up.hits("/slow"), 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(s, _, body)| *s == 200 && body == "slow run 1"),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|(_, replayed, _)| !replayed).count(),
+        1
+    );
+}
+
+async fn a_key_reused_for_another_request_is_422(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    let first = c
+        .post(proxy.url("/orders"))
+        .header(KEY, "reused")
+        .body("one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let other = c
+        .post(proxy.url("/orders"))
+        .header(KEY, "reused")
+        .body("two")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    assert!(is_problem(&other));
+    let doc: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(doc["status"], 422);
+    assert_eq!(up.hits("/orders"), 1);
+}
+
+async fn get_and_keyless_post_pass_through_every_time(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    for _ in 0..3 {
+        let res = c
+            .get(proxy.url("/orders"))
+            .header(KEY, "ignored-for-get")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+    }
+    assert_eq!(up.hits("/orders"), 3);
+    for i in 0..2 {
+        let res = c
+            .post(proxy.url("/orders"))
+            .body(format!("keyless {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+    }
+    assert_eq!(up.hits("/orders"), 5);
+}
+
+async fn upstream_5xx_is_not_stored(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    for n in 1..=2 {
+        let res = c
+            .post(proxy.url("/fail"))
+            .header(KEY, "flaky")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 500);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+        assert_eq!(res.text().await.unwrap(), format!("failure {n}"));
+    }
+    assert_eq!(up.hits("/fail"), 2);
+}
+
+async fn upstream_down_is_502_problem_json(store: Backend) {
+    let closed = common::free_addr();
+    let proxy = store.proxy(&format!("http://{closed}"), &[]).await;
+    let c = client();
+    for _ in 0..2 {
+        let res = c
+            .post(proxy.url("/orders"))
+            .header(KEY, "nobody-home")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 502);
+        assert!(is_problem(&res));
+        let doc: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(doc["status"], 502);
+        assert!(
+            doc["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("upstream-unavailable")
+        );
+        assert!(doc["title"].is_string() && doc["detail"].is_string());
+    }
+    let res = c.get(proxy.url("/anything")).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+}
+
+async fn a_slow_upstream_is_504_and_not_stored(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store
+        .proxy(&up.url(), &["--upstream-timeout", "300ms"])
+        .await;
+    let c = client();
+    for _ in 0..2 {
+        let res = c
+            .post(proxy.url("/slow?ms=1500"))
+            .header(KEY, "too-slow")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 504);
+        assert!(is_problem(&res));
+        let doc: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(doc["status"], 504);
+    }
+    // Not stored: the retry reached the upstream again.
+    assert_eq!(up.hits("/slow"), 2);
+    // Within the timeout, the same upstream answers.
+    let ok = c
+        .post(proxy.url("/slow?ms=10"))
+        .header(KEY, "fast-enough")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+async fn forwarded_headers_are_added_and_hop_by_hop_headers_stripped(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    let res = c
+        .get(proxy.url("/echo"))
+        .header("connection", "x-private")
+        .header("x-private", "do not forward")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-custom", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(seen["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"][0], "http");
+    assert_eq!(seen["x-forwarded-host"][0], proxy.addr.to_string());
+    assert_eq!(seen["host"][0], up.addr.to_string());
+    assert_eq!(seen["x-custom"][0], "kept");
+    assert!(seen.get("x-private").is_none(), "{seen}");
+    assert!(seen.get("proxy-authorization").is_none(), "{seen}");
+
+    let res = c.get(proxy.url("/hop")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("x-hop").is_none(), "{:?}", res.headers());
+    assert!(res.headers().get("keep-alive").is_none());
+    assert_eq!(res.headers()["x-end-to-end"], "kept");
+}
+
+async fn scopes_limits_and_required_keys_follow_the_flags(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store
+        .proxy(
+            &up.url(),
+            &[
+                "--scope-header",
+                "X-Tenant",
+                "--max-request-body",
+                "1KiB",
+                "--require-key",
+            ],
+        )
+        .await;
+    let c = client();
+    let post = |tenant: &'static str, body: String| {
+        c.post(proxy.url("/orders"))
+            .header(KEY, "shared-key")
+            .header("x-tenant", tenant)
+            .body(body)
+            .send()
+    };
+    // Another scope executes anew.
+    assert_eq!(post("a", "x".into()).await.unwrap().status(), 201);
+    let again = post("a", "x".into()).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let b = post("b", "x".into()).await.unwrap();
+    assert!(b.headers().get("idempotent-replayed").is_none());
+    assert_eq!(up.hits("/orders"), 2);
+    // A tracked body over the limit is a 413 that never reaches the upstream.
+    let big = c
+        .post(proxy.url("/orders"))
+        .header(KEY, "too-big")
+        .body("y".repeat(2048))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    // Keys are required for tracked methods.
+    let keyless = c.post(proxy.url("/orders")).body("z").send().await.unwrap();
+    assert_eq!(keyless.status(), 400);
+    assert!(is_problem(&keyless));
+    assert_eq!(up.hits("/orders"), 2);
+    // A key in the query is tracked too, and ignored for the fingerprint.
+    let q1 = c
+        .post(proxy.url("/orders?__idempotent_key=in-query"))
+        .body("q")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(q1.status(), 201);
+    let q2 = c
+        .post(proxy.url("/orders?__idempotent_key=in-query"))
+        .body("q")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(q2.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 3);
+}
+
+async fn a_duplicate_waits_at_most_the_wait_timeout(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &["--wait-timeout", "300ms"]).await;
+    let c = client();
+    let url = proxy.url("/slow?ms=2000");
+    let first = tokio::spawn({
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            let res = c.post(url).header(KEY, "patience").send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while up.hits("/slow") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let dup = c.post(&url).header(KEY, "patience").send().await.unwrap();
+    assert_eq!(dup.status(), 409);
+    assert!(is_problem(&dup));
+    assert!(dup.headers().contains_key("retry-after"));
+    assert_eq!(first.await.unwrap(), (200, "slow run 1".to_owned()));
+    // Once the original completed, the duplicate is a replay.
+    let later = c.post(&url).header(KEY, "patience").send().await.unwrap();
+    assert_eq!(later.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/slow"), 1);
+}
+
+async fn keys_in_form_fields_are_tracked_and_bad_keys_refused(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    let form = || {
+        c.post(proxy.url("/orders"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("product=tea&quantity=2&__idempotent_key=form-key-1")
+            .send()
+    };
+    assert_eq!(form().await.unwrap().status(), 201);
+    let again = form().await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 1);
+
+    // Two sources naming different keys, a key too long, a non-ASCII key: 400, never upstream.
+    let conflicting = c
+        .post(proxy.url("/orders?__idempotent_key=b"))
+        .header(KEY, "a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conflicting.status(), 400);
+    assert!(is_problem(&conflicting));
+    let long = c
+        .post(proxy.url("/orders"))
+        .header(KEY, "k".repeat(256))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 400);
+    let spaced = c
+        .post(proxy.url("/orders"))
+        .header(KEY, "\"has space\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spaced.status(), 400);
+    assert_eq!(up.hits("/orders"), 1);
+}

@@ -1,0 +1,253 @@
+//! Several proxies sharing one Redis (or Redis Cluster): duplicates split across them still
+//! run once, a crashed proxy's lease expires, a stopped proxy's outcome is replayed by another,
+//! and an unavailable Redis fails closed (or open, when asked).
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisCluster, RedisServer};
+use common::{Proxy, Upstream, client, event_count};
+
+/// Waits until the upstream has started `path` at least `n` times.
+async fn until_hits(up: &Upstream, path: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hits(path) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{path} never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// 20 concurrent duplicates, alternating between the proxies; all get the same answer and the
+/// upstream runs once.
+async fn duplicates_across(proxies: &[&Proxy], up: &Upstream, key: &str) {
+    let c = client();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let url = proxies[i % proxies.len()].url("/slow?ms=700");
+            let c = c.clone();
+            let key = key.to_owned();
+            tokio::spawn(async move {
+                let res = c
+                    .post(url)
+                    .header("Idempotency-Key", key)
+                    .body("same body")
+                    .send()
+                    .await
+                    .unwrap();
+                (res.status().as_u16(), res.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert_eq!(up.hits("/slow"), 1, "{answers:?}");
+    assert!(
+        answers.iter().all(|(s, b)| *s == 200 && b == "slow run 1"),
+        "{answers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_on_one_redis_run_concurrent_duplicates_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let a = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
+    let b = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
+    duplicates_across(&[&a, &b], &up, "split-burst").await;
+    // A later duplicate through either proxy is a replay.
+    for p in [&a, &b] {
+        let res = client()
+            .post(p.url("/slow?ms=700"))
+            .header("Idempotency-Key", "split-burst")
+            .body("same body")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(up.hits("/slow"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_on_a_redis_cluster_run_concurrent_duplicates_once() {
+    let cluster = RedisCluster::start();
+    let up = Upstream::start().await;
+    let a = Proxy::start(&up.url(), &["--store", &cluster.url()]).await;
+    let b = Proxy::start(&up.url(), &["--store", &cluster.url()]).await;
+    duplicates_across(&[&a, &b], &up, "cluster-burst").await;
+    let health = client().get(a.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_s_lease_expires_and_a_retry_elsewhere_succeeds() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let mut a = Proxy::start(&up.url(), &["--store", &redis.url(), "--lock-ttl", "2s"]).await;
+    let b = Proxy::start(&up.url(), &["--store", &redis.url(), "--lock-ttl", "2s"]).await;
+    let c = client();
+    let url_a = a.url("/slow?ms=1000");
+    let orphan = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.post(url_a)
+                .header("Idempotency-Key", "crash")
+                .send()
+                .await
+        }
+    });
+    until_hits(&up, "/slow", 1).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    assert!(
+        orphan.await.unwrap().is_err(),
+        "the killed proxy cannot answer"
+    );
+
+    // The retry through the other proxy waits for the dead lease to expire, then runs again
+    // (at least once after a crash, as documented).
+    let started = Instant::now();
+    let res = c
+        .post(b.url("/slow?ms=1000"))
+        .header("Idempotency-Key", "crash")
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "slow run 2");
+    assert!(took < Duration::from_secs(8), "the retry took {took:?}");
+    assert_eq!(up.hits("/slow"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_request_and_another_proxy_replays_its_outcome() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let mut a = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
+    let b = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
+    let c = client();
+    let url_a = a.url("/slow?ms=1500");
+    let first = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let res = c
+                .post(url_a)
+                .header("Idempotency-Key", "graceful")
+                .body("payload")
+                .send()
+                .await
+                .unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    });
+    until_hits(&up, "/slow", 1).await;
+    a.terminate();
+    let (status, body) = first.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "slow run 1");
+    let exit = a
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("proxy did not exit");
+    assert_eq!(exit.code(), Some(0), "{}", a.logs());
+
+    let replay = c
+        .post(b.url("/slow?ms=1500"))
+        .header("Idempotency-Key", "graceful")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 200);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.text().await.unwrap(), "slow run 1");
+    assert_eq!(up.hits("/slow"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_or_open_and_healthz_says_so() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let closed = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
+    let open = Proxy::start(&up.url(), &["--store", &redis.url(), "--fail-open"]).await;
+    let c = client();
+    assert_eq!(
+        c.get(closed.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    redis.kill();
+
+    let health = c.get(closed.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let refused = c
+        .post(closed.url("/orders"))
+        .header("Idempotency-Key", "while-down")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(up.hits("/orders"), 0);
+    // Untracked requests do not need the store.
+    assert_eq!(
+        c.get(closed.url("/orders")).send().await.unwrap().status(),
+        201
+    );
+
+    let passed = c
+        .post(open.url("/orders"))
+        .header("Idempotency-Key", "while-down")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(passed.status(), 201);
+    assert_eq!(up.hits("/orders"), 2);
+    let metrics = c
+        .get(open.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(event_count(&metrics, "fail_open"), Some(1), "{metrics}");
+    assert!(
+        event_count(&metrics, "store_error").unwrap() >= 1,
+        "{metrics}"
+    );
+
+    // Redis comes back (empty): the proxy recovers without a restart.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c
+            .get(closed.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "healthz stayed {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
