@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use idempotency_demo::{Shop, app};
+use tower_idempotency::store::RedisStore;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 /// A small shop whose orders are placed exactly once, however often a form is submitted.
@@ -19,7 +20,8 @@ struct Args {
         default_value = "127.0.0.1:3000"
     )]
     listen: SocketAddr,
-    /// Where idempotency records live: `memory` (this process only).
+    /// Where idempotency records live: `memory` (this process only), or a Redis shared by
+    /// several instances: `redis://H:P[/DB]`, `rediss://...`, `redis+cluster://H:P[,H:P...]`.
     #[arg(long, env = "IDEMPOTENCY_DEMO_STORE", default_value = "memory")]
     store: String,
     /// How long placing an order takes, to make overlapping duplicates easy to see.
@@ -38,8 +40,17 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let layer = match args.store.as_str() {
         "memory" => IdempotencyLayer::new(MemoryStore::default()),
+        url if url.starts_with("redis") => match RedisStore::connect(url).await {
+            Ok(store) => IdempotencyLayer::new(store),
+            Err(e) => {
+                eprintln!("idempotency-demo: --store {url}: {e}");
+                return ExitCode::from(2);
+            }
+        },
         other => {
-            eprintln!("idempotency-demo: unsupported --store {other:?} (expected `memory`)");
+            eprintln!(
+                "idempotency-demo: unsupported --store {other:?} (expected `memory` or a redis:// URL)"
+            );
             return ExitCode::from(2);
         }
     };

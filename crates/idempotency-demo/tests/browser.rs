@@ -4,6 +4,8 @@
 //! `CHROMEDRIVER` to use another driver, and `SHOP_SCREENSHOT=path.png` to save a screenshot of
 //! the shop.
 
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

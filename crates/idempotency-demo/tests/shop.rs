@@ -1,10 +1,16 @@
 //! The demo binary, started as users start it, against a real HTTP client.
 
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+
+#[path = "../../tower-idempotency/tests/support/mod.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod support;
 
 struct Demo {
     child: Child,
@@ -27,9 +33,20 @@ fn free_port() -> u16 {
 }
 
 async fn start_demo() -> Demo {
+    start_demo_with("memory").await
+}
+
+async fn start_demo_with(store: &str) -> Demo {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_idempotency-demo"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--work", "300ms"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--work",
+            "300ms",
+            "--store",
+            store,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -177,4 +194,40 @@ async fn a_form_posted_twice_places_one_order_and_lands_on_it() {
         .await
         .unwrap();
     assert!(order_page.contains("Order #1"));
+}
+
+async fn orders(client: &reqwest::Client, demo: &Demo) -> Vec<serde_json::Value> {
+    client
+        .get(format!("{}/api/orders", demo.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_instances_sharing_a_redis_create_one_order() {
+    let redis = support::RedisServer::start();
+    let url = redis.url();
+    let (a, b) = tokio::join!(start_demo_with(&url), start_demo_with(&url));
+    let client = reqwest::Client::new();
+    let sends = (0..20).map(|i| {
+        let demo = if i % 2 == 0 { &a } else { &b };
+        client
+            .post(format!("{}/api/orders", demo.base))
+            .header("Idempotency-Key", "\"shared-20\"")
+            .json(&serde_json::json!({"product": "Mug", "quantity": 1}))
+            .send()
+    });
+    let mut bodies = Vec::new();
+    for res in join_all(sends).await {
+        let res = res.unwrap();
+        assert_eq!(res.status(), 201);
+        bodies.push(res.bytes().await.unwrap());
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]), "bodies differ");
+    let placed = orders(&client, &a).await.len() + orders(&client, &b).await.len();
+    assert_eq!(placed, 1, "the two instances placed {placed} orders");
 }
