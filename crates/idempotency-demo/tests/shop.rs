@@ -9,7 +9,6 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 #[path = "../../tower-idempotency/tests/support/mod.rs"]
-#[allow(dead_code, unreachable_pub)]
 mod support;
 
 struct Demo {
