@@ -1116,7 +1116,7 @@ async fn client_errors_like_404_are_stored() {
 
 #[tokio::test]
 async fn storable_predicate_is_configurable() {
-    let (app, count) = status_app(layer().with_storable(|s| s.is_success()));
+    let (app, count) = status_app(quick_waits().with_storable(|s| s.is_success()));
     let srv = serve(app).await;
     let c = client();
     let post = || {

@@ -1,0 +1,185 @@
+//! The other processes a benchmark run starts: redis-server, idempotency-proxy, nginx, and the
+//! seed (a Flask app under gunicorn with Flask-Idempotent). Each is killed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::{free_addr, wait_up};
+
+/// A child process, killed on drop, with the address it serves.
+pub(crate) struct Proc {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn spawn(mut cmd: Command, addr: SocketAddr) -> Result<Proc, String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let proc = Proc { child, addr };
+    if !wait_up(addr).await {
+        return Err(format!("{program} did not listen on {addr}"));
+    }
+    Ok(proc)
+}
+
+/// A redis-server on a free port, without persistence.
+pub(crate) async fn redis() -> Result<Proc, String> {
+    let addr = free_addr();
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &addr.port().to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    spawn(cmd, addr).await
+}
+
+/// Where the workspace's release binaries are: next to this one.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
+        .join(name)
+}
+
+/// `idempotency-proxy` in front of `upstream` with `store`.
+pub(crate) async fn proxy(upstream: SocketAddr, store: &str) -> Result<Proc, String> {
+    let addr = free_addr();
+    let bin = sibling("idempotency-proxy");
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--listen",
+        &addr.to_string(),
+        "--store",
+        store,
+        "--log-format",
+        "text",
+    ])
+    .env("RUST_LOG", "warn");
+    spawn(cmd, addr)
+        .await
+        .map_err(|e| format!("{e} (build it with `cargo build --release -p idempotency-proxy`)"))
+}
+
+/// nginx as a plain keep-alive `proxy_pass` in front of `upstream`.
+pub(crate) async fn nginx(upstream: SocketAddr, dir: &Path) -> Result<Proc, String> {
+    let addr = free_addr();
+    let conf = dir.join("nginx.conf");
+    std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream app {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen {addr};
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }}
+  }}
+}}
+",
+            dir = dir.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("nginx");
+    cmd.args([
+        "-p",
+        &dir.display().to_string(),
+        "-c",
+        &conf.display().to_string(),
+        "-g",
+        "daemon off;",
+    ]);
+    spawn(cmd, addr).await
+}
+
+/// The seed's Flask app, with or without Flask-Idempotent, under gunicorn from `venv`.
+pub(crate) async fn flask(
+    venv: &Path,
+    dir: &Path,
+    redis: Option<SocketAddr>,
+) -> Result<Proc, String> {
+    let addr = free_addr();
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let (module, source) = match redis {
+        Some(redis) => (
+            "seed_app",
+            format!(
+                "import itertools
+from flask import Flask, jsonify
+from flask_idempotent import Idempotent
+
+app = Flask(__name__)
+app.config['REDIS_URL'] = 'redis://{redis}/0'
+Idempotent(app)
+ids = itertools.count(1)
+
+@app.route('/orders', methods=['POST'])
+def orders():
+    return jsonify(id=next(ids), product='Teapot', quantity=2), 201
+"
+            ),
+        ),
+        None => (
+            "plain_app",
+            "import itertools
+from flask import Flask, jsonify
+
+app = Flask(__name__)
+ids = itertools.count(1)
+
+@app.route('/orders', methods=['POST'])
+def orders():
+    return jsonify(id=next(ids), product='Teapot', quantity=2), 201
+"
+            .to_string(),
+        ),
+    };
+    std::fs::write(dir.join(format!("{module}.py")), source).map_err(|e| e.to_string())?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let mut cmd = Command::new(venv.join("bin/gunicorn"));
+    cmd.current_dir(dir).args([
+        "--workers",
+        &workers.to_string(),
+        "--bind",
+        &addr.to_string(),
+        "--log-level",
+        "warning",
+        &format!("{module}:app"),
+    ]);
+    spawn(cmd, addr).await
+}

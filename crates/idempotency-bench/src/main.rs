@@ -1,0 +1,517 @@
+//! `idempotency-bench`: every comparison of the performance issue in one run on 127.0.0.1,
+//! each against its baseline measured in the same run, written to BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo run --release -p idempotency-bench            # about two minutes; writes BENCHMARKS.md
+//! cargo run --release -p idempotency-bench -- --duration 2s --out /tmp/b.md
+//! ```
+
+mod external;
+mod load;
+mod server;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::Request;
+use http_body_util::Full;
+
+use load::{MakeRequest, Stats};
+
+/// Benchmarks for tower-idempotency, each row with its baseline from the same run.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// How long each load run lasts.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Concurrent keep-alive connections per load run.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Where the table is written.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the benchmark app (used by the benchmark itself, in a child process).
+    Serve {
+        /// `bare`, `memory` or a Redis URL.
+        #[arg(long)]
+        app: String,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+/// One row of the table.
+struct Row {
+    group: &'static str,
+    name: String,
+    stats: Stats,
+    baseline: Option<f64>,
+}
+
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        group: &'static str,
+        name: impl Into<String>,
+        stats: Stats,
+        baseline: Option<f64>,
+    ) {
+        let name = name.into();
+        println!(
+            "{group:<28} {name:<44} {:>10.0} req/s  p50 {:>8.2} ms  p99 {:>8.2} ms  errors {}{}",
+            stats.rps(),
+            ms(stats.p50),
+            ms(stats.p99),
+            stats.errors,
+            baseline.map_or(String::new(), |b| format!("  {:.2}x", stats.rps() / b)),
+        );
+        self.rows.push(Row {
+            group,
+            name,
+            stats,
+            baseline,
+        });
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A server child process, killed on drop.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// Whether something listens on `addr` within 10 s.
+async fn wait_up(addr: SocketAddr) -> bool {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+async fn serve(app: &str) -> Served {
+    let addr = free_addr();
+    let exe = std::env::current_exe().expect("current exe");
+    let child = Command::new(exe)
+        .args(["serve", "--app", app, "--listen", &addr.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a benchmark server");
+    assert!(wait_up(addr).await, "the benchmark server did not start");
+    Served { child, addr }
+}
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// Requests of one shape, against any server.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// POST with a key never seen before.
+    Fresh,
+    /// POST with one of `REPLAY_KEYS` keys, each completed before the run.
+    Replay,
+    /// POST without a key.
+    Keyless,
+}
+
+const REPLAY_KEYS: u64 = 1000;
+const BODY: &[u8] = br#"{"product":"Teapot","quantity":2}"#;
+
+/// The key header: the IETF draft's, or the seed's (which Flask-Idempotent reads).
+#[derive(Clone, Copy)]
+enum KeyHeader {
+    Draft,
+    Seed,
+}
+
+fn request(key: Option<String>, header: KeyHeader) -> Request<Full<Bytes>> {
+    let mut b = Request::post("/orders")
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        b = match header {
+            KeyHeader::Draft => b.header("idempotency-key", format!("\"{key}\"")),
+            KeyHeader::Seed => b.header("x-idempotent-key", key),
+        };
+    }
+    b.body(Full::new(Bytes::from_static(BODY)))
+        .expect("valid request")
+}
+
+fn maker(shape: Shape, header: KeyHeader) -> MakeRequest {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let nonce = std::process::id();
+    Arc::new(move |conn, n| match shape {
+        Shape::Fresh => request(Some(format!("f-{nonce}-{run}-{conn}-{n}")), header),
+        Shape::Replay => request(Some(format!("r-{nonce}-{}", n % REPLAY_KEYS)), header),
+        Shape::Keyless => request(None, header),
+    })
+}
+
+/// Completes every replay key once, so that replays find them.
+async fn warm_replays(addr: SocketAddr, header: KeyHeader) {
+    let nonce = std::process::id();
+    let make: MakeRequest = Arc::new(move |_, n| request(Some(format!("r-{nonce}-{n}")), header));
+    let stats = load::run_count(addr, make, REPLAY_KEYS).await;
+    assert_eq!(stats.errors, 0, "warming the replay keys failed");
+}
+
+async fn measure(addr: SocketAddr, shape: Shape, args: &Args) -> Stats {
+    measure_with(addr, shape, KeyHeader::Draft, args).await
+}
+
+async fn measure_with(addr: SocketAddr, shape: Shape, header: KeyHeader, args: &Args) -> Stats {
+    // A short warm-up, then the measured run.
+    load::run(
+        addr,
+        args.connections,
+        Duration::from_millis(500),
+        maker(shape, header),
+    )
+    .await;
+    load::run(addr, args.connections, args.duration, maker(shape, header)).await
+}
+
+async fn layer_vs_bare(report: &mut Report, args: &Args) {
+    const G: &str = "1. layer + MemoryStore";
+    let bare = serve("bare").await;
+    let memory = serve("memory").await;
+    warm_replays(memory.addr, KeyHeader::Draft).await;
+    let base = measure(bare.addr, Shape::Keyless, args).await;
+    let b = base.rps();
+    report.add(G, "bare handler (baseline)", base, None);
+    report.add(
+        G,
+        "layer, fresh keys",
+        measure(memory.addr, Shape::Fresh, args).await,
+        Some(b),
+    );
+    report.add(
+        G,
+        "layer, replays",
+        measure(memory.addr, Shape::Replay, args).await,
+        Some(b),
+    );
+    report.add(
+        G,
+        "layer, keyless",
+        measure(memory.addr, Shape::Keyless, args).await,
+        Some(b),
+    );
+}
+
+async fn layer_redis(report: &mut Report, args: &Args, redis: &external::Proc) {
+    const G: &str = "2. layer + RedisStore";
+    let bare = serve("bare").await;
+    let layered = serve(&format!("redis://{}", redis.addr)).await;
+    warm_replays(layered.addr, KeyHeader::Draft).await;
+    let base = measure(bare.addr, Shape::Keyless, args).await;
+    let b = base.rps();
+    report.add(G, "bare handler (baseline)", base, None);
+    report.add(
+        G,
+        "layer, fresh keys",
+        measure(layered.addr, Shape::Fresh, args).await,
+        Some(b),
+    );
+    report.add(
+        G,
+        "layer, replays",
+        measure(layered.addr, Shape::Replay, args).await,
+        Some(b),
+    );
+}
+
+async fn proxies(
+    report: &mut Report,
+    args: &Args,
+    redis: &external::Proc,
+    scratch: &std::path::Path,
+) {
+    const G: &str = "3. proxy";
+    let upstream = serve("bare").await;
+    let nginx = match external::nginx(upstream.addr, &scratch.join("nginx")).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            report.notes.push(format!("3. nginx not measured: {e}"));
+            None
+        }
+    };
+    let memory = external::proxy(upstream.addr, "memory").await;
+    let redis_proxy = external::proxy(upstream.addr, &format!("redis://{}", redis.addr)).await;
+    let direct = measure(upstream.addr, Shape::Fresh, args).await;
+    let d = direct.rps();
+    report.add(G, "upstream direct (baseline)", direct, None);
+    let n = match &nginx {
+        Some(nginx) => {
+            let stats = measure(nginx.addr, Shape::Fresh, args).await;
+            let n = stats.rps();
+            report.add(G, "nginx proxy_pass", stats, Some(d));
+            Some(n)
+        }
+        None => None,
+    };
+    let rel = n.or(Some(d));
+    for (name, proxy) in [("proxy + memory", memory), ("proxy + Redis", redis_proxy)] {
+        match proxy {
+            Ok(p) => {
+                warm_replays(p.addr, KeyHeader::Draft).await;
+                let fresh = measure(p.addr, Shape::Fresh, args).await;
+                report.add(
+                    G,
+                    format!("{name}, fresh keys (ratio to nginx)"),
+                    fresh,
+                    rel,
+                );
+                let replay = measure(p.addr, Shape::Replay, args).await;
+                report.add(G, format!("{name}, replays (ratio to nginx)"), replay, rel);
+                let keyless = measure(p.addr, Shape::Keyless, args).await;
+                report.add(G, format!("{name}, keyless (ratio to nginx)"), keyless, rel);
+            }
+            Err(e) => report.notes.push(format!("3. {name} not measured: {e}")),
+        }
+    }
+}
+
+async fn seed(report: &mut Report, args: &Args, redis: &external::Proc, scratch: &std::path::Path) {
+    const G: &str = "4. seed vs proxy";
+    let venv = scratch.join("seed-venv");
+    if !venv.join("bin/gunicorn").exists() {
+        report.notes.push(format!(
+            "4. the seed was not measured: no venv at {} (scripts/bench makes it)",
+            venv.display()
+        ));
+        return;
+    }
+    let seed = match external::flask(&venv, &scratch.join("seed"), Some(redis.addr)).await {
+        Ok(p) => p,
+        Err(e) => {
+            return report
+                .notes
+                .push(format!("4. the seed was not measured: {e}"));
+        }
+    };
+    let plain = match external::flask(&venv, &scratch.join("plain"), None).await {
+        Ok(p) => p,
+        Err(e) => {
+            return report
+                .notes
+                .push(format!("4. the seed was not measured: {e}"));
+        }
+    };
+    let proxy = match external::proxy(plain.addr, "memory").await {
+        Ok(p) => p,
+        Err(e) => {
+            return report
+                .notes
+                .push(format!("4. the proxy was not measured: {e}"));
+        }
+    };
+    warm_replays(seed.addr, KeyHeader::Seed).await;
+    warm_replays(proxy.addr, KeyHeader::Seed).await;
+    let fresh = measure_with(seed.addr, Shape::Fresh, KeyHeader::Seed, args).await;
+    let f = fresh.rps();
+    report.add(G, "Flask-Idempotent, fresh keys (baseline)", fresh, None);
+    let replay = measure_with(seed.addr, Shape::Replay, KeyHeader::Seed, args).await;
+    let r = replay.rps();
+    report.add(G, "Flask-Idempotent, replays (baseline)", replay, None);
+    let pf = measure_with(proxy.addr, Shape::Fresh, KeyHeader::Seed, args).await;
+    report.add(G, "Flask behind proxy, fresh keys", pf, Some(f));
+    let pr = measure_with(proxy.addr, Shape::Replay, KeyHeader::Seed, args).await;
+    report.add(G, "Flask behind proxy, replays", pr, Some(r));
+}
+
+async fn fan_in_redis(report: &mut Report, redis: &external::Proc) {
+    let url = format!("redis://{}", redis.addr);
+    let store = match tower_idempotency::RedisStore::connect(&url).await {
+        Ok(s) => s,
+        Err(e) => {
+            return report
+                .notes
+                .push(format!("5. Redis fan-in not measured: {e}"));
+        }
+    };
+    let r = server::fan_in_with(store, 1000, Duration::from_millis(200), Some(redis.addr)).await;
+    report.notes.push(format!(
+        "5. Fan-in, RedisStore: 1000 concurrent duplicates of one key, handler 200 ms: the last \
+         waiter was answered {:.1} ms after the handler completed (the first after {:.1} ms); \
+         {} executions; the process held {} Redis connections while they waited.",
+        ms(r.last_after_completion),
+        ms(r.first_after_completion),
+        r.executions,
+        r.redis_connections.map_or("?".into(), |c| c.to_string()),
+    ));
+    println!("{}", report.notes.last().map_or("", |s| s.as_str()));
+}
+
+async fn memory_footprint(report: &mut Report) {
+    let (per_record, rss) = server::memory_per_record(100_000, 1024).await;
+    report.notes.push(format!(
+        "6. MemoryStore memory: {per_record:.0} bytes per stored record with a 1 KiB body; \
+         RSS grew by {:.1} MiB for 100 000 records.",
+        rss as f64 / (1024.0 * 1024.0)
+    ));
+    println!("{}", report.notes.last().map_or("", |s| s.as_str()));
+}
+
+async fn fan_in_memory(report: &mut Report) {
+    let r = server::fan_in(1000, Duration::from_millis(200)).await;
+    report.notes.push(format!(
+        "5. Fan-in, MemoryStore: 1000 concurrent duplicates of one key, handler 200 ms: the last \
+         waiter was answered {:.1} ms after the handler completed (the first after {:.1} ms); \
+         {} executions.",
+        ms(r.last_after_completion),
+        ms(r.first_after_completion),
+        r.executions
+    ));
+    println!("{}", report.notes.last().map_or("", |s| s.as_str()));
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024 / 1024);
+    format!("{cores} cores ({cpu}), {mem} GiB")
+}
+
+fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
+    let mut s = String::new();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "- Command: `cargo run --release -p idempotency-bench -- --duration {} --connections {}`",
+        humantime::format_duration(args.duration),
+        args.connections
+    );
+    let _ = writeln!(s, "- Machine: {}", machine());
+    let _ = writeln!(s, "- Date: {date}");
+    let _ = writeln!(
+        s,
+        "- Load: an in-repo hyper HTTP/1.1 generator, {} keep-alive connections, on the same machine as the servers (they share its cores). Every fresh-key request carries a unique key; replays cycle through {REPLAY_KEYS} completed keys. Ratios are to the baseline of the same group, measured in the same run.\n",
+        args.connections
+    );
+    let _ = writeln!(
+        s,
+        "| group | row | req/s | p50 ms | p99 ms | errors | ratio |"
+    );
+    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &report.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.group,
+            r.name,
+            r.stats.rps(),
+            ms(r.stats.p50),
+            ms(r.stats.p99),
+            r.stats.errors,
+            r.baseline.map_or("baseline".to_string(), |b| format!(
+                "{:.2}x",
+                r.stats.rps() / b
+            )),
+        );
+    }
+    if !report.notes.is_empty() {
+        let _ = writeln!(s);
+        for n in &report.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    std::fs::write(&args.out, s)
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if let Some(Cmd::Serve { app, listen }) = &args.command {
+        rt.block_on(server::serve(app, *listen));
+        return;
+    }
+    rt.block_on(async {
+        let mut report = Report {
+            rows: Vec::new(),
+            notes: Vec::new(),
+        };
+        // Memory first, while this process is small.
+        memory_footprint(&mut report).await;
+        let scratch = std::env::current_dir()
+            .unwrap_or_default()
+            .join("target/bench");
+        layer_vs_bare(&mut report, &args).await;
+        fan_in_memory(&mut report).await;
+        match external::redis().await {
+            Ok(redis) => {
+                layer_redis(&mut report, &args, &redis).await;
+                proxies(&mut report, &args, &redis, &scratch).await;
+                seed(&mut report, &args, &redis, &scratch).await;
+                fan_in_redis(&mut report, &redis).await;
+            }
+            Err(e) => report.notes.push(format!("Redis rows not measured: {e}")),
+        }
+        if let Err(e) = write_report(&report, &args) {
+            eprintln!("cannot write {}: {e}", args.out.display());
+            std::process::exit(1);
+        }
+        println!("wrote {}", args.out.display());
+    });
+}

@@ -1,0 +1,228 @@
+//! The benchmark's servers and in-process measurements.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::record::{Record, StoredResponse};
+use tower_idempotency::store::{Begin, StorageKey};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+
+/// The minimal handler every row measures: a small JSON answer with a fresh id.
+fn app() -> Router {
+    let next = Arc::new(AtomicU64::new(1));
+    Router::new().route(
+        "/orders",
+        post(move |_body: Bytes| {
+            let id = next.fetch_add(1, Ordering::Relaxed);
+            async move {
+                (
+                    StatusCode::CREATED,
+                    [("content-type", "application/json")],
+                    format!(r#"{{"id":{id},"product":"Teapot","quantity":2}}"#),
+                )
+                    .into_response()
+            }
+        }),
+    )
+}
+
+/// Serves the benchmark app: `bare`, `memory`, or a Redis URL.
+pub(crate) async fn serve(kind: &str, listen: SocketAddr) {
+    let app = match kind {
+        "bare" => app(),
+        "memory" => app().layer(IdempotencyLayer::new(MemoryStore::default())),
+        url if url.starts_with("redis") => {
+            match tower_idempotency::RedisStore::connect(url).await {
+                Ok(store) => app().layer(IdempotencyLayer::new(store)),
+                Err(e) => {
+                    eprintln!("idempotency-bench: {url}: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        other => {
+            eprintln!("idempotency-bench: unknown app {other:?}");
+            std::process::exit(2);
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    axum::serve(listener, app).await.expect("serve");
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Fills a MemoryStore with `records` completed records of `body` bytes each; returns the RSS
+/// growth per record and in all.
+pub(crate) async fn memory_per_record(records: u64, body: usize) -> (f64, u64) {
+    let store = MemoryStore::with_capacity(records as usize);
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let before = rss_bytes();
+    for i in 0..records {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_be_bytes());
+        let key = StorageKey(k);
+        let fp = Fingerprint([1; 32]);
+        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
+        else {
+            panic!("a fresh key must be acquired");
+        };
+        let record = Record {
+            fingerprint: fp,
+            response: Some(StoredResponse {
+                status: StatusCode::CREATED,
+                headers: headers.clone(),
+                body: Bytes::from(vec![b'x'; body]),
+            }),
+        };
+        let stored = store
+            .complete(&key, token, record.encode(), Duration::from_secs(3600))
+            .await;
+        assert_eq!(stored.ok(), Some(true));
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert_eq!(store.stats().len, records as usize);
+    (grown as f64 / records as f64, grown)
+}
+
+/// The outcome of a fan-in run.
+pub(crate) struct FanIn {
+    pub(crate) first_after_completion: Duration,
+    pub(crate) last_after_completion: Duration,
+    pub(crate) executions: u64,
+    pub(crate) redis_connections: Option<u64>,
+}
+
+/// Connected clients of the Redis at `addr`, less the one asking.
+fn redis_clients(addr: SocketAddr) -> Option<u64> {
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "info",
+            "clients",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .map(|n| n.saturating_sub(1))
+}
+
+/// [`fan_in_with`] on a MemoryStore.
+pub(crate) async fn fan_in(waiters: usize, work: Duration) -> FanIn {
+    fan_in_with(MemoryStore::default(), waiters, work, None).await
+}
+
+/// `waiters` concurrent duplicates of one key whose handler takes `work`: how long after the
+/// handler completes are the first and the last answered. With `redis`, also how many
+/// connections that Redis had while they waited.
+pub(crate) async fn fan_in_with(
+    store: impl Store,
+    waiters: usize,
+    work: Duration,
+    redis: Option<SocketAddr>,
+) -> FanIn {
+    let done: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let runs = Arc::new(AtomicU64::new(0));
+    let app = {
+        let (done, runs) = (done.clone(), runs.clone());
+        Router::new()
+            .route(
+                "/orders",
+                post(move || {
+                    let (done, runs) = (done.clone(), runs.clone());
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(work).await;
+                        *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                        (StatusCode::CREATED, "done")
+                    }
+                }),
+            )
+            .layer(IdempotencyLayer::new(store))
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let key = format!("\"fan-in-{}\"", std::process::id());
+    // Every connection is open before the first request, so the figure measures the layer
+    // and the store, not TCP's accept queue.
+    let mut senders = Vec::with_capacity(waiters);
+    for _ in 0..waiters {
+        senders.push(crate::load::connect(addr).await.expect("connect"));
+    }
+    let mut tasks = Vec::with_capacity(waiters);
+    for mut sender in senders {
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::post("/orders")
+                .header("host", "127.0.0.1")
+                .header("idempotency-key", key)
+                .body(http_body_util::Full::new(Bytes::new()))
+                .expect("valid request");
+            let res = sender.send_request(req).await.ok()?;
+            let ok = res.status().is_success();
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .ok()?;
+            ok.then(Instant::now)
+        }));
+    }
+    // Read while every duplicate waits on the handler.
+    let connections = match redis {
+        Some(addr) => {
+            tokio::time::sleep(work / 2).await;
+            tokio::task::spawn_blocking(move || redis_clients(addr))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    let mut answered = Vec::with_capacity(waiters);
+    for t in tasks {
+        if let Ok(Some(at)) = t.await {
+            answered.push(at);
+        }
+    }
+    server.abort();
+    let done = done
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .expect("the handler ran");
+    assert_eq!(answered.len(), waiters, "every waiter is answered");
+    let first = answered.iter().min().copied().unwrap_or(done);
+    let last = answered.iter().max().copied().unwrap_or(done);
+    FanIn {
+        first_after_completion: first.saturating_duration_since(done),
+        last_after_completion: last.saturating_duration_since(done),
+        executions: runs.load(Ordering::SeqCst),
+        redis_connections: connections,
+    }
+}
