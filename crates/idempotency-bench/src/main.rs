@@ -44,6 +44,15 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Load one server for a while and print what was measured (for profiling a server).
+    Load {
+        /// The server's address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// `fresh`, `replay` or `keyless`.
+        #[arg(long, default_value = "fresh")]
+        shape: String,
+    },
     /// Serve the benchmark app (used by the benchmark itself, in a child process).
     Serve {
         /// `bare`, `memory` or a Redis URL.
@@ -483,9 +492,30 @@ fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Some(Cmd::Serve { app, listen }) = &args.command {
-        rt.block_on(server::serve(app, *listen));
-        return;
+    match &args.command {
+        Some(Cmd::Serve { app, listen }) => return rt.block_on(server::serve(app, *listen)),
+        Some(Cmd::Load { addr, shape }) => {
+            let shape = match shape.as_str() {
+                "fresh" => Shape::Fresh,
+                "replay" => Shape::Replay,
+                _ => Shape::Keyless,
+            };
+            let stats = rt.block_on(async {
+                if matches!(shape, Shape::Replay) {
+                    warm_replays(*addr, KeyHeader::Draft).await;
+                }
+                measure(*addr, shape, &args).await
+            });
+            println!(
+                "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                stats.rps(),
+                ms(stats.p50),
+                ms(stats.p99),
+                stats.errors
+            );
+            return;
+        }
+        None => {}
     }
     rt.block_on(async {
         let mut report = Report {

@@ -38,13 +38,8 @@ impl IdempotencyKey {
                 None => Err(KeyError::Malformed),
             };
         }
-        // A bare value. Tokens parse as sf-tokens; values that are not valid tokens (a UUID
-        // starts with a digit, for one) are taken as they are, so long as they are visible ASCII.
-        if let Ok(item) = sfv::Parser::new(trimmed).parse::<sfv::Item>()
-            && let Some(token) = item.bare_item.as_token()
-        {
-            return Self::new(token.as_str());
-        }
+        // A bare value: an sf-token, or anything else of visible ASCII (a UUID starts with a
+        // digit, so it is no token), taken as it is.
         validate(trimmed)?;
         Ok(Self(String::from_utf8_lossy(trimmed).into_owned()))
     }

@@ -72,18 +72,19 @@ impl HeaderScope {
 
 impl ScopeExtractor for HeaderScope {
     fn scope(&self, parts: &Parts) -> Option<Vec<u8>> {
+        if !self.names.iter().any(|n| parts.headers.contains_key(n)) {
+            return None;
+        }
         let mut scope = Vec::new();
-        let mut any = false;
         for name in &self.names {
             // Each header's values, length-prefixed, so that no two header sets share a scope.
-            let values: Vec<_> = parts.headers.get_all(name).iter().collect();
-            any |= !values.is_empty();
-            scope.extend_from_slice(&(values.len() as u32).to_be_bytes());
+            let values = parts.headers.get_all(name);
+            scope.extend_from_slice(&(values.iter().count() as u32).to_be_bytes());
             for v in values {
                 scope.extend_from_slice(&(v.len() as u32).to_be_bytes());
                 scope.extend_from_slice(v.as_bytes());
             }
         }
-        any.then_some(scope)
+        Some(scope)
     }
 }

@@ -16,7 +16,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -245,21 +244,10 @@ where
                     token,
                     lock_ttl: config.lock_ttl,
                 };
-                let (tx, rx) = oneshot::channel();
-                // The handler runs in its own task: a caller that goes away does not cancel it,
-                // and its outcome is stored for the retry.
-                tokio::spawn(own(
-                    layer.config.clone(),
-                    lease,
-                    inner,
-                    req,
-                    fingerprint,
-                    tx,
-                ));
-                return match rx.await {
-                    Ok(res) => res,
-                    Err(_) => Ok(problem(Problem::HandlerFailed)),
-                };
+                // A caller that goes away does not cancel the handler: the rest of the work
+                // moves to a task of its own, and its outcome is stored for the retry.
+                return Detached::new(own(layer.config.clone(), lease, inner, req, fingerprint))
+                    .await;
             }
         }
     }
@@ -502,8 +490,8 @@ async fn own<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<IdempotencyBody<ReqBody>>,
     fingerprint: Fingerprint,
-    tx: oneshot::Sender<Result<Res<ResBody>, S::Error>>,
-) where
+) -> Result<Res<ResBody>, S::Error>
+where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
@@ -535,7 +523,7 @@ async fn own<S, ReqBody, ResBody>(
     })
     .catch_unwind();
 
-    let answer = match lease.renewing(work).await {
+    match lease.renewing(work).await {
         Err(_panic) => {
             tracing::error!(key = ?lease.key, "handler panicked; lease released");
             lease.release().await;
@@ -587,9 +575,54 @@ async fn own<S, ReqBody, ResBody>(
                 IdempotencyBody::prefixed(prefix, rest),
             ))
         }
-    };
-    // The caller may have gone away; the outcome is stored all the same.
-    let _ = tx.send(answer);
+    }
+}
+
+/// A future that runs to completion even when its caller drops it: dropped unfinished, it moves
+/// to a task of its own on the current tokio runtime. Unlike spawning up front, the common case
+/// (the caller waits) costs no task, no channel and no cross-thread wake-up.
+struct Detached<T: Send + 'static> {
+    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> Detached<T> {
+    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Detached<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(future) = self.future.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(future.as_mut().poll(cx));
+        self.future = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    // The caller is gone; the outcome is stored all the same.
+                    drop(future.await);
+                });
+            }
+            Err(_) => tracing::warn!(
+                "a tracked request was dropped outside a tokio runtime; its lease will expire"
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
