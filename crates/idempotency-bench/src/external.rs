@@ -15,6 +15,16 @@ pub(crate) struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SIGTERM first, so that a master process (gunicorn, nginx) stops its workers too.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -90,7 +90,8 @@ async fn connection(
         tokio::spawn(driver);
         while Instant::now() < deadline {
             if sender.ready().await.is_err() {
-                errors += 1;
+                // The server closed the connection (gunicorn's sync workers close after every
+                // response): open another one, which is part of what that server costs.
                 continue 'reconnect;
             }
             let req = make(conn, n);
@@ -99,12 +100,19 @@ async fn connection(
             match sender.send_request(req).await {
                 Ok(res) => {
                     let status = res.status();
+                    let closes = res
+                        .headers()
+                        .get(http::header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
                     let body = res.into_body().collect().await;
                     if body.is_ok() && (status.is_success() || status.is_redirection()) {
                         ok += 1;
                         let _ = hist.record(sent.elapsed().as_micros().max(1) as u64);
                     } else {
                         errors += 1;
+                    }
+                    if closes {
+                        continue 'reconnect;
                     }
                 }
                 Err(_) => {

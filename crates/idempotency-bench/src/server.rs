@@ -134,18 +134,31 @@ fn redis_clients(addr: SocketAddr) -> Option<u64> {
 
 /// [`fan_in_with`] on a MemoryStore.
 pub(crate) async fn fan_in(waiters: usize, work: Duration) -> FanIn {
-    fan_in_with(MemoryStore::default(), waiters, work, None).await
+    fan_in_with(async { MemoryStore::default() }, waiters, work, None).await
 }
 
 /// `waiters` concurrent duplicates of one key whose handler takes `work`: how long after the
 /// handler completes are the first and the last answered. With `redis`, also how many
-/// connections that Redis had while they waited.
-pub(crate) async fn fan_in_with(
-    store: impl Store,
+/// connections the store holds to it while they wait; `make_store` runs after the count of
+/// connections that were there before.
+pub(crate) async fn fan_in_with<S, F>(
+    make_store: F,
     waiters: usize,
     work: Duration,
     redis: Option<SocketAddr>,
-) -> FanIn {
+) -> FanIn
+where
+    S: Store,
+    F: std::future::Future<Output = S>,
+{
+    let baseline = match redis {
+        Some(addr) => tokio::task::spawn_blocking(move || redis_clients(addr))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    let store = make_store.await;
     let done: Arc<Mutex<Option<Instant>>> = Arc::default();
     let runs = Arc::new(AtomicU64::new(0));
     let app = {
@@ -194,16 +207,17 @@ pub(crate) async fn fan_in_with(
             ok.then(Instant::now)
         }));
     }
-    // Read while every duplicate waits on the handler.
-    let connections = match redis {
-        Some(addr) => {
+    // Read while every duplicate waits on the handler, less what Redis had before this run.
+    let connections = match (redis, baseline) {
+        (Some(addr), Some(before)) => {
             tokio::time::sleep(work / 2).await;
             tokio::task::spawn_blocking(move || redis_clients(addr))
                 .await
                 .ok()
                 .flatten()
+                .map(|during| during.saturating_sub(before))
         }
-        None => None,
+        _ => None,
     };
     let mut answered = Vec::with_capacity(waiters);
     for t in tasks {
