@@ -142,6 +142,30 @@ pub(crate) struct Args {
     )]
     pub(crate) scope_header: Vec<HeaderName>,
 
+    /// A server secret: storage keys become an HMAC-SHA256 of (scope, key) keyed with it instead
+    /// of a plain SHA-256, so that whoever can read the store cannot test guesses of keys or
+    /// scopes. Every proxy sharing a store must use the same secret; setting or changing it
+    /// makes earlier records unreachable. Use at least 32 random bytes. A flag's value shows in
+    /// the process list: prefer IDEMPOTENCY_PROXY_KEY_SECRET or --key-secret-file.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_KEY_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        conflicts_with = "key_secret_file",
+        value_parser = Secret::parse
+    )]
+    pub(crate) key_secret: Option<Secret>,
+
+    /// Read the key secret (see --key-secret) from this file, whole, less one trailing newline.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
+        value_name = "PATH",
+        value_parser = Secret::read_file
+    )]
+    pub(crate) key_secret_file: Option<Secret>,
+
     /// The largest body a tracked request may carry; larger is a 413. Untracked requests
     /// stream and have no limit.
     #[arg(
@@ -194,6 +218,49 @@ pub(crate) struct Args {
         default_value = "text"
     )]
     pub(crate) log_format: LogFormat,
+}
+
+/// `--key-secret` or `--key-secret-file`: bytes that are never shown.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(Vec<u8>);
+
+impl Secret {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("the key secret must not be empty".into());
+        }
+        Ok(Self(s.as_bytes().to_vec()))
+    }
+
+    fn read_file(path: &str) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let secret = match bytes.strip_suffix(b"\n") {
+            Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
+            None => &bytes[..],
+        };
+        if secret.is_empty() {
+            return Err(format!("{path} holds no key secret"));
+        }
+        Ok(Self(secret.to_vec()))
+    }
+
+    /// The secret's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Args {
+    /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
+    pub(crate) fn key_secret(&self) -> Option<&Secret> {
+        self.key_secret.as_ref().or(self.key_secret_file.as_ref())
+    }
 }
 
 /// `--on-conflict`.
@@ -489,6 +556,45 @@ mod tests {
         ])
         .unwrap_err();
         assert!(one_line(&e).contains("--ttl"), "{}", one_line(&e));
+    }
+
+    #[test]
+    fn key_secrets() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
+            args.extend_from_slice(extra);
+            Args::try_parse_from(args)
+        };
+        assert!(parse(&[]).unwrap().key_secret().is_none());
+        let a = parse(&["--key-secret", "s3cret"]).unwrap();
+        assert_eq!(a.key_secret().unwrap().bytes(), b"s3cret");
+        assert!(
+            !format!("{a:?}").contains("s3cret"),
+            "the secret is never shown"
+        );
+        assert!(parse(&["--key-secret", ""]).is_err());
+
+        let dir = std::env::temp_dir().join(format!("proxy-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, b"from a file\r\n").unwrap();
+        let path = file.to_str().unwrap();
+        let a = parse(&["--key-secret-file", path]).unwrap();
+        assert_eq!(a.key_secret().unwrap().bytes(), b"from a file");
+        std::fs::write(&file, b"\x00\xffbinary\n\n").unwrap();
+        let a = parse(&["--key-secret-file", path]).unwrap();
+        assert_eq!(a.key_secret().unwrap().bytes(), b"\x00\xffbinary\n");
+        std::fs::write(&file, b"\n").unwrap();
+        assert!(parse(&["--key-secret-file", path]).is_err());
+        assert!(parse(&["--key-secret", "a", "--key-secret-file", path]).is_err());
+        let missing = dir.join("missing");
+        let e = parse(&["--key-secret-file", missing.to_str().unwrap()]).unwrap_err();
+        assert!(
+            one_line(&e).contains("--key-secret-file"),
+            "{}",
+            one_line(&e)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

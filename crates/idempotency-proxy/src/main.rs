@@ -110,6 +110,10 @@ async fn run(args: Args) -> ExitCode {
         .with_scope_headers(args.scope_header.iter().cloned())
         .with_max_request_body(args.max_request_body)
         .with_max_response_body(args.max_response_body);
+    let layer = match args.key_secret() {
+        Some(secret) => layer.with_key_secret(secret.bytes()),
+        None => layer,
+    };
     let in_flight = Arc::new(InFlight::default());
     let stack = layer.layer(Proxy::new(
         args.upstream.clone(),
@@ -142,6 +146,7 @@ async fn run(args: Args) -> ExitCode {
         %listen,
         upstream = %args.upstream,
         store = %args.store,
+        key_secret = args.key_secret().is_some(),
         "idempotency-proxy ready"
     );
     let drained = server::serve(listener, stack, in_flight, shutdown, args.shutdown_timeout).await;

@@ -14,7 +14,7 @@ use crate::proxy::UPSTREAM_DURATION;
 pub(crate) const REQUEST_DURATION: &str = "idempotency_proxy_request_duration_seconds";
 
 /// The library's events, registered at zero so that a scrape shows them before they happen.
-const EVENTS: [Event; 11] = [
+const EVENTS: [Event; 12] = [
     Event::Executed,
     Event::Replayed,
     Event::Waited,
@@ -26,6 +26,7 @@ const EVENTS: [Event; 11] = [
     Event::StoreError,
     Event::FailOpen,
     Event::BadKey,
+    Event::CorruptRecord,
 ];
 
 const LATENCY_BUCKETS: [f64; 14] = [

@@ -90,7 +90,10 @@ fn help_explains_every_flag() {
         "--max-response-body",
         "--upstream-timeout",
         "--log-format",
+        "--key-secret",
+        "--key-secret-file",
         "IDEMPOTENCY_PROXY_UPSTREAM",
+        "IDEMPOTENCY_PROXY_KEY_SECRET",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}");
     }

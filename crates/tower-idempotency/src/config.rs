@@ -5,7 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hmac::{Hmac, Mac};
 use http::{Method, StatusCode};
+use sha2::Sha256;
 
 use crate::extract::KeySources;
 use crate::scope::{HeaderScope, ScopeExtractor};
@@ -52,6 +54,19 @@ pub fn default_storable(status: StatusCode) -> bool {
 
 pub(crate) type Storable = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
 
+/// HMAC-SHA256 keyed with the server secret, ready to be cloned for each storage key.
+#[derive(Clone)]
+pub(crate) struct KeySecret(pub(crate) Hmac<Sha256>);
+
+impl KeySecret {
+    pub(crate) fn new(secret: &[u8]) -> Self {
+        // HMAC takes keys of any length (RFC 2104: longer ones are hashed first), so this
+        // never fails.
+        let mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts keys of any length");
+        Self(mac)
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) ttl: Duration,
@@ -68,6 +83,8 @@ pub(crate) struct Config {
     pub(crate) key_sources: KeySources,
     pub(crate) namespace: String,
     pub(crate) retry_after: Duration,
+    /// The server secret: storage keys are HMACs instead of plain hashes when it is set.
+    pub(crate) key_secret: Option<KeySecret>,
 }
 
 impl Default for Config {
@@ -87,6 +104,7 @@ impl Default for Config {
             key_sources: KeySources::default(),
             namespace: String::new(),
             retry_after: Duration::from_secs(1),
+            key_secret: None,
         }
     }
 }
@@ -105,6 +123,8 @@ impl fmt::Debug for Config {
             .field("max_response_body", &self.max_response_body)
             .field("key_sources", &self.key_sources)
             .field("namespace", &self.namespace)
+            // Never the secret itself: only whether there is one.
+            .field("key_secret", &self.key_secret.as_ref().map(|_| ".."))
             .finish_non_exhaustive()
     }
 }

@@ -195,8 +195,9 @@ async fn from_multipart(body: Bytes, boundary: &str) -> Result<Option<Idempotenc
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut found = None;
-    // A malformed multipart body carries no key we can trust past the damage: stop there and
-    // let the handler judge the body.
+    // A malformed multipart body carries no key we can trust past the damage: stop there. The
+    // layer then refuses a tracked request (400 `form-malformed`) and lets the handler judge
+    // an untracked one.
     while let Ok(Some(field)) = multipart.next_field().await {
         if field.name() == Some(FORM_FIELD) {
             let text = field.text().await.map_err(|_| KeyError::InvalidCharacter)?;

@@ -3,14 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use tower::Layer;
 
-use crate::config::{Config, OnConflict};
+use crate::config::{Config, KeySecret, OnConflict};
 use crate::extract::KeySources;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
-use crate::service::Idempotency;
-use crate::store::Store;
+use crate::service::{Idempotency, storage_key};
+use crate::store::{StorageKey, Store};
 
 /// Makes every covered request that carries an idempotency key run once, and replays its
 /// response to every duplicate. See the [crate docs](crate) for the contract.
@@ -153,6 +154,48 @@ impl IdempotencyLayer {
     /// The `Retry-After` advised with 409 and 503 answers (default 1 s).
     pub fn with_retry_after(self, retry_after: Duration) -> Self {
         self.config(|c| c.retry_after = retry_after)
+    }
+
+    /// A server secret that makes every storage key an HMAC-SHA256 of (namespace, scope, key)
+    /// keyed with `secret`, instead of a plain SHA-256 (default: no secret).
+    ///
+    /// Without a secret, anyone who can read the store can test a guess of a key (and a scope,
+    /// such as a bearer token) by hashing it and looking for the result. With one, storage keys
+    /// cannot be computed without the secret. Every process that shares a store must use the
+    /// same secret to share its records; setting, changing or removing it makes earlier
+    /// records unreachable (they expire with their TTL), so a duplicate of a request completed
+    /// before the change runs again. Use at least 32 random bytes, and keep the secret out of
+    /// the store's reach.
+    pub fn with_key_secret(self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = KeySecret::new(secret.as_ref());
+        self.config(|c| c.key_secret = Some(secret))
+    }
+
+    /// The [`StorageKey`] under which this layer keeps the record of `key` in `scope`: what the
+    /// store sees instead of the raw key, for tools and tests that inspect a store.
+    ///
+    /// `key` is the key as the layer reads it (after unquoting an sf-string `Idempotency-Key`);
+    /// it is not validated here. `scope` is what the layer's [`ScopeExtractor`] returns for the
+    /// request, `None` for the global scope; see [`storage_key_for_request`] to apply the
+    /// layer's own extractor. The namespace and the key secret of this layer are taken into
+    /// account.
+    ///
+    /// [`storage_key_for_request`]: IdempotencyLayer::storage_key_for_request
+    pub fn storage_key_for(&self, scope: Option<&[u8]>, key: &str) -> StorageKey {
+        let config = &*self.config;
+        storage_key(
+            config.key_secret.as_ref(),
+            &config.namespace,
+            scope,
+            key.as_bytes(),
+        )
+    }
+
+    /// The [`StorageKey`] of `key` for a request with these parts, scoped by this layer's
+    /// [`ScopeExtractor`] (by default its `Authorization` header).
+    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> StorageKey {
+        let scope = self.config.scope.scope(parts);
+        self.storage_key_for(scope.as_deref(), key)
     }
 
     /// The store this layer uses.

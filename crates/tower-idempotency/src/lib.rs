@@ -23,7 +23,9 @@
 //!
 //! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the
 //! `Authorization` header, so one caller can never replay another's response. The store sees
-//! only a SHA-256 of (namespace, scope, key). Each record carries a fingerprint of the request
+//! only a SHA-256 of (namespace, scope, key), or an HMAC-SHA256 with a
+//! [server secret](IdempotencyLayer::with_key_secret), so that a reader of the store cannot test
+//! guesses of keys. Each record carries a fingerprint of the request
 //! (method, path, query without the key, content type, body): reusing a key for another request
 //! is a 422 and does not run the handler.
 //!
@@ -44,10 +46,13 @@
 //! the next attempt runs the handler again. After a crash the promise is at-least-once: a
 //! handler that must never run twice should also be idempotent in its own data.
 //!
-//! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key, 409 in
+//! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key (or a
+//! tracked request whose multipart form does not parse, or whose body cannot be read), 409 in
 //! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 503 store
 //! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
-//! request untracked instead).
+//! request untracked instead), 500 a stored record that cannot be read (corrupt, or written by
+//! another tool: never replayed, never run again, never failed open; counted as
+//! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)).
 //!
 //! # Stores
 //!
@@ -78,6 +83,13 @@ pub mod record;
 pub mod scope;
 pub mod service;
 pub mod store;
+
+/// Entry points for the fuzz targets in `fuzz/`. Not a stable API: it exists only with the
+/// `fuzzing` feature and may change in any release.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+#[path = "fuzz_api.rs"]
+pub mod __fuzz;
 
 pub use body::IdempotencyBody;
 pub use config::{OnConflict, default_storable};

@@ -29,6 +29,10 @@ pub enum Event {
     FailOpen,
     /// A request was refused for its key (400).
     BadKey,
+    /// The store held a record under the request's key that could not be read: corrupt,
+    /// truncated, of an unknown version, or written by another tool (500, `record-corrupt`).
+    /// The handler did not run and nothing was replayed.
+    CorruptRecord,
 }
 
 impl Event {
@@ -46,6 +50,7 @@ impl Event {
             Event::StoreError => "store_error",
             Event::FailOpen => "fail_open",
             Event::BadKey => "bad_key",
+            Event::CorruptRecord => "corrupt_record",
         }
     }
 }

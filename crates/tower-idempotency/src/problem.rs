@@ -42,24 +42,34 @@ pub enum Problem {
     HandlerFailed,
     /// 400: the request body could not be read.
     BodyUnreadable,
+    /// 400: a tracked request's `multipart/form-data` body does not parse, so the key it may
+    /// carry cannot be checked against the others, nor the body fingerprinted.
+    MalformedForm,
     /// 503: the store could not be reached or is full.
     StoreUnavailable {
         /// Seconds for `Retry-After`.
         retry_after: Duration,
     },
+    /// 500: the store holds a record under this key that cannot be read (corrupt, truncated,
+    /// of an unknown version, or written by another tool). The handler does not run, since the
+    /// record may stand for a request that completed, and nothing of the record is replayed.
+    /// The key stays refused until the record expires or an operator removes it.
+    CorruptRecord,
 }
 
 impl Problem {
     /// The status code of this problem.
     pub fn status(&self) -> StatusCode {
         match self {
-            Problem::BadKey(_) | Problem::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Problem::BadKey(_) | Problem::BodyUnreadable | Problem::MalformedForm => {
+                StatusCode::BAD_REQUEST
+            }
             Problem::InFlight { .. } | Problem::WaitTimeout { .. } | Problem::NotReplayable => {
                 StatusCode::CONFLICT
             }
             Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::HandlerFailed | Problem::CorruptRecord => StatusCode::INTERNAL_SERVER_ERROR,
             Problem::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -77,7 +87,9 @@ impl Problem {
             Problem::FingerprintMismatch => "key-reused",
             Problem::HandlerFailed => "handler-failed",
             Problem::BodyUnreadable => "body-unreadable",
+            Problem::MalformedForm => "form-malformed",
             Problem::StoreUnavailable { .. } => "store-unavailable",
+            Problem::CorruptRecord => "record-corrupt",
         }
     }
 
@@ -92,7 +104,9 @@ impl Problem {
             Problem::FingerprintMismatch => "Idempotency key reused with a different request",
             Problem::HandlerFailed => "The request failed",
             Problem::BodyUnreadable => "Request body unreadable",
+            Problem::MalformedForm => "Malformed form body",
             Problem::StoreUnavailable { .. } => "Idempotency store unavailable",
+            Problem::CorruptRecord => "Stored idempotency record unreadable",
         }
     }
 
@@ -115,11 +129,17 @@ impl Problem {
                 "This idempotency key was already used with a different method, path, query or body. Use a new key for a new request.".into()
             }
             Problem::BodyUnreadable => "The request body could not be read in full.".into(),
+            Problem::MalformedForm => {
+                "The multipart/form-data body of this request does not parse, so the idempotency key it may carry cannot be checked. The request was not run.".into()
+            }
             Problem::HandlerFailed => {
                 "The server failed while processing the request. It may be retried with the same key.".into()
             }
             Problem::StoreUnavailable { .. } => {
                 "The idempotency store cannot take this request now. Retry later with the same key.".into()
+            }
+            Problem::CorruptRecord => {
+                "The record stored for this idempotency key cannot be read, so the request was neither run nor replayed. It stays refused until the record expires or is removed.".into()
             }
         }
     }

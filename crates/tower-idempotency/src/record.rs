@@ -115,7 +115,11 @@ impl Record {
         buf.copy_to_slice(&mut fp);
         let status = buf.get_u16();
         let count = buf.get_u16();
-        let mut headers = HeaderMap::with_capacity(count as usize);
+        // The count is untrusted: reserve no more than the bytes left can back (each header
+        // takes at least 7) and a modest amount at most (`with_capacity` panics past what a
+        // HeaderMap holds); the map grows past that if the headers are really there.
+        let mut headers =
+            HeaderMap::with_capacity((count as usize).min(buf.remaining() / 7).min(256));
         for _ in 0..count {
             need(&buf, 2)?;
             let n = buf.get_u16() as usize;
@@ -127,7 +131,9 @@ impl Record {
             need(&buf, n)?;
             let value = HeaderValue::from_maybe_shared(buf.split_to(n))
                 .map_err(|_| DecodeError("bad header value"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         need(&buf, 4)?;
         let n = buf.get_u32() as usize;
@@ -193,6 +199,29 @@ mod tests {
             response: None,
         };
         assert_eq!(Record::decode(rec.encode()).unwrap(), rec);
+    }
+
+    #[test]
+    fn absurd_header_count_is_refused_not_a_panic() {
+        // Found by the record_decode fuzz target: a count of 65535 made `with_capacity` panic.
+        let mut bytes = vec![VERSION, FLAG_REPLAYABLE];
+        bytes.extend_from_slice(&[0; 32]);
+        bytes.extend_from_slice(&200u16.to_be_bytes());
+        bytes.extend_from_slice(&u16::MAX.to_be_bytes());
+        assert_eq!(
+            Record::decode(Bytes::from(bytes.clone())),
+            Err(DecodeError("truncated"))
+        );
+        // The same count with the bytes to back it: 65535 headers of one name decode.
+        for _ in 0..u16::MAX {
+            bytes.extend_from_slice(&1u16.to_be_bytes());
+            bytes.push(b'a');
+            bytes.extend_from_slice(&0u32.to_be_bytes());
+        }
+        bytes.extend_from_slice(&0u32.to_be_bytes());
+        let rec = Record::decode(Bytes::from(bytes)).expect("65535 repeats of one header");
+        let headers = &rec.response.expect("replayable").headers;
+        assert_eq!(headers.len(), u16::MAX as usize);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
+use hmac::Mac;
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SET_COOKIE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -21,7 +22,7 @@ use tower::Service;
 
 use crate::BoxError;
 use crate::body::IdempotencyBody;
-use crate::config::{Config, OnConflict};
+use crate::config::{Config, KeySecret, OnConflict};
 use crate::extract::{self, FORM_FIELD, FormKind};
 use crate::fingerprint::{
     Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, query_without_key,
@@ -116,25 +117,39 @@ fn bad_key<B>(e: KeyError) -> Res<B> {
     problem(Problem::BadKey(e))
 }
 
-/// The storage key: a hash of (namespace, scope, key), length-prefixed and versioned.
+/// The storage key: a hash of (namespace, scope, key), length-prefixed and versioned. A plain
+/// SHA-256 without a key secret, an HMAC-SHA256 keyed with it otherwise, over the same input.
 pub(crate) fn storage_key(
+    secret: Option<&KeySecret>,
     namespace: &str,
     scope: Option<&[u8]>,
-    key: &IdempotencyKey,
+    key: &[u8],
 ) -> StorageKey {
-    let mut h = Sha256::new();
-    let scope_tag: &[u8] = if scope.is_some() { b"s" } else { b"g" };
-    for part in [
-        b"tower-idempotency storage v1".as_slice(),
-        namespace.as_bytes(),
-        scope_tag,
-        scope.unwrap_or_default(),
-        key.as_str().as_bytes(),
-    ] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
+    fn feed(h: &mut impl sha2::digest::Update, namespace: &str, scope: Option<&[u8]>, key: &[u8]) {
+        let scope_tag: &[u8] = if scope.is_some() { b"s" } else { b"g" };
+        for part in [
+            b"tower-idempotency storage v1".as_slice(),
+            namespace.as_bytes(),
+            scope_tag,
+            scope.unwrap_or_default(),
+            key,
+        ] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
     }
-    StorageKey(h.finalize().into())
+    match secret {
+        None => {
+            let mut h = Sha256::new();
+            feed(&mut h, namespace, scope, key);
+            StorageKey(h.finalize().into())
+        }
+        Some(secret) => {
+            let mut mac = secret.0.clone();
+            feed(&mut mac, namespace, scope, key);
+            StorageKey(mac.finalize().into_bytes().into())
+        }
+    }
 }
 
 async fn tracked<S, ReqBody, ResBody>(
@@ -170,9 +185,10 @@ where
     };
 
     let skey = storage_key(
+        config.key_secret.as_ref(),
         &config.namespace,
         config.scope.scope(&parts).as_deref(),
-        &key,
+        key.as_str().as_bytes(),
     );
     let query = query_without_key(parts.uri.query().unwrap_or(""), FORM_FIELD);
     let content_type = parts
@@ -180,6 +196,10 @@ where
         .get(CONTENT_TYPE)
         .map_or(&[][..], |v| v.as_bytes());
     let canonical = canonical_multipart(content_type, &body).await;
+    if canonical.is_none() && matches!(form, Some(FormKind::Multipart { .. })) {
+        // A key may hide past the damage, and the body cannot be fingerprinted as a form.
+        return Ok(problem(Problem::MalformedForm));
+    }
     let (content_type, fp_body) = match &canonical {
         Some(fields) => (MULTIPART_FORM_DATA, &fields[..]),
         None => (content_type, &body[..]),
@@ -198,7 +218,11 @@ where
             prefer_wait(&parts.headers).map_or(config.wait_timeout, |w| w.min(config.wait_timeout))
         }
     };
-    let deadline = Instant::now() + budget;
+    // A wait timeout too large to add to the clock (Duration::MAX) waits a year at most.
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(budget)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
     let mut waited = false;
     loop {
         let begun = match layer
@@ -207,10 +231,10 @@ where
             .await
         {
             Ok(begun) => begun,
-            Err(e) => return store_failed(e, config, inner, parts, body).await,
+            Err(e) => return store_failed(e, &skey, config, inner, parts, body).await,
         };
         match begun {
-            Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey, config)),
+            Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey)),
             Begin::InFlight { fingerprint: other } => {
                 if other != fingerprint {
                     record(Event::Mismatch);
@@ -232,7 +256,7 @@ where
                     record(Event::Waited);
                 }
                 if let Err(e) = layer.store.wait(&skey, deadline - now).await {
-                    return store_failed(e, config, inner, parts, body).await;
+                    return store_failed(e, &skey, config, inner, parts, body).await;
                 }
             }
             Begin::Acquired(token) => {
@@ -269,6 +293,7 @@ where
 
 async fn store_failed<S, ReqBody, ResBody>(
     e: StoreError,
+    key: &StorageKey,
     config: &Config,
     inner: S,
     parts: Parts,
@@ -277,6 +302,10 @@ async fn store_failed<S, ReqBody, ResBody>(
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
 {
+    if let StoreError::Corrupt(why) = &e {
+        // Not an outage, so never failed open: the record may stand for a completed request.
+        return Ok(corrupt_record(key, why));
+    }
     record(Event::StoreError);
     let retry_after = config.retry_after;
     match e {
@@ -319,7 +348,7 @@ where
 }
 
 /// The `wait=N` preference of RFC 7240, in seconds.
-fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get_all(http::header::HeaderName::from_static("prefer"))
         .iter()
@@ -335,16 +364,22 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
         })
 }
 
-fn replay<B>(bytes: Bytes, fingerprint: &Fingerprint, key: StorageKey, config: &Config) -> Res<B> {
+/// The answer to a record that cannot be read: a counted 500 problem, the handler not run and
+/// nothing of the record replayed.
+fn corrupt_record<B>(key: &StorageKey, why: &dyn std::fmt::Display) -> Res<B> {
+    record(Event::CorruptRecord);
+    tracing::error!(
+        ?key,
+        error = %why,
+        "idempotency store holds a record that cannot be read; refusing the request until it expires or is removed"
+    );
+    problem(Problem::CorruptRecord)
+}
+
+fn replay<B>(bytes: Bytes, fingerprint: &Fingerprint, key: StorageKey) -> Res<B> {
     let record_ = match Record::decode(bytes) {
         Ok(r) => r,
-        Err(e) => {
-            tracing::error!(?key, error = %e, "idempotency store holds a record that does not decode");
-            self::record(Event::StoreError);
-            return problem(Problem::StoreUnavailable {
-                retry_after: config.retry_after,
-            });
-        }
+        Err(e) => return corrupt_record(&key, &e),
     };
     if record_.fingerprint != *fingerprint {
         record(Event::Mismatch);
@@ -658,13 +693,50 @@ mod tests {
 
     #[test]
     fn scopes_and_namespaces_separate_keys() {
-        let key = IdempotencyKey::new("k").unwrap();
-        let a = storage_key("", None, &key);
-        assert_ne!(a, storage_key("", Some(b""), &key));
-        assert_ne!(a, storage_key("ns", None, &key));
+        let key = b"k";
+        let a = storage_key(None, "", None, key);
+        assert_ne!(a, storage_key(None, "", Some(b""), key));
+        assert_ne!(a, storage_key(None, "ns", None, key));
         assert_ne!(
-            storage_key("", Some(b"alice"), &key),
-            storage_key("", Some(b"bob"), &key)
+            storage_key(None, "", Some(b"alice"), key),
+            storage_key(None, "", Some(b"bob"), key)
         );
+    }
+
+    /// The storage key without a secret is pinned: records written before key secrets existed
+    /// stay reachable.
+    #[test]
+    fn the_unkeyed_storage_key_is_unchanged() {
+        let mut h = Sha256::new();
+        for part in [
+            &b"tower-idempotency storage v1"[..],
+            b"ns",
+            b"s",
+            b"alice",
+            b"k-1",
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let expected = StorageKey(h.finalize().into());
+        assert_eq!(storage_key(None, "ns", Some(b"alice"), b"k-1"), expected);
+    }
+
+    #[test]
+    fn a_key_secret_makes_the_storage_key_an_hmac() {
+        let a = KeySecret::new(b"secret a");
+        let b = KeySecret::new(b"secret b");
+        let plain = storage_key(None, "", None, b"k");
+        let with_a = storage_key(Some(&a), "", None, b"k");
+        assert_ne!(plain, with_a);
+        assert_eq!(with_a, storage_key(Some(&a), "", None, b"k"));
+        assert_ne!(with_a, storage_key(Some(&b), "", None, b"k"));
+        // HMAC-SHA256 over the same length-prefixed input.
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(b"secret a").unwrap();
+        for part in [&b"tower-idempotency storage v1"[..], b"", b"g", b"", b"k"] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        assert_eq!(with_a.0, <[u8; 32]>::from(mac.finalize().into_bytes()));
     }
 }

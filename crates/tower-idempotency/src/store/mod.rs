@@ -82,7 +82,8 @@ pub enum StoreError {
     Unavailable(Box<dyn std::error::Error + Send + Sync>),
     /// The store is at capacity with live leases and cannot take a new one.
     Full,
-    /// A stored value could not be decoded.
+    /// A stored value could not be decoded: corrupt, or written by another tool. The layer
+    /// answers it with a 500 `record-corrupt` problem and counts it, and never fails open on it.
     Corrupt(String),
 }
 

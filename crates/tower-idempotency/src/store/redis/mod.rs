@@ -77,7 +77,9 @@
 //!
 //! Errors and timeouts (default 2 s per step, see [`RedisStoreBuilder::with_timeout`]) are
 //! [`StoreError::Unavailable`], which the layer answers with a 503 (or, with `fail_open`, runs
-//! the request untracked). The connections reconnect by themselves once Redis is back; the
+//! the request untracked). A value at a record's key that this store did not write (another
+//! tag, a lease of the wrong size, a value of another Redis type) is [`StoreError::Corrupt`],
+//! which the layer answers with a 500 `record-corrupt` problem, never failing open. The connections reconnect by themselves once Redis is back; the
 //! service does not need a restart.
 //!
 //! What survives a Redis restart depends on Redis's persistence, which this store does not
@@ -217,7 +219,7 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let call = self.inner.conn.invoke(invocation);
         match tokio::time::timeout(self.inner.timeout, call).await {
-            Ok(result) => result.map_err(unavailable),
+            Ok(result) => result.map_err(script_failed),
             Err(_) => Err(timed_out()),
         }
     }
@@ -529,6 +531,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, MAX_PX)
+}
+
+/// A script's error: [`StoreError::Corrupt`] when a record's key holds a value of another type
+/// (another tool's data: not an outage, and the same on every retry), else unavailable.
+fn script_failed(e: redis::RedisError) -> StoreError {
+    // Redis 7 passes the code of a failed `redis.call` on; Redis 6 wraps it in an ERR message.
+    let wrong_type = e.code() == Some("WRONGTYPE") || e.to_string().contains("WRONGTYPE");
+    if wrong_type {
+        return StoreError::Corrupt(format!("a record's key holds a value of another type: {e}"));
+    }
+    unavailable(e)
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
