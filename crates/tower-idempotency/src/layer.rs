@@ -119,6 +119,12 @@ impl IdempotencyLayer {
     }
 
     /// The largest request body a tracked request may carry (default 1 MiB); larger is a 413.
+    ///
+    /// A form body without a key in a header is read up to this limit to look for its
+    /// `__idempotent_key` field. When it is larger and the field is not within the limit, the
+    /// request passes through untracked, its body streamed on to the handler, so large keyless
+    /// uploads keep working; put `idempotent_input()` first in large forms, or send the key in
+    /// a header.
     pub fn with_max_request_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_request_body = bytes)
     }

@@ -1422,6 +1422,50 @@ async fn request_body_over_the_limit_is_413() {
     assert_fresh(&r, 1);
 }
 
+#[tokio::test]
+async fn keyless_forms_over_the_limit_pass_through_untracked() {
+    let (app, count) = counting_app(layer().with_max_request_body(1024));
+    let srv = serve(app).await;
+    let c = client();
+    // An urlencoded form with no key, larger than a tracked request may be: the handler gets
+    // all of it, every time.
+    let pad = "p".repeat(4096);
+    let form = [("item", "book"), ("pad", pad.as_str())];
+    let sent = serde_urlencoded_len(&form);
+    for n in 1..=2 {
+        let r = send(c.post(srv.url("/orders")).form(&form)).await;
+        assert_eq!(r.status, 201);
+        assert!(!r.replayed());
+        assert_eq!(r.text(), format!("exec-{n} POST /orders {sent}"));
+    }
+    // A multipart upload with no key streams through in full.
+    let file = vec![b'z'; 8192];
+    let part = reqwest::multipart::Part::bytes(file).file_name("big.bin");
+    let r = send(
+        c.post(srv.url("/orders"))
+            .multipart(reqwest::multipart::Form::new().text("item", "book").part("file", part)),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert!(r.text().starts_with("exec-3 POST /orders "));
+    let len: usize = r.text().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(len > 8192, "the handler got the whole upload ({len} bytes)");
+    // A large multipart form whose key comes first is tracked, so it is refused.
+    let part = reqwest::multipart::Part::bytes(vec![b'z'; 8192]).file_name("big.bin");
+    let r = send(c.post(srv.url("/orders")).multipart(
+        reqwest::multipart::Form::new()
+            .text("__idempotent_key", "mk-big")
+            .part("file", part),
+    ))
+    .await;
+    assert_problem(&r, 413, "request-too-large");
+    assert_eq!(count.get(), 3);
+}
+
+fn serde_urlencoded_len(pairs: &[(&str, &str)]) -> usize {
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish().len()
+}
+
 fn big_payload() -> Vec<u8> {
     (0..64 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
