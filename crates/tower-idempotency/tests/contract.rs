@@ -1442,8 +1442,11 @@ async fn keyless_forms_over_the_limit_pass_through_untracked() {
     let file = vec![b'z'; 8192];
     let part = reqwest::multipart::Part::bytes(file).file_name("big.bin");
     let r = send(
-        c.post(srv.url("/orders"))
-            .multipart(reqwest::multipart::Form::new().text("item", "book").part("file", part)),
+        c.post(srv.url("/orders")).multipart(
+            reqwest::multipart::Form::new()
+                .text("item", "book")
+                .part("file", part),
+        ),
     )
     .await;
     assert_eq!(r.status, 201);
@@ -1452,18 +1455,23 @@ async fn keyless_forms_over_the_limit_pass_through_untracked() {
     assert!(len > 8192, "the handler got the whole upload ({len} bytes)");
     // A large multipart form whose key comes first is tracked, so it is refused.
     let part = reqwest::multipart::Part::bytes(vec![b'z'; 8192]).file_name("big.bin");
-    let r = send(c.post(srv.url("/orders")).multipart(
-        reqwest::multipart::Form::new()
-            .text("__idempotent_key", "mk-big")
-            .part("file", part),
-    ))
+    let r = send(
+        c.post(srv.url("/orders")).multipart(
+            reqwest::multipart::Form::new()
+                .text("__idempotent_key", "mk-big")
+                .part("file", part),
+        ),
+    )
     .await;
     assert_problem(&r, 413, "request-too-large");
     assert_eq!(count.get(), 3);
 }
 
 fn serde_urlencoded_len(pairs: &[(&str, &str)]) -> usize {
-    form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish().len()
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+        .len()
 }
 
 fn big_payload() -> Vec<u8> {
