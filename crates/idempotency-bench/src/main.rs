@@ -445,7 +445,7 @@ fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
     let _ = writeln!(s, "# Benchmarks\n");
     let _ = writeln!(
         s,
-        "- Command: `cargo run --release -p idempotency-bench -- --duration {} --connections {}`",
+        "- Command: `scripts/bench --duration {} --connections {}` (which runs `cargo run --release -p idempotency-bench` with the same flags)",
         humantime::format_duration(args.duration),
         args.connections
     );
