@@ -191,26 +191,6 @@ pub(crate) async fn with_form_body(
     merge(head_key, body_key)
 }
 
-/// Whether the first bytes of a form body, cut anywhere, name a key field: a form too large to
-/// track that carries a key is refused (413) rather than let through untracked.
-pub(crate) async fn names_key_in_prefix(kind: &FormKind, prefix: &Bytes) -> bool {
-    match kind {
-        // A pair cut in its value still has its whole name.
-        FormKind::UrlEncoded => form_urlencoded::parse(prefix).any(|(name, _)| name == FORM_FIELD),
-        FormKind::Multipart { boundary } => {
-            let body = prefix.clone();
-            let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });
-            let mut multipart = multer::Multipart::new(stream, boundary.as_str());
-            while let Ok(Some(field)) = multipart.next_field().await {
-                if field.name() == Some(FORM_FIELD) {
-                    return true;
-                }
-            }
-            false
-        }
-    }
-}
-
 async fn from_multipart(body: Bytes, boundary: &str) -> Result<Option<IdempotencyKey>, KeyError> {
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);

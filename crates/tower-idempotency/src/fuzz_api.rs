@@ -55,18 +55,6 @@ pub fn extract_key(
     Ok(key.map(|k| k.as_str().to_owned()))
 }
 
-/// Whether the first bytes of a form body (cut anywhere) name a key field, as the layer judges a
-/// form too large to track; `None` when the content type is no form the layer reads.
-pub fn names_key_in_prefix(content_type: &str, prefix: &[u8]) -> Option<bool> {
-    let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).ok()?);
-    let kind = extract::form_kind(&headers, &KeySources::all())?;
-    Some(block_on(extract::names_key_in_prefix(
-        &kind,
-        &Bytes::copy_from_slice(prefix),
-    )))
-}
-
 /// The wait a `Prefer` header with this value asks for (`Prefer: wait=N`, RFC 7240), or `None`
 /// when the value is no valid header value or asks for no wait.
 pub fn prefer_wait(value: &[u8]) -> Option<Duration> {

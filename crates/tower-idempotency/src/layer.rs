@@ -45,6 +45,9 @@ impl std::fmt::Debug for IdempotencyLayer {
     }
 }
 
+/// The longest TTL or lease the layer keeps (ten years): "forever", without overflowing a clock.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl IdempotencyLayer {
     /// A layer over `store` with the default options.
     pub fn new(store: impl Store) -> Self {
@@ -64,15 +67,17 @@ impl IdempotencyLayer {
         self
     }
 
-    /// How long a completed response is kept for replay (default 240 s, the seed's).
+    /// How long a completed response is kept for replay (default 240 s, the seed's; at most
+    /// ten years).
     pub fn with_ttl(self, ttl: Duration) -> Self {
-        self.config(|c| c.ttl = ttl)
+        self.config(|c| c.ttl = ttl.min(MAX_DURATION))
     }
 
     /// How long a lease lives without renewal (default 30 s); it is renewed every third of that
     /// while the handler runs. After a crash, the next attempt runs once this has passed.
+    /// Held between 3 ms and ten years.
     pub fn with_lock_ttl(self, lock_ttl: Duration) -> Self {
-        self.config(|c| c.lock_ttl = lock_ttl.max(Duration::from_millis(3)))
+        self.config(|c| c.lock_ttl = lock_ttl.clamp(Duration::from_millis(3), MAX_DURATION))
     }
 
     /// How long a duplicate waits for the request in flight before a 409 (default 60 s).
@@ -120,11 +125,11 @@ impl IdempotencyLayer {
 
     /// The largest request body a tracked request may carry (default 1 MiB); larger is a 413.
     ///
-    /// A form body without a key in a header is read up to this limit to look for its
-    /// `__idempotent_key` field. When it is larger and the field is not within the limit, the
-    /// request passes through untracked, its body streamed on to the handler, so large keyless
-    /// uploads keep working; put `idempotent_input()` first in large forms, or send the key in
-    /// a header.
+    /// A covered request with a form body (urlencoded or multipart) is read to look for its
+    /// `__idempotent_key` field, so it is held to this limit even without a key. To let large
+    /// keyless uploads through a layer, leave [`KeySource::FormField`](crate::KeySource) out of
+    /// [`with_key_sources`](Self::with_key_sources), or scope the layer to the routes that
+    /// need it.
     pub fn with_max_request_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_request_body = bytes)
     }

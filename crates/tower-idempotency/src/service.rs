@@ -169,27 +169,9 @@ where
 {
     let config = &*layer.config;
     let (parts, body) = req.into_parts();
-    let limit = config.max_request_body;
-    let body = if head_key.is_some() || config.require_key {
-        read_request_body(body, &parts.headers, limit).await
-    } else {
-        // A form that may or may not carry a key: read as much as a tracked request may
-        // carry, and let a larger keyless one (an upload, say) through untouched.
-        match read_form_prefix(body, limit).await {
-            Ok(FormPrefix::Full(body)) => Ok(body),
-            Ok(FormPrefix::TooLarge { prefix, rest }) => {
-                if let Some(kind) = &form
-                    && extract::names_key_in_prefix(kind, &prefix).await
-                {
-                    return Ok(problem(Problem::BodyTooLarge { limit }));
-                }
-                let req = Request::from_parts(parts, IdempotencyBody::prefixed(prefix, rest));
-                let mut inner = inner;
-                return Ok(inner.call(req).await?.map(IdempotencyBody::stream));
-            }
-            Err(p) => Err(p),
-        }
-    };
+    // A form is read to look for its key, so a covered form body is held to the same limit as
+    // a tracked one: a key past the limit must not let a large duplicate run again.
+    let body = read_request_body(body, &parts.headers, config.max_request_body).await;
     let body = match body {
         Ok(body) => body,
         Err(p) => return Ok(problem(p)),
@@ -366,39 +348,6 @@ where
             Err(Problem::BodyUnreadable)
         }
     }
-}
-
-/// A form body read up to the limit.
-enum FormPrefix<B> {
-    /// The whole body, within the limit.
-    Full(Bytes),
-    /// More than the limit: what was read, and the rest still to come.
-    TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
-}
-
-async fn read_form_prefix<B>(body: B, limit: usize) -> Result<FormPrefix<B>, Problem>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = Box::pin(body);
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            tracing::debug!(error = %e.into(), "could not read a form body");
-            Problem::BodyUnreadable
-        })?;
-        if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() > limit {
-                return Ok(FormPrefix::TooLarge {
-                    prefix: buf.freeze(),
-                    rest: body,
-                });
-            }
-        }
-    }
-    Ok(FormPrefix::Full(buf.freeze()))
 }
 
 /// The `wait=N` preference of RFC 7240, in seconds.
@@ -686,12 +635,18 @@ impl<T: Send + 'static> Future for Detached<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let Some(future) = self.future.as_mut() else {
+        // Taken out while it is polled: a poll that panics drops it, so `Drop` never moves a
+        // panicked future to a task of its own.
+        let Some(mut future) = self.future.take() else {
             return Poll::Pending;
         };
-        let out = std::task::ready!(future.as_mut().poll(cx));
-        self.future = None;
-        Poll::Ready(out)
+        match future.as_mut().poll(cx) {
+            Poll::Ready(out) => Poll::Ready(out),
+            Poll::Pending => {
+                self.future = Some(future);
+                Poll::Pending
+            }
+        }
     }
 }
 

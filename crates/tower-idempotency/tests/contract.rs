@@ -1423,55 +1423,73 @@ async fn request_body_over_the_limit_is_413() {
 }
 
 #[tokio::test]
-async fn keyless_forms_over_the_limit_pass_through_untracked() {
+async fn a_ttl_and_lease_of_forever_are_kept_not_a_panic() {
+    let (app, count) = counting_app(layer().with_ttl(Duration::MAX).with_lock_ttl(Duration::MAX));
+    let srv = serve(app).await;
+    let c = client();
+    let first = send(
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "forever"),
+    )
+    .await;
+    assert_eq!(first.status, 201);
+    let again = send(
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "forever"),
+    )
+    .await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn forms_over_the_limit_are_413_wherever_their_key_is() {
     let (app, count) = counting_app(layer().with_max_request_body(1024));
     let srv = serve(app).await;
     let c = client();
-    // An urlencoded form with no key, larger than a tracked request may be: the handler gets
-    // all of it, every time.
     let pad = "p".repeat(4096);
-    let form = [("item", "book"), ("pad", pad.as_str())];
-    let sent = serde_urlencoded_len(&form);
-    for n in 1..=2 {
-        let r = send(c.post(srv.url("/orders")).form(&form)).await;
-        assert_eq!(r.status, 201);
-        assert!(!r.replayed());
-        assert_eq!(r.text(), format!("exec-{n} POST /orders {sent}"));
+    // The key past the limit: a duplicate must not run again, so the form is refused.
+    for _ in 0..2 {
+        let r = send(
+            c.post(srv.url("/orders"))
+                .form(&[("pad", pad.as_str()), ("__idempotent_key", "late")]),
+        )
+        .await;
+        assert_problem(&r, 413, "request-too-large");
     }
-    // A multipart upload with no key streams through in full.
-    let file = vec![b'z'; 8192];
-    let part = reqwest::multipart::Part::bytes(file).file_name("big.bin");
-    let r = send(
-        c.post(srv.url("/orders")).multipart(
-            reqwest::multipart::Form::new()
-                .text("item", "book")
-                .part("file", part),
-        ),
-    )
-    .await;
-    assert_eq!(r.status, 201);
-    assert!(r.text().starts_with("exec-3 POST /orders "));
-    let len: usize = r.text().rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(len > 8192, "the handler got the whole upload ({len} bytes)");
-    // A large multipart form whose key comes first is tracked, so it is refused.
+    // A multipart upload whose hidden key comes after the file.
     let part = reqwest::multipart::Part::bytes(vec![b'z'; 8192]).file_name("big.bin");
     let r = send(
         c.post(srv.url("/orders")).multipart(
             reqwest::multipart::Form::new()
-                .text("__idempotent_key", "mk-big")
-                .part("file", part),
+                .part("file", part)
+                .text("__idempotent_key", "late-mp"),
         ),
     )
     .await;
     assert_problem(&r, 413, "request-too-large");
-    assert_eq!(count.get(), 3);
-}
+    assert_eq!(count.get(), 0);
 
-fn serde_urlencoded_len(pairs: &[(&str, &str)]) -> usize {
-    form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish()
-        .len()
+    // Without the form source, a large keyless form passes through untouched, every time.
+    let only_headers = tower_idempotency::KeySources::only([
+        tower_idempotency::KeySource::IdempotencyKeyHeader,
+        tower_idempotency::KeySource::XIdempotentKeyHeader,
+    ]);
+    let (app, count) = counting_app(
+        layer()
+            .with_max_request_body(1024)
+            .with_key_sources(only_headers),
+    );
+    let srv = serve(app).await;
+    let form = [("item", "book"), ("pad", pad.as_str())];
+    for n in 1..=2 {
+        let r = send(c.post(srv.url("/orders")).form(&form)).await;
+        assert_eq!(r.status, 201);
+        assert!(!r.replayed());
+        assert!(r.text().starts_with(&format!("exec-{n} POST /orders ")));
+    }
+    assert_eq!(count.get(), 2);
 }
 
 fn big_payload() -> Vec<u8> {
