@@ -93,14 +93,7 @@ async fn fifty_concurrent_duplicates_create_one_order() {
     }
     assert!(bodies.iter().all(|b| *b == bodies[0]), "bodies differ");
     assert_eq!(replayed, 49);
-    let orders: Vec<serde_json::Value> = client
-        .get(format!("{}/api/orders", demo.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let orders = orders(&client, &demo).await;
     assert_eq!(orders.len(), 1);
     assert_eq!(orders[0]["total_cents"], 7800);
 }
@@ -171,14 +164,7 @@ async fn a_form_posted_twice_places_one_order_and_lands_on_it() {
     assert_eq!(c.headers()["location"], a.headers()["location"]);
     assert_eq!(c.headers()["idempotent-replayed"], "true");
 
-    let orders: Vec<serde_json::Value> = client
-        .get(format!("{}/api/orders", demo.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let orders = orders(&client, &demo).await;
     assert_eq!(orders.len(), 1);
     let order_page = client
         .get(format!(
