@@ -402,40 +402,41 @@ fn replay<B>(bytes: Bytes, fingerprint: &Fingerprint, key: StorageKey) -> Res<B>
     res
 }
 
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that belong to one connection (RFC 9110 section 7.6.1), never stored or forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
-/// The headers kept for replay: end-to-end headers except Set-Cookie (another caller's
-/// session) and Date (a replay gets a fresh one).
-fn storable_headers(headers: &HeaderMap) -> HeaderMap {
-    let named: Vec<String> = headers
+/// Removes the hop-by-hop headers (RFC 9110 section 7.6.1) and every header that `Connection`
+/// names, leaving the end-to-end headers.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let n = name.as_str();
-        if name == SET_COOKIE
-            || name == DATE
-            || HOP_BY_HOP.contains(&n)
-            || named.iter().any(|c| c == n)
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
     }
+}
+
+/// The headers kept for replay: end-to-end headers except Set-Cookie (another caller's
+/// session) and Date (a replay gets a fresh one).
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    strip_hop_by_hop(&mut out);
+    out.remove(SET_COOKIE);
+    out.remove(DATE);
     out
 }
 
@@ -681,6 +682,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("prefer", HeaderValue::from_static("return=minimal"));
         assert_eq!(prefer_wait(&h), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
     }
 
     #[test]
