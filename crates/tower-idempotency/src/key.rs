@@ -29,19 +29,33 @@ impl IdempotencyKey {
     /// Parameters on the item (`"abc";p=1`) are ignored, as RFC 8941 allows.
     pub fn from_header_value(value: &[u8]) -> Result<Self, KeyError> {
         let trimmed = value.trim_ascii();
+        // The common case, `"<key>"` with no escapes and no parameters, needs no sf parser: its
+        // inside is the key. Anything else (escapes, parameters, bad characters) takes the
+        // parser's path, so every error is the same either way.
+        if let [b'"', inner @ .., b'"'] = trimmed
+            && !inner.iter().any(|b| matches!(b, b'"' | b'\\'))
+            && validate(inner).is_ok()
+        {
+            return Ok(Self(String::from_utf8_lossy(inner).into_owned()));
+        }
         if trimmed.first() == Some(&b'"') {
-            let item = sfv::Parser::new(trimmed)
-                .parse::<sfv::Item>()
-                .map_err(|_| KeyError::Malformed)?;
-            return match item.bare_item.as_string() {
-                Some(s) => Self::new(s.as_str()),
-                None => Err(KeyError::Malformed),
-            };
+            return Self::from_sf_string(trimmed);
         }
         // A bare value: an sf-token, or anything else of visible ASCII (a UUID starts with a
         // digit, so it is no token), taken as it is.
         validate(trimmed)?;
         Ok(Self(String::from_utf8_lossy(trimmed).into_owned()))
+    }
+
+    /// An sf-string item, by the sf parser.
+    fn from_sf_string(item: &[u8]) -> Result<Self, KeyError> {
+        let item = sfv::Parser::new(item)
+            .parse::<sfv::Item>()
+            .map_err(|_| KeyError::Malformed)?;
+        match item.bare_item.as_string() {
+            Some(s) => Self::new(s.as_str()),
+            None => Err(KeyError::Malformed),
+        }
     }
 
     /// The key as a string.
@@ -122,6 +136,27 @@ mod tests {
         assert_eq!(quoted, bare);
         assert_eq!(quoted.as_str(), "abc");
     }
+
+    proptest::proptest! {
+        /// The quick path for plain quoted keys answers exactly as the sf parser does.
+        #[test]
+        fn quoted_keys_read_as_the_sf_parser_reads_them(
+            inner in proptest::collection::vec(
+                proptest::prop_oneof![Just(b'"'), Just(b'\\'), Just(b' '), Just(b';'), 0x1fu8..0x81],
+                0..300,
+            ),
+        ) {
+            let mut value = vec![b'"'];
+            value.extend_from_slice(&inner);
+            value.push(b'"');
+            proptest::prop_assert_eq!(
+                IdempotencyKey::from_header_value(&value),
+                IdempotencyKey::from_sf_string(&value)
+            );
+        }
+    }
+
+    use proptest::strategy::Just;
 
     #[test]
     fn bare_uuid_is_accepted() {

@@ -228,8 +228,7 @@ where
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
     let mut waited = false;
     loop {
-        let begun = match layer
-            .store
+        let begun = match (*layer.store)
             .begin(&skey, &fingerprint, config.lock_ttl)
             .await
         {
@@ -258,7 +257,7 @@ where
                     waited = true;
                     record(Event::Waited);
                 }
-                if let Err(e) = layer.store.wait(&skey, deadline - now).await {
+                if let Err(e) = (*layer.store).wait(&skey, deadline - now).await {
                     return store_failed(e, &skey, config, inner, parts, body).await;
                 }
             }
@@ -440,6 +439,8 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
+/// through the `Arc`'s own `Store` impl, which would box every future twice.
 struct Lease {
     store: Arc<dyn Store>,
     key: StorageKey,
@@ -456,7 +457,10 @@ impl Lease {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                match self.store.renew(&self.key, self.token, self.lock_ttl).await {
+                match (*self.store)
+                    .renew(&self.key, self.token, self.lock_ttl)
+                    .await
+                {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(key = ?self.key, "lease lost while the handler runs; its outcome will not be stored");
@@ -478,7 +482,7 @@ impl Lease {
 
     async fn release(&self) {
         record(Event::Released);
-        match self.store.release(&self.key, self.token).await {
+        match (*self.store).release(&self.key, self.token).await {
             Ok(true) => {}
             Ok(false) => {
                 record(Event::LeaseLost);
@@ -491,8 +495,7 @@ impl Lease {
     }
 
     async fn complete(&self, record_: Record, ttl: Duration) {
-        match self
-            .store
+        match (*self.store)
             .complete(&self.key, self.token, record_.encode(), ttl)
             .await
         {

@@ -51,9 +51,13 @@ impl std::fmt::Debug for MemoryStore {
 
 type Slot = (Instant, u64);
 
+/// Storage keys are already SHA-256 (or HMAC) outputs, so a fast hasher with a random seed is
+/// enough; SipHash would cost more than the rest of a lookup.
+type Hasher = foldhash::fast::RandomState;
+
 struct Inner {
     capacity: usize,
-    map: HashMap<StorageKey, Entry>,
+    map: HashMap<StorageKey, Entry, Hasher>,
     /// Completed records by expiry: the eviction order.
     completed: BTreeMap<Slot, StorageKey>,
     /// Leases by expiry: to reclaim expired ones when room is needed.
@@ -66,12 +70,25 @@ enum Entry {
         token: LeaseToken,
         fingerprint: Fingerprint,
         slot: Slot,
-        notify: Arc<Notify>,
+        /// Made by the first waiter: most requests have none, and cost no allocation.
+        notify: Option<Arc<Notify>>,
     },
     Completed {
         record: Bytes,
         slot: Slot,
     },
+}
+
+impl Entry {
+    /// The lease's slot, when `token` holds it and it has not expired.
+    fn owned_by(&self, token: LeaseToken, now: Instant) -> Option<Slot> {
+        match self {
+            Entry::Lease {
+                token: owner, slot, ..
+            } if *owner == token && slot.0 > now => Some(*slot),
+            _ => None,
+        }
+    }
 }
 
 /// Counts of what a [`MemoryStore`] holds, for metrics and tests.
@@ -93,7 +110,7 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 capacity: capacity.max(1),
-                map: HashMap::new(),
+                map: HashMap::default(),
                 completed: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 seq: 0,
@@ -157,37 +174,14 @@ impl Inner {
                 self.remove(&key);
                 continue;
             }
-            match self.completed.first_key_value() {
+            match self.completed.pop_first() {
                 Some((_, key)) => {
-                    let key = *key;
-                    self.remove(&key);
+                    self.map.remove(&key);
                 }
                 None => return Err(StoreError::Full),
             }
         }
         Ok(())
-    }
-
-    fn grant(
-        &mut self,
-        key: StorageKey,
-        fingerprint: Fingerprint,
-        expires: Instant,
-        notify: Arc<Notify>,
-    ) -> LeaseToken {
-        let token = LeaseToken::random();
-        let slot = self.slot(expires);
-        self.leases.insert(slot, key);
-        self.map.insert(
-            key,
-            Entry::Lease {
-                token,
-                fingerprint,
-                slot,
-                notify,
-            },
-        );
-        token
     }
 }
 
@@ -200,32 +194,54 @@ impl Store for MemoryStore {
         lease_ttl: Duration,
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
-        let mut inner = self.lock();
-        inner.purge_expired(now);
-        let notify = match inner.map.get(key) {
-            Some(Entry::Completed { record, slot }) if slot.0 > now => {
-                return Ok(Begin::Completed(record.clone()));
-            }
-            Some(Entry::Lease {
-                fingerprint, slot, ..
-            }) if slot.0 > now => {
-                return Ok(Begin::InFlight {
-                    fingerprint: *fingerprint,
-                });
-            }
-            // An expired lease: its owner is presumed gone. Take it over, keeping its waiters.
-            Some(Entry::Lease { notify, .. }) => Some(notify.clone()),
-            _ => None,
-        };
-        inner.remove(key);
+        let mut guard = self.lock();
+        guard.purge_expired(now);
+        let slot = guard.slot(now + lease_ttl);
+        let inner = &mut *guard;
+        if let Some(entry) = inner.map.get_mut(key) {
+            let notify = match entry {
+                Entry::Completed { record, slot } if slot.0 > now => {
+                    return Ok(Begin::Completed(record.clone()));
+                }
+                Entry::Lease {
+                    fingerprint, slot, ..
+                } if slot.0 > now => {
+                    return Ok(Begin::InFlight {
+                        fingerprint: *fingerprint,
+                    });
+                }
+                // An expired lease: its owner is presumed gone. Take it over, keeping its
+                // waiters.
+                Entry::Lease { notify, .. } => notify.take(),
+                Entry::Completed { .. } => None,
+            };
+            match entry {
+                Entry::Lease { slot, .. } => inner.leases.remove(slot),
+                Entry::Completed { slot, .. } => inner.completed.remove(slot),
+            };
+            let token = LeaseToken::random();
+            *entry = Entry::Lease {
+                token,
+                fingerprint: *fingerprint,
+                slot,
+                notify,
+            };
+            inner.leases.insert(slot, *key);
+            return Ok(Begin::Acquired(token));
+        }
         inner.make_room(now)?;
-        let notify = notify.unwrap_or_default();
-        Ok(Begin::Acquired(inner.grant(
+        let token = LeaseToken::random();
+        inner.leases.insert(slot, *key);
+        inner.map.insert(
             *key,
-            *fingerprint,
-            now + lease_ttl,
-            notify,
-        )))
+            Entry::Lease {
+                token,
+                fingerprint: *fingerprint,
+                slot,
+                notify: None,
+            },
+        );
+        Ok(Begin::Acquired(token))
     }
 
     async fn complete(
@@ -236,39 +252,48 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let slot = guard.slot(now + ttl);
+        let inner = &mut *guard;
         // An expired lease is no longer its owner's, even before someone takes it over: the
         // same fencing a store with server-side expiry gives.
-        let notify = match inner.map.get(key) {
-            Some(Entry::Lease {
-                token: owner,
-                notify,
-                slot,
-                ..
-            }) if *owner == token && slot.0 > now => notify.clone(),
-            _ => return Ok(false),
+        let Some(entry) = inner.map.get_mut(key) else {
+            return Ok(false);
         };
-        inner.remove(key);
-        let slot = inner.slot(now + ttl);
+        let Some(old) = entry.owned_by(token, now) else {
+            return Ok(false);
+        };
+        let notify = match std::mem::replace(entry, Entry::Completed { record, slot }) {
+            Entry::Lease { notify, .. } => notify,
+            Entry::Completed { .. } => None,
+        };
+        inner.leases.remove(&old);
         inner.completed.insert(slot, *key);
-        inner.map.insert(*key, Entry::Completed { record, slot });
-        drop(inner);
-        notify.notify_waiters();
+        drop(guard);
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
         Ok(true)
     }
 
     async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        match inner.map.get(key) {
-            Some(Entry::Lease {
-                token: owner, slot, ..
-            }) if *owner == token && slot.0 > now => {}
-            _ => return Ok(false),
+        if inner
+            .map
+            .get(key)
+            .and_then(|e| e.owned_by(token, now))
+            .is_none()
+        {
+            return Ok(false);
         }
         let entry = inner.remove(key);
         drop(inner);
-        if let Some(Entry::Lease { notify, .. }) = entry {
+        if let Some(Entry::Lease {
+            notify: Some(notify),
+            ..
+        }) = entry
+        {
             notify.notify_waiters();
         }
         Ok(true)
@@ -281,31 +306,33 @@ impl Store for MemoryStore {
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
-        let mut inner = self.lock();
-        let old = match inner.map.get(key) {
-            Some(Entry::Lease {
-                token: owner, slot, ..
-            }) if *owner == token && slot.0 > now => *slot,
-            _ => return Ok(false),
+        let mut guard = self.lock();
+        let new = guard.slot(now + lease_ttl);
+        let inner = &mut *guard;
+        let Some(entry) = inner.map.get_mut(key) else {
+            return Ok(false);
         };
-        let new = inner.slot(now + lease_ttl);
-        inner.leases.remove(&old);
-        inner.leases.insert(new, *key);
-        if let Some(Entry::Lease { slot, .. }) = inner.map.get_mut(key) {
+        let Some(old) = entry.owned_by(token, now) else {
+            return Ok(false);
+        };
+        if let Entry::Lease { slot, .. } = entry {
             *slot = new;
         }
+        inner.leases.remove(&old);
+        inner.leases.insert(new, *key);
         Ok(true)
     }
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
         let (notified, expires) = {
-            let inner = self.lock();
-            match inner.map.get(key) {
+            let mut inner = self.lock();
+            match inner.map.get_mut(key) {
                 Some(Entry::Lease { slot, notify, .. }) if slot.0 > now => {
                     // Registered while the lock is held, so a completion that follows cannot be
                     // missed.
-                    let mut notified = Box::pin(notify.clone().notified_owned());
+                    let notify = notify.get_or_insert_with(Default::default).clone();
+                    let mut notified = Box::pin(notify.notified_owned());
                     notified.as_mut().enable();
                     (notified, slot.0)
                 }
