@@ -49,6 +49,17 @@ impl fmt::Debug for Fingerprint {
 /// The content type a canonical multipart body is fingerprinted under.
 pub(crate) const MULTIPART_FORM_DATA: &[u8] = b"multipart/form-data";
 
+/// Whether a `Content-Type` value names `multipart/form-data`.
+pub(crate) fn is_multipart(content_type: &[u8]) -> bool {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default();
+    essence
+        .trim_ascii()
+        .eq_ignore_ascii_case(MULTIPART_FORM_DATA)
+}
+
 /// A `multipart/form-data` body taken field by field (name, file name, content type, bytes),
 /// length-prefixed and versioned, or `None` when the body is not multipart or does not parse.
 ///
@@ -56,11 +67,10 @@ pub(crate) const MULTIPART_FORM_DATA: &[u8] = b"multipart/form-data";
 /// submit button), so the raw bytes of two identical multipart requests differ. Fingerprinting
 /// the fields instead makes a double-submitted upload form a duplicate, not a reused key.
 pub(crate) async fn canonical_multipart(content_type: &[u8], body: &Bytes) -> Option<Vec<u8>> {
-    let ct = std::str::from_utf8(content_type).ok()?;
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    if !essence.eq_ignore_ascii_case("multipart/form-data") {
+    if !is_multipart(content_type) {
         return None;
     }
+    let ct = std::str::from_utf8(content_type).ok()?;
     let boundary = multer::parse_boundary(ct).ok()?;
     let body = body.clone();
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });

@@ -25,7 +25,7 @@ use crate::body::IdempotencyBody;
 use crate::config::{Config, KeySecret, OnConflict};
 use crate::extract::{self, FORM_FIELD, FormKind};
 use crate::fingerprint::{
-    Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, query_without_key,
+    Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, is_multipart, query_without_key,
 };
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError};
@@ -167,6 +167,8 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
+    // Paths off the common one (forms, failures, untracked) are boxed where they are taken, so
+    // this future stays small: it is moved into its box on every tracked request.
     let config = &*layer.config;
     let (parts, body) = req.into_parts();
     // A form is read to look for its key, so a covered form body is held to the same limit as
@@ -177,13 +179,13 @@ where
         Err(p) => return Ok(problem(p)),
     };
     let key = match &form {
-        Some(kind) => extract::with_form_body(head_key, kind, &body).await,
+        Some(kind) => Box::pin(extract::with_form_body(head_key, kind, &body)).await,
         None => Ok(head_key),
     };
     let key = match key {
         Ok(Some(key)) => key,
         Ok(None) if config.require_key => return Ok(bad_key(KeyError::Missing)),
-        Ok(None) => return untracked(inner, parts, body).await,
+        Ok(None) => return Box::pin(untracked(inner, parts, body)).await,
         Err(e) => return Ok(bad_key(e)),
     };
 
@@ -198,7 +200,11 @@ where
         .headers
         .get(CONTENT_TYPE)
         .map_or(&[][..], |v| v.as_bytes());
-    let canonical = canonical_multipart(content_type, &body).await;
+    let canonical = if is_multipart(content_type) {
+        Box::pin(canonical_multipart(content_type, &body)).await
+    } else {
+        None
+    };
     if canonical.is_none() && matches!(form, Some(FormKind::Multipart { .. })) {
         // A key may hide past the damage, and the body cannot be fingerprinted as a form.
         return Ok(problem(Problem::MalformedForm));
@@ -233,7 +239,7 @@ where
             .await
         {
             Ok(begun) => begun,
-            Err(e) => return store_failed(e, &skey, config, inner, parts, body).await,
+            Err(e) => return Box::pin(store_failed(e, &skey, config, inner, parts, body)).await,
         };
         match begun {
             Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey)),
@@ -258,7 +264,7 @@ where
                     record(Event::Waited);
                 }
                 if let Err(e) = (*layer.store).wait(&skey, deadline - now).await {
-                    return store_failed(e, &skey, config, inner, parts, body).await;
+                    return Box::pin(store_failed(e, &skey, config, inner, parts, body)).await;
                 }
             }
             Begin::Acquired(token) => {
@@ -272,8 +278,11 @@ where
                 };
                 // A caller that goes away does not cancel the handler: the rest of the work
                 // moves to a task of its own, and its outcome is stored for the retry.
-                return Detached::new(own(layer.config.clone(), lease, inner, req, fingerprint))
-                    .await;
+                // Made in a statement of its own: a temporary in the awaiting statement would
+                // be kept in this future's state, doubling its size.
+                let owner =
+                    Detached::new(own(layer.config.clone(), lease, inner, req, fingerprint));
+                return owner.await;
             }
         }
     }
@@ -318,7 +327,7 @@ where
         e if config.fail_open => {
             tracing::warn!(error = %e, "idempotency store failed; running the request untracked (fail open)");
             record(Event::FailOpen);
-            return untracked(inner, parts, body).await;
+            return Box::pin(untracked(inner, parts, body)).await;
         }
         e => {
             tracing::error!(error = %e, "idempotency store failed; refusing the request (fail closed)")
