@@ -216,7 +216,7 @@ fn memory_store(c: &mut Criterion) {
     });
 
     // (b) The same in a store full of completed records, so that every begin evicts the
-    // soonest-expiring one: the steady state of a busy server.
+    // oldest one: the steady state of a busy server.
     let store = &full_store(&rt, record);
     let mut next = CAPACITY;
     g.bench_function("fresh_at_capacity", |b| {

@@ -3,6 +3,8 @@
 //! Every event increments the counter `idempotency_events_total` with the label `event` set to
 //! [`Event::as_str`]. Without a recorder installed this costs next to nothing.
 
+use metrics::{Key, Label, Level, Metadata};
+
 /// Something the layer did with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -58,6 +60,71 @@ impl Event {
 /// The counter's name.
 pub const EVENTS_TOTAL: &str = "idempotency_events_total";
 
+/// One static key per event, so counting allocates nothing.
+macro_rules! event_keys {
+    ($($event:ident => $label:literal),* $(,)?) => {
+        fn key(event: Event) -> &'static Key {
+            $(
+                #[allow(non_upper_case_globals)]
+                static $event: Key = {
+                    static LABELS: [Label; 1] = [Label::from_static_parts("event", $label)];
+                    Key::from_static_parts(EVENTS_TOTAL, &LABELS)
+                };
+            )*
+            match event {
+                $(Event::$event => &$event,)*
+            }
+        }
+    };
+}
+
+event_keys! {
+    Executed => "executed",
+    Replayed => "replayed",
+    Waited => "waited",
+    WaitTimeout => "wait_timeout",
+    Conflict => "conflict",
+    Mismatch => "mismatch",
+    Released => "released",
+    LeaseLost => "lease_lost",
+    StoreError => "store_error",
+    FailOpen => "fail_open",
+    BadKey => "bad_key",
+    CorruptRecord => "corrupt_record",
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
 pub(crate) fn record(event: Event) {
-    metrics::counter!(EVENTS_TOTAL, "event" => event.as_str()).increment(1);
+    metrics::with_recorder(|recorder| recorder.register_counter(key(event), &METADATA))
+        .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_counts_under_its_own_label() {
+        for event in [
+            Event::Executed,
+            Event::Replayed,
+            Event::Waited,
+            Event::WaitTimeout,
+            Event::Conflict,
+            Event::Mismatch,
+            Event::Released,
+            Event::LeaseLost,
+            Event::StoreError,
+            Event::FailOpen,
+            Event::BadKey,
+            Event::CorruptRecord,
+        ] {
+            let key = key(event);
+            assert_eq!(key.name(), EVENTS_TOTAL);
+            let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
+            assert_eq!(labels, [("event", event.as_str())]);
+        }
+    }
 }

@@ -55,46 +55,13 @@ impl std::error::Error for DecodeError {}
 impl Record {
     /// Encodes the record.
     pub fn encode(&self) -> Bytes {
-        let size = 2
-            + 32
-            + 4
-            + self.response.as_ref().map_or(4, |r| {
-                r.headers
-                    .iter()
-                    .map(|(n, v)| 6 + n.as_str().len() + v.len())
-                    .sum::<usize>()
-                    + 4
-                    + r.body.len()
-            });
-        let mut out = BytesMut::with_capacity(size);
-        out.put_u8(VERSION);
-        out.put_u8(if self.response.is_some() {
-            FLAG_REPLAYABLE
-        } else {
-            0
-        });
-        out.put_slice(&self.fingerprint.0);
-        match &self.response {
-            Some(r) => {
-                out.put_u16(r.status.as_u16());
-                let count = r.headers.len().min(u16::MAX as usize);
-                out.put_u16(count as u16);
-                for (name, value) in r.headers.iter().take(count) {
-                    out.put_u16(name.as_str().len() as u16);
-                    out.put_slice(name.as_str().as_bytes());
-                    out.put_u32(value.len() as u32);
-                    out.put_slice(value.as_bytes());
-                }
-                out.put_u32(r.body.len() as u32);
-                out.put_slice(&r.body);
-            }
-            None => {
-                out.put_u16(0);
-                out.put_u16(0);
-                out.put_u32(0);
-            }
-        }
-        out.freeze()
+        encode(
+            &self.fingerprint,
+            self.response
+                .as_ref()
+                .map(|r| (r.status, &r.headers, &r.body[..])),
+            |_| true,
+        )
     }
 
     /// Decodes a record written by [`Record::encode`].
@@ -156,6 +123,61 @@ impl Record {
             response,
         })
     }
+}
+
+/// Encodes a record from borrowed parts, keeping the headers `keep` accepts, so a response's
+/// headers are filtered as they are written, without a copy of the map. With every header kept,
+/// the bytes are those of [`Record::encode`].
+pub(crate) fn encode(
+    fingerprint: &Fingerprint,
+    response: Option<(StatusCode, &HeaderMap, &[u8])>,
+    keep: impl Fn(&HeaderName) -> bool,
+) -> Bytes {
+    let size = 2
+        + 32
+        + 4
+        + response.as_ref().map_or(4, |(_, headers, body)| {
+            headers
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, v)| 6 + n.as_str().len() + v.len())
+                .sum::<usize>()
+                + 4
+                + body.len()
+        });
+    let mut out = BytesMut::with_capacity(size);
+    out.put_u8(VERSION);
+    out.put_u8(if response.is_some() {
+        FLAG_REPLAYABLE
+    } else {
+        0
+    });
+    out.put_slice(&fingerprint.0);
+    match response {
+        Some((status, headers, body)) => {
+            out.put_u16(status.as_u16());
+            let count_at = out.len();
+            out.put_u16(0);
+            let mut count: u16 = 0;
+            let kept = headers.iter().filter(|(n, _)| keep(n));
+            for (name, value) in kept.take(u16::MAX as usize) {
+                out.put_u16(name.as_str().len() as u16);
+                out.put_slice(name.as_str().as_bytes());
+                out.put_u32(value.len() as u32);
+                out.put_slice(value.as_bytes());
+                count += 1;
+            }
+            out[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
+            out.put_u32(body.len() as u32);
+            out.put_slice(body);
+        }
+        None => {
+            out.put_u16(0);
+            out.put_u16(0);
+            out.put_u32(0);
+        }
+    }
+    out.freeze()
 }
 
 #[cfg(test)]

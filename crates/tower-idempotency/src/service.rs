@@ -32,7 +32,7 @@ use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
 use crate::metrics::{Event, record};
 use crate::problem::Problem;
-use crate::record::{Record, StoredResponse};
+use crate::record::Record;
 use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
 
 /// The header that marks a replayed response.
@@ -426,26 +426,34 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1) and every header that `Connection`
 /// names, leaving the end-to-end headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    for name in connection_named(headers).iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The headers the `Connection` header names (none, and no allocation, without one).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
+        .collect()
 }
 
-/// The headers kept for replay: end-to-end headers except Set-Cookie (another caller's
-/// session) and Date (a replay gets a fresh one).
-fn storable_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = headers.clone();
-    strip_hop_by_hop(&mut out);
-    out.remove(SET_COOKIE);
-    out.remove(DATE);
-    out
+/// The record of a response kept for replay. Its headers are the end-to-end ones except
+/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one).
+fn storable_record(fingerprint: &Fingerprint, parts: &http::response::Parts, body: &[u8]) -> Bytes {
+    let named = connection_named(&parts.headers);
+    let keep = |name: &HeaderName| {
+        name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
+    };
+    crate::record::encode(
+        fingerprint,
+        Some((parts.status, &parts.headers, body)),
+        keep,
+    )
 }
 
 /// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
@@ -503,9 +511,9 @@ impl Lease {
         }
     }
 
-    async fn complete(&self, record_: Record, ttl: Duration) {
+    async fn complete(&self, record_: Bytes, ttl: Duration) {
         match (*self.store)
-            .complete(&self.key, self.token, record_.encode(), ttl)
+            .complete(&self.key, self.token, record_, ttl)
             .await
         {
             Ok(true) => {}
@@ -518,6 +526,40 @@ impl Lease {
                 tracing::warn!(key = ?self.key, error = %e, "could not store an outcome; the lease will expire and a retry will run again");
             }
         }
+    }
+}
+
+/// A response body read in full: a body of one chunk (a `Full`, most handlers' answer) is kept
+/// as it is, without a copy.
+#[derive(Default)]
+struct Collect {
+    first: Bytes,
+    rest: Option<BytesMut>,
+}
+
+impl Collect {
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        match &mut self.rest {
+            Some(rest) => rest.extend_from_slice(&data),
+            None if self.first.is_empty() => self.first = data,
+            None => {
+                let mut rest = BytesMut::with_capacity(self.first.len() + data.len());
+                rest.extend_from_slice(&self.first);
+                rest.extend_from_slice(&data);
+                self.rest = Some(rest);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rest.as_ref().map_or(self.first.len(), BytesMut::len)
+    }
+
+    fn into_bytes(self) -> Bytes {
+        self.rest.map_or(self.first, BytesMut::freeze)
     }
 }
 
@@ -558,19 +600,19 @@ where
         }
         let (parts, body) = res.into_parts();
         let mut body = Box::pin(body);
-        let mut buf = BytesMut::new();
+        let mut buf = Collect::default();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 return Outcome::BodyFailed;
             };
             if let Ok(data) = frame.into_data() {
-                buf.extend_from_slice(&data);
+                buf.push(data);
                 if buf.len() > limit {
-                    return Outcome::TooLarge(parts, buf.freeze(), body);
+                    return Outcome::TooLarge(parts, buf.into_bytes(), body);
                 }
             }
         }
-        Outcome::Store(parts, buf.freeze())
+        Outcome::Store(parts, buf.into_bytes())
     })
     .catch_unwind();
 
@@ -594,33 +636,18 @@ where
             Ok(res.map(IdempotencyBody::stream))
         }
         Ok(Outcome::Store(parts, body)) => {
-            let stored = StoredResponse {
-                status: parts.status,
-                headers: storable_headers(&parts.headers),
-                body: body.clone(),
-            };
             lease
-                .complete(
-                    Record {
-                        fingerprint,
-                        response: Some(stored),
-                    },
-                    config.ttl,
-                )
+                .complete(storable_record(&fingerprint, &parts, &body), config.ttl)
                 .await;
             Ok(Response::from_parts(parts, IdempotencyBody::full(body)))
         }
         Ok(Outcome::TooLarge(parts, prefix, rest)) => {
             tracing::info!(key = ?lease.key, limit, "response too large to keep for replay; duplicates will get 409");
-            lease
-                .complete(
-                    Record {
-                        fingerprint,
-                        response: None,
-                    },
-                    config.ttl,
-                )
-                .await;
+            let record_ = Record {
+                fingerprint,
+                response: None,
+            };
+            lease.complete(record_.encode(), config.ttl).await;
             Ok(Response::from_parts(
                 parts,
                 IdempotencyBody::prefixed(prefix, rest),
@@ -687,6 +714,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn collected_bodies_keep_every_byte_in_order() {
+        let mut c = Collect::default();
+        assert_eq!(c.len(), 0);
+        c.push(Bytes::from_static(b""));
+        c.push(Bytes::from_static(b"ab"));
+        assert_eq!(c.len(), 2);
+        c.push(Bytes::from_static(b""));
+        c.push(Bytes::from_static(b"c"));
+        c.push(Bytes::from_static(b"de"));
+        assert_eq!(c.len(), 5);
+        assert_eq!(c.into_bytes(), "abcde");
+        let mut one = Collect::default();
+        one.push(Bytes::from_static(b"only"));
+        assert_eq!(one.into_bytes(), "only");
+    }
+
+    #[test]
     fn prefer_wait_is_parsed() {
         let mut h = HeaderMap::new();
         h.append("prefer", HeaderValue::from_static("respond-async, wait=5"));
@@ -725,9 +769,13 @@ mod tests {
         );
         h.append("x-keep", HeaderValue::from_static("a"));
         h.append("x-keep", HeaderValue::from_static("b"));
-        let kept = storable_headers(&h);
-        assert_eq!(kept.len(), 2);
-        assert_eq!(kept.get_all("x-keep").iter().count(), 2);
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.headers = h;
+        let record_ = Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body"));
+        let kept = record_.unwrap().response.unwrap();
+        assert_eq!(kept.headers.len(), 2);
+        assert_eq!(kept.headers.get_all("x-keep").iter().count(), 2);
+        assert_eq!(kept.body, "body");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The embedded store: bounded, in-process, the default.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,10 +18,11 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// An in-process store for one process: the embedded default.
 ///
 /// It is bounded: it holds at most `capacity` records (default 100 000). Completed records expire
-/// after their TTL and are the first to go when room is needed, soonest-expiring first; a live
-/// lease is never evicted. When the store is full of live leases, [`Store::begin`] for a new key
-/// fails with [`StoreError::Full`], which the layer answers with 503, instead of growing without
-/// bound.
+/// after their TTL and are the first to go when room is needed, oldest completion first (with one
+/// TTL for all, that is soonest-expiring first); a live lease is never evicted. When the store is
+/// full of live leases, [`Store::begin`] for a new key fails with [`StoreError::Full`], which the
+/// layer answers with 503, instead of growing without bound; leases that have expired are then
+/// reclaimed, looked for at most once a second.
 ///
 /// Waiters are woken by notification the moment a request completes or is released, and at the
 /// moment a lease expires, so an abandoned lease is taken over by the next caller.
@@ -49,45 +50,46 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
-type Slot = (Instant, u64);
-
 /// Storage keys are already SHA-256 (or HMAC) outputs, so a fast hasher with a random seed is
 /// enough; SipHash would cost more than the rest of a lookup.
 type Hasher = foldhash::fast::RandomState;
 
+/// How often, at most, a store full of leases is searched for expired ones.
+const LEASE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Inner {
     capacity: usize,
     map: HashMap<StorageKey, Entry, Hasher>,
-    /// Completed records by expiry: the eviction order.
-    completed: BTreeMap<Slot, StorageKey>,
-    /// Leases by expiry: to reclaim expired ones when room is needed.
-    leases: BTreeMap<Slot, StorageKey>,
+    /// Completed records in the order they completed, by (expiry, sequence number): the
+    /// eviction order. An entry whose record has gone since (taken over after it expired) no
+    /// longer matches the map's sequence number and is skipped.
+    completed: VecDeque<(Instant, u64, StorageKey)>,
+    /// Completed records in `map`.
+    completed_len: usize,
     seq: u64,
+    /// When a store full of leases may next be searched for expired ones.
+    next_lease_scan: Instant,
 }
 
 enum Entry {
     Lease {
         token: LeaseToken,
         fingerprint: Fingerprint,
-        slot: Slot,
+        expires: Instant,
         /// Made by the first waiter: most requests have none, and cost no allocation.
         notify: Option<Arc<Notify>>,
     },
     Completed {
         record: Bytes,
-        slot: Slot,
+        expires: Instant,
+        seq: u64,
     },
 }
 
 impl Entry {
-    /// The lease's slot, when `token` holds it and it has not expired.
-    fn owned_by(&self, token: LeaseToken, now: Instant) -> Option<Slot> {
-        match self {
-            Entry::Lease {
-                token: owner, slot, ..
-            } if *owner == token && slot.0 > now => Some(*slot),
-            _ => None,
-        }
+    /// Whether `token` holds this lease and it has not expired.
+    fn owned_by(&self, token: LeaseToken, now: Instant) -> bool {
+        matches!(self, Entry::Lease { token: owner, expires, .. } if *owner == token && *expires > now)
     }
 }
 
@@ -111,9 +113,10 @@ impl MemoryStore {
             inner: Arc::new(Mutex::new(Inner {
                 capacity: capacity.max(1),
                 map: HashMap::default(),
-                completed: BTreeMap::new(),
-                leases: BTreeMap::new(),
+                completed: VecDeque::new(),
+                completed_len: 0,
                 seq: 0,
+                next_lease_scan: Instant::now(),
             })),
         }
     }
@@ -123,8 +126,8 @@ impl MemoryStore {
         let inner = self.lock();
         MemoryStoreStats {
             len: inner.map.len(),
-            leases: inner.leases.len(),
-            completed: inner.completed.len(),
+            leases: inner.map.len() - inner.completed_len,
+            completed: inner.completed_len,
             capacity: inner.capacity,
         }
     }
@@ -136,28 +139,45 @@ impl MemoryStore {
     }
 }
 
-impl Inner {
-    fn slot(&mut self, at: Instant) -> Slot {
-        self.seq += 1;
-        (at, self.seq)
-    }
+/// Entries taken out under the lock, to be freed after it is released: their memory is cold,
+/// and freeing it inside would hold the lock longer. One entry, the usual eviction, needs no
+/// allocation.
+#[derive(Default)]
+struct Freed {
+    one: Option<Entry>,
+    more: Vec<Entry>,
+}
 
-    fn remove(&mut self, key: &StorageKey) -> Option<Entry> {
-        let entry = self.map.remove(key)?;
-        match &entry {
-            Entry::Lease { slot, .. } => self.leases.remove(slot),
-            Entry::Completed { slot, .. } => self.completed.remove(slot),
-        };
-        Some(entry)
+impl Freed {
+    fn push(&mut self, entry: Option<Entry>) {
+        match (entry, &self.one) {
+            (None, _) => {}
+            (Some(e), None) => self.one = Some(e),
+            (Some(e), Some(_)) => self.more.push(e),
+        }
+    }
+}
+
+impl Inner {
+    /// Removes the completed record the queue entry `(seq, key)` stands for, if it is still
+    /// there. The record is handed back so that it is freed after the lock is released.
+    fn remove_completed(&mut self, seq: u64, key: &StorageKey) -> Option<Entry> {
+        match self.map.get(key) {
+            Some(Entry::Completed { seq: s, .. }) if *s == seq => {
+                self.completed_len -= 1;
+                self.map.remove(key)
+            }
+            _ => None,
+        }
     }
 
     /// Drops up to a few expired completed records, so memory follows the TTL without a sweeper.
-    fn purge_expired(&mut self, now: Instant) {
+    fn purge_expired(&mut self, now: Instant, freed: &mut Freed) {
         for _ in 0..8 {
-            match self.completed.first_key_value() {
-                Some((slot, key)) if slot.0 <= now => {
-                    let key = *key;
-                    self.remove(&key);
+            match self.completed.front() {
+                Some(&(expires, seq, key)) if expires <= now => {
+                    self.completed.pop_front();
+                    freed.push(self.remove_completed(seq, &key));
                 }
                 _ => break,
             }
@@ -165,23 +185,38 @@ impl Inner {
     }
 
     /// Makes room for one more record, or says the store is full of live leases.
-    fn make_room(&mut self, now: Instant) -> Result<(), StoreError> {
+    fn make_room(&mut self, now: Instant, freed: &mut Freed) -> Result<(), StoreError> {
         while self.map.len() >= self.capacity {
-            if let Some((slot, key)) = self.leases.first_key_value()
-                && slot.0 <= now
-            {
-                let key = *key;
-                self.remove(&key);
+            if let Some((_, seq, key)) = self.completed.pop_front() {
+                freed.push(self.remove_completed(seq, &key));
                 continue;
             }
-            match self.completed.pop_first() {
-                Some((_, key)) => {
-                    self.map.remove(&key);
-                }
-                None => return Err(StoreError::Full),
+            // Only leases are left. Reclaim the expired ones, searching at most once a second:
+            // a store full of live leases answers Full at once.
+            if now < self.next_lease_scan {
+                return Err(StoreError::Full);
+            }
+            self.next_lease_scan = now + LEASE_SCAN_INTERVAL;
+            let before = self.map.len();
+            self.map
+                .retain(|_, e| !matches!(e, Entry::Lease { expires, .. } if *expires <= now));
+            if self.map.len() == before {
+                return Err(StoreError::Full);
             }
         }
         Ok(())
+    }
+
+    /// Files a completed record, compacting the queue if takeovers left it mostly stale.
+    fn push_completed(&mut self, expires: Instant, seq: u64, key: StorageKey) {
+        self.completed.push_back((expires, seq, key));
+        self.completed_len += 1;
+        if self.completed.len() > 2 * self.completed_len + 1024 {
+            let map = &self.map;
+            self.completed.retain(|(_, seq, key)| {
+                matches!(map.get(key), Some(Entry::Completed { seq: s, .. }) if s == seq)
+            });
+        }
     }
 }
 
@@ -194,18 +229,24 @@ impl Store for MemoryStore {
         lease_ttl: Duration,
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
+        let expires = now + lease_ttl;
+        // Evicted records are freed after the lock is released.
+        let mut freed = Freed::default();
         let mut guard = self.lock();
-        guard.purge_expired(now);
-        let slot = guard.slot(now + lease_ttl);
         let inner = &mut *guard;
+        inner.purge_expired(now, &mut freed);
         if let Some(entry) = inner.map.get_mut(key) {
             let notify = match entry {
-                Entry::Completed { record, slot } if slot.0 > now => {
+                Entry::Completed {
+                    record, expires, ..
+                } if *expires > now => {
                     return Ok(Begin::Completed(record.clone()));
                 }
                 Entry::Lease {
-                    fingerprint, slot, ..
-                } if slot.0 > now => {
+                    fingerprint,
+                    expires,
+                    ..
+                } if *expires > now => {
                     return Ok(Begin::InFlight {
                         fingerprint: *fingerprint,
                     });
@@ -213,35 +254,43 @@ impl Store for MemoryStore {
                 // An expired lease: its owner is presumed gone. Take it over, keeping its
                 // waiters.
                 Entry::Lease { notify, .. } => notify.take(),
-                Entry::Completed { .. } => None,
-            };
-            match entry {
-                Entry::Lease { slot, .. } => inner.leases.remove(slot),
-                Entry::Completed { slot, .. } => inner.completed.remove(slot),
+                // An expired record: its queue entry goes stale.
+                Entry::Completed { .. } => {
+                    inner.completed_len -= 1;
+                    None
+                }
             };
             let token = LeaseToken::random();
-            *entry = Entry::Lease {
-                token,
-                fingerprint: *fingerprint,
-                slot,
-                notify,
-            };
-            inner.leases.insert(slot, *key);
+            let old = std::mem::replace(
+                entry,
+                Entry::Lease {
+                    token,
+                    fingerprint: *fingerprint,
+                    expires,
+                    notify,
+                },
+            );
+            drop(guard);
+            drop((old, freed));
             return Ok(Begin::Acquired(token));
         }
-        inner.make_room(now)?;
-        let token = LeaseToken::random();
-        inner.leases.insert(slot, *key);
-        inner.map.insert(
-            *key,
-            Entry::Lease {
-                token,
-                fingerprint: *fingerprint,
-                slot,
-                notify: None,
-            },
-        );
-        Ok(Begin::Acquired(token))
+        let room = inner.make_room(now, &mut freed);
+        let begun = room.map(|()| {
+            let token = LeaseToken::random();
+            inner.map.insert(
+                *key,
+                Entry::Lease {
+                    token,
+                    fingerprint: *fingerprint,
+                    expires,
+                    notify: None,
+                },
+            );
+            Begin::Acquired(token)
+        });
+        drop(guard);
+        drop(freed);
+        begun
     }
 
     async fn complete(
@@ -252,23 +301,28 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
+        let expires = now + ttl;
         let mut guard = self.lock();
-        let slot = guard.slot(now + ttl);
         let inner = &mut *guard;
         // An expired lease is no longer its owner's, even before someone takes it over: the
         // same fencing a store with server-side expiry gives.
-        let Some(entry) = inner.map.get_mut(key) else {
+        let Some(entry) = inner.map.get_mut(key).filter(|e| e.owned_by(token, now)) else {
             return Ok(false);
         };
-        let Some(old) = entry.owned_by(token, now) else {
-            return Ok(false);
-        };
-        let notify = match std::mem::replace(entry, Entry::Completed { record, slot }) {
+        inner.seq += 1;
+        let seq = inner.seq;
+        let notify = match std::mem::replace(
+            entry,
+            Entry::Completed {
+                record,
+                expires,
+                seq,
+            },
+        ) {
             Entry::Lease { notify, .. } => notify,
             Entry::Completed { .. } => None,
         };
-        inner.leases.remove(&old);
-        inner.completed.insert(slot, *key);
+        inner.push_completed(expires, seq, *key);
         drop(guard);
         if let Some(notify) = notify {
             notify.notify_waiters();
@@ -279,15 +333,10 @@ impl Store for MemoryStore {
     async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        if inner
-            .map
-            .get(key)
-            .and_then(|e| e.owned_by(token, now))
-            .is_none()
-        {
+        if !inner.map.get(key).is_some_and(|e| e.owned_by(token, now)) {
             return Ok(false);
         }
-        let entry = inner.remove(key);
+        let entry = inner.map.remove(key);
         drop(inner);
         if let Some(Entry::Lease {
             notify: Some(notify),
@@ -306,21 +355,18 @@ impl Store for MemoryStore {
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
-        let mut guard = self.lock();
-        let new = guard.slot(now + lease_ttl);
-        let inner = &mut *guard;
-        let Some(entry) = inner.map.get_mut(key) else {
-            return Ok(false);
-        };
-        let Some(old) = entry.owned_by(token, now) else {
-            return Ok(false);
-        };
-        if let Entry::Lease { slot, .. } = entry {
-            *slot = new;
+        let mut inner = self.lock();
+        match inner.map.get_mut(key) {
+            Some(Entry::Lease {
+                token: owner,
+                expires,
+                ..
+            }) if *owner == token && *expires > now => {
+                *expires = now + lease_ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        inner.leases.remove(&old);
-        inner.leases.insert(new, *key);
-        Ok(true)
     }
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
@@ -328,13 +374,15 @@ impl Store for MemoryStore {
         let (notified, expires) = {
             let mut inner = self.lock();
             match inner.map.get_mut(key) {
-                Some(Entry::Lease { slot, notify, .. }) if slot.0 > now => {
+                Some(Entry::Lease {
+                    expires, notify, ..
+                }) if *expires > now => {
                     // Registered while the lock is held, so a completion that follows cannot be
                     // missed.
                     let notify = notify.get_or_insert_with(Default::default).clone();
                     let mut notified = Box::pin(notify.notified_owned());
                     notified.as_mut().enable();
-                    (notified, slot.0)
+                    (notified, *expires)
                 }
                 _ => return Ok(()),
             }
@@ -379,13 +427,78 @@ mod tests {
                 Begin::InFlight { .. }
             ));
         }
-        // Once they expire, room is made.
+        // Once they expire, room is made: every expired lease is reclaimed at once.
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         assert!(matches!(
             store.begin(&key(9), &FP, LEASE).await.unwrap(),
             Begin::Acquired(_)
         ));
-        assert_eq!(store.stats().len, 3);
+        assert_eq!(store.stats().len, 1);
+        assert_eq!(store.stats().leases, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_full_of_leases_looks_for_expired_ones_at_most_once_a_second() {
+        let store = MemoryStore::with_capacity(2);
+        let short = Duration::from_millis(100);
+        assert!(matches!(
+            store.begin(&key(0), &FP, short).await.unwrap(),
+            Begin::Acquired(_)
+        ));
+        assert!(matches!(
+            store.begin(&key(1), &FP, LEASE).await.unwrap(),
+            Begin::Acquired(_)
+        ));
+        // Full of live leases: this search finds none, and the next may come a second later.
+        assert!(matches!(
+            store.begin(&key(2), &FP, LEASE).await,
+            Err(StoreError::Full)
+        ));
+        tokio::time::advance(short).await;
+        assert!(matches!(
+            store.begin(&key(2), &FP, LEASE).await,
+            Err(StoreError::Full)
+        ));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(
+            store.begin(&key(2), &FP, LEASE).await.unwrap(),
+            Begin::Acquired(_)
+        ));
+        // The live lease was kept.
+        assert!(matches!(
+            store.begin(&key(1), &FP, LEASE).await.unwrap(),
+            Begin::InFlight { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_taken_over_after_expiry_leave_the_eviction_queue_consistent() {
+        let store = MemoryStore::with_capacity(4);
+        let ttl = Duration::from_secs(1);
+        for round in 0..3 {
+            for n in 0..4 {
+                let Begin::Acquired(t) = store.begin(&key(n), &FP, LEASE).await.unwrap() else {
+                    panic!("round {round}: key {n} must be acquired")
+                };
+                assert!(
+                    store
+                        .complete(&key(n), t, Bytes::from_static(b"r"), ttl)
+                        .await
+                        .unwrap()
+                );
+            }
+            let stats = store.stats();
+            assert_eq!((stats.len, stats.completed, stats.leases), (4, 4, 0));
+            tokio::time::advance(ttl).await;
+        }
+        // A new key evicts exactly one record, the oldest, and the counts still add up.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let Begin::Acquired(_) = store.begin(&key(9), &FP, LEASE).await.unwrap() else {
+            panic!("a new key must be acquired")
+        };
+        let stats = store.stats();
+        assert_eq!(stats.len, stats.completed + stats.leases);
+        assert!(stats.len <= 4);
     }
 
     #[tokio::test(start_paused = true)]
