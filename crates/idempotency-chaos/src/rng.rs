@@ -58,7 +58,7 @@ mod tests {
             assert_eq!(a.next_u64(), b.next_u64());
         }
         let hits = (0..3000)
-            .filter(|i| hash(1, &format!("k{i}")) % 3 == 0)
+            .filter(|i| hash(1, &format!("k{i}")).is_multiple_of(3))
             .count();
         assert!((800..1200).contains(&hits), "{hits}");
         assert_eq!(hash(5, "abc"), hash(5, "abc"));

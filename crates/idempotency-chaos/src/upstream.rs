@@ -49,7 +49,7 @@ pub(crate) fn faulty(seed: u64, fault: UpstreamFault, key: &str) -> bool {
         UpstreamFault::Error500 => 0x500,
         UpstreamFault::Hang => 0x4A46,
     };
-    rng::hash(seed ^ salt, key) % 3 == 0
+    rng::hash(seed ^ salt, key).is_multiple_of(3)
 }
 
 /// What one execution of a key did.
@@ -254,7 +254,11 @@ async fn pay(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
     // Long enough that duplicates overlap; one key in 16 outlives a lease renewal period
     // (lock-ttl / 3), well within the proxy's upstream timeout.
     let h = rng::hash(seed, &key);
-    let ms = if h % 16 == 0 { 700 } else { 20 + h % 230 };
+    let ms = if h.is_multiple_of(16) {
+        700
+    } else {
+        20 + h % 230
+    };
     tokio::time::sleep(Duration::from_millis(ms)).await;
     marked(StatusCode::CREATED, "application/json", Body::from(out))
 }

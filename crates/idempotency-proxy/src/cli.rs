@@ -328,11 +328,13 @@ impl Upstream {
 
     /// The upstream URI for a request's path and query.
     pub(crate) fn uri_for(&self, uri: &Uri) -> Result<Uri, http::Error> {
-        let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let pq = if self.base_path.is_empty() {
-            pq.to_owned()
-        } else {
-            format!("{}{pq}", self.base_path)
+        let pq = match (self.base_path.is_empty(), uri.path_and_query()) {
+            // The common case shares the request's bytes: no copy.
+            (true, Some(pq)) => pq.clone(),
+            (_, pq) => {
+                let pq = pq.map_or("/", |pq| pq.as_str());
+                http::uri::PathAndQuery::try_from(format!("{}{pq}", self.base_path))?
+            }
         };
         Uri::builder()
             .scheme(self.scheme.clone())

@@ -33,12 +33,18 @@ pub struct StorageKey(pub [u8; 32]);
 impl StorageKey {
     /// The key as 64 lowercase hex digits, the form networked stores use.
     pub fn to_hex(&self) -> String {
-        use fmt::Write;
         let mut s = String::with_capacity(64);
-        for b in self.0 {
-            let _ = write!(s, "{b:02x}");
-        }
+        self.push_hex(&mut s);
         s
+    }
+
+    /// Appends the key in lower-case hex to `out`.
+    pub(crate) fn push_hex(&self, out: &mut String) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            out.push(DIGITS[usize::from(b >> 4)] as char);
+            out.push(DIGITS[usize::from(b & 0xf)] as char);
+        }
     }
 }
 
@@ -197,5 +203,21 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_keys_print_as_lower_case_hex() {
+        let mut k = [0u8; 32];
+        for (i, b) in k.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37).wrapping_add(0x0f);
+        }
+        let expected: String = k.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(StorageKey(k).to_hex(), expected);
+        assert_eq!(StorageKey([0xff; 32]).to_hex(), "f".repeat(64));
     }
 }

@@ -197,12 +197,25 @@ impl RedisStore {
 
     /// The Redis key of a record, for tools and tests.
     pub fn record_key(&self, key: &StorageKey) -> String {
-        format!("{}{{{}}}", self.inner.prefix, key.to_hex())
+        self.tagged(key, "")
     }
 
     /// The channel on which completions, releases and renewals of a record are announced.
     pub fn channel(&self, key: &StorageKey) -> String {
-        format!("{}{{{}}}:n", self.inner.prefix, key.to_hex())
+        self.tagged(key, ":n")
+    }
+
+    /// `<prefix>{<key in hex>}<suffix>`: the key is the hash tag, so a record and its channel
+    /// share a slot.
+    fn tagged(&self, key: &StorageKey, suffix: &str) -> String {
+        let prefix = &self.inner.prefix;
+        let mut s = String::with_capacity(prefix.len() + 66 + suffix.len());
+        s.push_str(prefix);
+        s.push('{');
+        key.push_hex(&mut s);
+        s.push('}');
+        s.push_str(suffix);
+        s
     }
 
     fn publish(&self) -> &'static str {
