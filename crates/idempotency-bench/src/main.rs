@@ -53,6 +53,12 @@ enum Cmd {
         #[arg(long, default_value = "fresh")]
         shape: String,
     },
+    /// Run the fan-in measurement alone, a few times (for profiling it).
+    FanIn {
+        /// Runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Serve the benchmark app (used by the benchmark itself, in a child process).
     Serve {
         /// `bare`, `memory` or a Redis URL.
@@ -510,6 +516,20 @@ fn main() {
                 ms(stats.p99),
                 stats.errors
             );
+            return;
+        }
+        Some(Cmd::FanIn { runs }) => {
+            rt.block_on(async {
+                for _ in 0..*runs {
+                    let r = server::fan_in(1000, Duration::from_millis(200)).await;
+                    println!(
+                        "MemoryStore: last waiter {:.1} ms, first {:.1} ms after completion, {} executions",
+                        ms(r.last_after_completion),
+                        ms(r.first_after_completion),
+                        r.executions
+                    );
+                }
+            });
             return;
         }
         None => {}

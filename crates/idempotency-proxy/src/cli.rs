@@ -209,6 +209,12 @@ pub(crate) struct Args {
     )]
     pub(crate) shutdown_timeout: Duration,
 
+    /// Worker threads serving requests, each with its own event loop and its own pool of
+    /// upstream connections, so a request stays on one thread from accept to answer. The
+    /// default is one per CPU.
+    #[arg(long, env = "IDEMPOTENCY_PROXY_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) workers: Option<u16>,
+
     /// Log lines as human-readable `text` or one JSON object per line (`json`). Keys are never
     /// logged, only their hashes.
     #[arg(

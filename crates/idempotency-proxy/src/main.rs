@@ -43,7 +43,9 @@ fn main() -> ExitCode {
             };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This runtime runs the signals, the admin endpoints and the store's connections; the
+    // requests are served by the worker threads `run` starts.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -81,7 +83,7 @@ async fn run(args: Args) -> ExitCode {
         Ok(store) => store,
         Err(e) => return config_error(&e),
     };
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match first_listen_socket(args.listen) {
         Ok(l) => l,
         Err(e) => return config_error(&format!("--listen {}: {e}", args.listen)),
     };
@@ -115,11 +117,6 @@ async fn run(args: Args) -> ExitCode {
         None => layer,
     };
     let in_flight = Arc::new(InFlight::default());
-    let stack = layer.layer(Proxy::new(
-        args.upstream.clone(),
-        args.upstream_timeout,
-        in_flight.clone(),
-    ));
 
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin_listener.map(|listener| {
@@ -142,14 +139,60 @@ async fn run(args: Args) -> ExitCode {
     });
 
     let listen = listener.local_addr().unwrap_or(args.listen);
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut running = Vec::with_capacity(workers);
+    for n in 0..workers {
+        // Each worker has a socket of its own on the address (SO_REUSEPORT): the kernel spreads
+        // connections over them, so that no worker takes more than its share.
+        let socket = match n {
+            0 => listener.try_clone(),
+            _ => listen_socket(listen),
+        };
+        let worker = Worker {
+            listener: match socket {
+                Ok(l) => l,
+                Err(e) => return config_error(&format!("--listen {listen}: {e}")),
+            },
+            layer: layer.clone(),
+            upstream: args.upstream.clone(),
+            upstream_timeout: args.upstream_timeout,
+            in_flight: in_flight.clone(),
+            stopping: stopping.clone(),
+            grace: args.shutdown_timeout,
+        };
+        match worker.start(n) {
+            Ok(done) => running.push(done),
+            Err(e) => {
+                eprintln!("idempotency-proxy: cannot start worker {n}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    drop(listener);
     tracing::info!(
         %listen,
         upstream = %args.upstream,
         store = %args.store,
         key_secret = args.key_secret().is_some(),
+        workers,
         "idempotency-proxy ready"
     );
-    let drained = server::serve(listener, stack, in_flight, shutdown, args.shutdown_timeout).await;
+    let signal = shutdown.await;
+    tracing::info!(
+        signal,
+        "shutting down: no new connections; waiting for requests in flight"
+    );
+    let _ = stop.send(true);
+    let mut drained = Drained::Clean;
+    for done in running {
+        if !matches!(done.await, Ok(Drained::Clean)) {
+            drained = Drained::TimedOut;
+        }
+    }
     let _ = admin_stop.send(true);
     if let Some(task) = admin_task {
         let _ = task.await;
@@ -166,6 +209,75 @@ async fn run(args: Args) -> ExitCode {
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The first listening socket on `addr`, shared with the other workers (SO_REUSEPORT). The
+/// address must be free: a plain bind is tried first, so that a second proxy started on the
+/// same address fails instead of taking a share of its connections.
+fn first_listen_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    listen_socket(addr)
+}
+
+/// A listening socket on `addr` that other sockets may share (SO_REUSEPORT), non-blocking.
+fn listen_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+/// One worker thread: its own single-threaded runtime, its own upstream connection pool, and a
+/// clone of the listening socket to accept from.
+struct Worker {
+    listener: std::net::TcpListener,
+    layer: IdempotencyLayer,
+    upstream: cli::Upstream,
+    upstream_timeout: std::time::Duration,
+    in_flight: Arc<InFlight>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+}
+
+impl Worker {
+    /// Starts the thread; the receiver resolves with how its drain ended.
+    fn start(self, n: usize) -> std::io::Result<tokio::sync::oneshot::Receiver<Drained>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (done, drained) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("proxy-worker-{n}"))
+            .spawn(move || {
+                let outcome = runtime.block_on(self.serve());
+                let _ = done.send(outcome);
+            })?;
+        Ok(drained)
+    }
+
+    async fn serve(self) -> Drained {
+        let listener = match TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot listen");
+                return Drained::TimedOut;
+            }
+        };
+        let stack = self.layer.layer(Proxy::new(
+            self.upstream,
+            self.upstream_timeout,
+            self.in_flight.clone(),
+        ));
+        let mut stopping = self.stopping;
+        let stop = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        server::serve(listener, stack, self.in_flight, stop, self.grace).await
     }
 }
 

@@ -36,7 +36,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     stack: Stack,
     in_flight: Arc<InFlight>,
-    shutdown: impl std::future::Future<Output = &'static str>,
+    shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> Drained {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -70,13 +70,7 @@ pub(crate) async fn serve(
                     }
                 });
             }
-            signal = &mut shutdown => {
-                tracing::info!(
-                    signal,
-                    "shutting down: no new connections; waiting for requests in flight"
-                );
-                break;
-            }
+            () = &mut shutdown => break,
         }
     }
     drop(listener);

@@ -61,6 +61,25 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
     let busy_addr = busy.local_addr().unwrap().to_string();
     fails_with_one_line(&["--upstream", up, "--listen", &busy_addr], &[], "--listen");
     drop(busy);
+    // An address in use by sockets that share their port, as the proxy's workers do: a second
+    // proxy on the same address is refused, not let in to take half the connections.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    let shared = tokio::net::TcpSocket::new_v4().unwrap();
+    shared.set_reuseport(true).unwrap();
+    shared.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let shared_addr = shared.local_addr().unwrap().to_string();
+    let shared = shared.listen(8).unwrap();
+    fails_with_one_line(
+        &["--upstream", up, "--listen", &shared_addr],
+        &[],
+        "--listen",
+    );
+    drop(shared);
+    fails_with_one_line(&["--upstream", up, "--workers", "0"], &[], "--workers");
 
     // A store that does not answer at start-up.
     let redis = format!("redis://{}", free_addr());
