@@ -29,6 +29,27 @@ impl Stats {
     pub(crate) fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// Several runs of one row as one: all their requests over all their time, and the
+    /// percentiles of all their latencies together.
+    pub(crate) fn merged(runs: Vec<(Stats, Histogram<u64>)>) -> Stats {
+        let mut hist =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        let (mut requests, mut errors, mut elapsed) = (0, 0, Duration::ZERO);
+        for (stats, h) in runs {
+            requests += stats.requests;
+            errors += stats.errors;
+            elapsed += stats.elapsed;
+            hist.add(h).expect("same bounds");
+        }
+        Stats {
+            requests,
+            errors,
+            elapsed,
+            p50: Duration::from_micros(hist.value_at_quantile(0.5)),
+            p99: Duration::from_micros(hist.value_at_quantile(0.99)),
+        }
+    }
 }
 
 /// Sends requests from `connections` keep-alive connections for `duration`.
@@ -38,6 +59,18 @@ pub(crate) async fn run(
     duration: Duration,
     make: MakeRequest,
 ) -> Stats {
+    run_with_histogram(addr, connections, duration, make)
+        .await
+        .0
+}
+
+/// [`run`], with the latencies it recorded.
+pub(crate) async fn run_with_histogram(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+) -> (Stats, Histogram<u64>) {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::with_capacity(connections);
@@ -56,13 +89,14 @@ pub(crate) async fn run(
             errors += e;
         }
     }
-    Stats {
+    let stats = Stats {
         requests,
         errors,
         elapsed: start.elapsed(),
         p50: Duration::from_micros(hist.value_at_quantile(0.5)),
         p99: Duration::from_micros(hist.value_at_quantile(0.99)),
-    }
+    };
+    (stats, hist)
 }
 
 async fn connection(

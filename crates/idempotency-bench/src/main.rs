@@ -2,8 +2,8 @@
 //! each against its baseline measured in the same run, written to BENCHMARKS.md.
 //!
 //! ```sh
-//! cargo run --release -p idempotency-bench            # about two minutes; writes BENCHMARKS.md
-//! cargo run --release -p idempotency-bench -- --duration 2s --out /tmp/b.md
+//! cargo run --release -p idempotency-bench            # about five minutes; writes BENCHMARKS.md
+//! cargo run --release -p idempotency-bench -- --duration 1s --rounds 1 --out /tmp/b.md
 //! ```
 
 mod external;
@@ -30,8 +30,12 @@ use load::{MakeRequest, Stats};
 #[command(version, about)]
 struct Args {
     /// How long each load run lasts.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Rounds per comparison: each round measures every row of a group in turn, so that a
+    /// change in the machine's speed during the run falls on baseline and rows alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Concurrent keep-alive connections per load run.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -215,6 +219,15 @@ async fn measure(addr: SocketAddr, shape: Shape, args: &Args) -> Stats {
 }
 
 async fn measure_with(addr: SocketAddr, shape: Shape, header: KeyHeader, args: &Args) -> Stats {
+    measure_once(addr, shape, header, args).await.0
+}
+
+async fn measure_once(
+    addr: SocketAddr,
+    shape: Shape,
+    header: KeyHeader,
+    args: &Args,
+) -> (Stats, hdrhistogram::Histogram<u64>) {
     // A short warm-up, then the measured run.
     load::run(
         addr,
@@ -223,7 +236,35 @@ async fn measure_with(addr: SocketAddr, shape: Shape, header: KeyHeader, args: &
         maker(shape, header),
     )
     .await;
-    load::run(addr, args.connections, args.duration, maker(shape, header)).await
+    load::run_with_histogram(addr, args.connections, args.duration, maker(shape, header)).await
+}
+
+/// One row to measure: a server and the requests it gets.
+#[derive(Clone, Copy)]
+struct Target {
+    addr: SocketAddr,
+    shape: Shape,
+    header: KeyHeader,
+}
+
+const fn target(addr: SocketAddr, shape: Shape) -> Target {
+    Target {
+        addr,
+        shape,
+        header: KeyHeader::Draft,
+    }
+}
+
+/// Measures every target `args.rounds` times, interleaved: each round measures them all in
+/// turn. A row's figures are all its rounds together.
+async fn interleaved(targets: &[Target], args: &Args) -> Vec<Stats> {
+    let mut runs: Vec<Vec<_>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..args.rounds.max(1) {
+        for (t, runs) in targets.iter().zip(&mut runs) {
+            runs.push(measure_once(t.addr, t.shape, t.header, args).await);
+        }
+    }
+    runs.into_iter().map(Stats::merged).collect()
 }
 
 async fn layer_vs_bare(report: &mut Report, args: &Args) {
@@ -231,27 +272,23 @@ async fn layer_vs_bare(report: &mut Report, args: &Args) {
     let bare = serve("bare").await;
     let memory = serve("memory").await;
     warm_replays(memory.addr, KeyHeader::Draft).await;
-    let base = measure(bare.addr, Shape::Keyless, args).await;
+    let mut stats = interleaved(
+        &[
+            target(bare.addr, Shape::Keyless),
+            target(memory.addr, Shape::Fresh),
+            target(memory.addr, Shape::Replay),
+            target(memory.addr, Shape::Keyless),
+        ],
+        args,
+    )
+    .await
+    .into_iter();
+    let base = stats.next().expect("a row per target");
     let b = base.rps();
     report.add(G, "bare handler (baseline)", base, None);
-    report.add(
-        G,
-        "layer, fresh keys",
-        measure(memory.addr, Shape::Fresh, args).await,
-        Some(b),
-    );
-    report.add(
-        G,
-        "layer, replays",
-        measure(memory.addr, Shape::Replay, args).await,
-        Some(b),
-    );
-    report.add(
-        G,
-        "layer, keyless",
-        measure(memory.addr, Shape::Keyless, args).await,
-        Some(b),
-    );
+    for name in ["layer, fresh keys", "layer, replays", "layer, keyless"] {
+        report.add(G, name, stats.next().expect("a row per target"), Some(b));
+    }
 }
 
 async fn layer_redis(report: &mut Report, args: &Args, redis: &external::Proc) {
@@ -259,21 +296,22 @@ async fn layer_redis(report: &mut Report, args: &Args, redis: &external::Proc) {
     let bare = serve("bare").await;
     let layered = serve(&format!("redis://{}", redis.addr)).await;
     warm_replays(layered.addr, KeyHeader::Draft).await;
-    let base = measure(bare.addr, Shape::Keyless, args).await;
+    let mut stats = interleaved(
+        &[
+            target(bare.addr, Shape::Keyless),
+            target(layered.addr, Shape::Fresh),
+            target(layered.addr, Shape::Replay),
+        ],
+        args,
+    )
+    .await
+    .into_iter();
+    let base = stats.next().expect("a row per target");
     let b = base.rps();
     report.add(G, "bare handler (baseline)", base, None);
-    report.add(
-        G,
-        "layer, fresh keys",
-        measure(layered.addr, Shape::Fresh, args).await,
-        Some(b),
-    );
-    report.add(
-        G,
-        "layer, replays",
-        measure(layered.addr, Shape::Replay, args).await,
-        Some(b),
-    );
+    for name in ["layer, fresh keys", "layer, replays"] {
+        report.add(G, name, stats.next().expect("a row per target"), Some(b));
+    }
 }
 
 async fn proxies(
@@ -293,12 +331,30 @@ async fn proxies(
     };
     let memory = external::proxy(upstream.addr, "memory").await;
     let redis_proxy = external::proxy(upstream.addr, &format!("redis://{}", redis.addr)).await;
-    let direct = measure(upstream.addr, Shape::Fresh, args).await;
+    let mut targets = vec![target(upstream.addr, Shape::Fresh)];
+    if let Some(nginx) = &nginx {
+        targets.push(target(nginx.addr, Shape::Fresh));
+    }
+    let mut proxied = Vec::new();
+    for (name, proxy) in [("proxy + memory", &memory), ("proxy + Redis", &redis_proxy)] {
+        match proxy {
+            Ok(p) => {
+                warm_replays(p.addr, KeyHeader::Draft).await;
+                for shape in [Shape::Fresh, Shape::Replay, Shape::Keyless] {
+                    targets.push(target(p.addr, shape));
+                }
+                proxied.push(name);
+            }
+            Err(e) => report.notes.push(format!("3. {name} not measured: {e}")),
+        }
+    }
+    let mut stats = interleaved(&targets, args).await.into_iter();
+    let direct = stats.next().expect("a row per target");
     let d = direct.rps();
     report.add(G, "upstream direct (baseline)", direct, None);
     let n = match &nginx {
-        Some(nginx) => {
-            let stats = measure(nginx.addr, Shape::Fresh, args).await;
+        Some(_) => {
+            let stats = stats.next().expect("a row per target");
             let n = stats.rps();
             report.add(G, "nginx proxy_pass", stats, Some(d));
             Some(n)
@@ -306,23 +362,14 @@ async fn proxies(
         None => None,
     };
     let rel = n.or(Some(d));
-    for (name, proxy) in [("proxy + memory", memory), ("proxy + Redis", redis_proxy)] {
-        match proxy {
-            Ok(p) => {
-                warm_replays(p.addr, KeyHeader::Draft).await;
-                let fresh = measure(p.addr, Shape::Fresh, args).await;
-                report.add(
-                    G,
-                    format!("{name}, fresh keys (ratio to nginx)"),
-                    fresh,
-                    rel,
-                );
-                let replay = measure(p.addr, Shape::Replay, args).await;
-                report.add(G, format!("{name}, replays (ratio to nginx)"), replay, rel);
-                let keyless = measure(p.addr, Shape::Keyless, args).await;
-                report.add(G, format!("{name}, keyless (ratio to nginx)"), keyless, rel);
-            }
-            Err(e) => report.notes.push(format!("3. {name} not measured: {e}")),
+    for name in proxied {
+        for shape in ["fresh keys", "replays", "keyless"] {
+            report.add(
+                G,
+                format!("{name}, {shape} (ratio to nginx)"),
+                stats.next().expect("a row per target"),
+                rel,
+            );
         }
     }
 }
@@ -363,15 +410,31 @@ async fn seed(report: &mut Report, args: &Args, redis: &external::Proc, scratch:
     };
     warm_replays(seed.addr, KeyHeader::Seed).await;
     warm_replays(proxy.addr, KeyHeader::Seed).await;
-    let fresh = measure_with(seed.addr, Shape::Fresh, KeyHeader::Seed, args).await;
+    let seeded = |addr, shape| Target {
+        addr,
+        shape,
+        header: KeyHeader::Seed,
+    };
+    let mut stats = interleaved(
+        &[
+            seeded(seed.addr, Shape::Fresh),
+            seeded(seed.addr, Shape::Replay),
+            seeded(proxy.addr, Shape::Fresh),
+            seeded(proxy.addr, Shape::Replay),
+        ],
+        args,
+    )
+    .await
+    .into_iter();
+    let fresh = stats.next().expect("a row per target");
     let f = fresh.rps();
     report.add(G, "Flask-Idempotent, fresh keys (baseline)", fresh, None);
-    let replay = measure_with(seed.addr, Shape::Replay, KeyHeader::Seed, args).await;
+    let replay = stats.next().expect("a row per target");
     let r = replay.rps();
     report.add(G, "Flask-Idempotent, replays (baseline)", replay, None);
-    let pf = measure_with(proxy.addr, Shape::Fresh, KeyHeader::Seed, args).await;
+    let pf = stats.next().expect("a row per target");
     report.add(G, "Flask behind proxy, fresh keys", pf, Some(f));
-    let pr = measure_with(proxy.addr, Shape::Replay, KeyHeader::Seed, args).await;
+    let pr = stats.next().expect("a row per target");
     report.add(G, "Flask behind proxy, replays", pr, Some(r));
 }
 
@@ -451,16 +514,19 @@ fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
     let _ = writeln!(s, "# Benchmarks\n");
     let _ = writeln!(
         s,
-        "- Command: `scripts/bench --duration {} --connections {}` (which runs `cargo run --release -p idempotency-bench` with the same flags)",
+        "- Command: `scripts/bench --duration {} --rounds {} --connections {}` (which runs `cargo run --release -p idempotency-bench` with the same flags)",
         humantime::format_duration(args.duration),
+        args.rounds,
         args.connections
     );
     let _ = writeln!(s, "- Machine: {}", machine());
     let _ = writeln!(s, "- Date: {date}");
     let _ = writeln!(
         s,
-        "- Load: an in-repo hyper HTTP/1.1 generator, {} keep-alive connections, on the same machine as the servers (they share its cores). Every fresh-key request carries a unique key; replays cycle through {REPLAY_KEYS} completed keys. Ratios are to the baseline of the same group, measured in the same run.\n",
-        args.connections
+        "- Load: an in-repo hyper HTTP/1.1 generator, {} keep-alive connections, on the same machine as the servers (they share its cores). Every fresh-key request carries a unique key; replays cycle through {REPLAY_KEYS} completed keys. The rows of a group are measured in {} interleaved rounds of {} each (a round measures every row in turn, so that a drift of the machine's speed falls on baseline and rows alike); a row's figures are its rounds together. Ratios are to the baseline of the same group, measured in the same run.\n",
+        args.connections,
+        args.rounds,
+        humantime::format_duration(args.duration)
     );
     let _ = writeln!(
         s,
