@@ -267,28 +267,61 @@ async fn interleaved(targets: &[Target], args: &Args) -> Vec<Stats> {
     runs.into_iter().map(Stats::merged).collect()
 }
 
+/// A row of a comparison: what it is called, what it measures, and the earlier row it is a
+/// ratio to (none for a baseline).
+struct Compared {
+    name: String,
+    target: Target,
+    baseline: Option<usize>,
+}
+
+fn row(name: impl Into<String>, target: Target, baseline: Option<usize>) -> Compared {
+    Compared {
+        name: name.into(),
+        target,
+        baseline,
+    }
+}
+
+/// Measures the rows of one group, interleaved, and adds them to the report.
+async fn compare(report: &mut Report, group: &'static str, rows: Vec<Compared>, args: &Args) {
+    let targets: Vec<Target> = rows.iter().map(|r| r.target).collect();
+    let stats = interleaved(&targets, args).await;
+    let rps: Vec<f64> = stats.iter().map(Stats::rps).collect();
+    for (r, stats) in rows.into_iter().zip(stats) {
+        let baseline = r.baseline.map(|b| rps[b]);
+        report.add(group, r.name, stats, baseline);
+    }
+}
+
 async fn layer_vs_bare(report: &mut Report, args: &Args) {
     const G: &str = "1. layer + MemoryStore";
     let bare = serve("bare").await;
     let memory = serve("memory").await;
     warm_replays(memory.addr, KeyHeader::Draft).await;
-    let mut stats = interleaved(
-        &[
+    let rows = vec![
+        row(
+            "bare handler (baseline)",
             target(bare.addr, Shape::Keyless),
+            None,
+        ),
+        row(
+            "layer, fresh keys",
             target(memory.addr, Shape::Fresh),
+            Some(0),
+        ),
+        row(
+            "layer, replays",
             target(memory.addr, Shape::Replay),
+            Some(0),
+        ),
+        row(
+            "layer, keyless",
             target(memory.addr, Shape::Keyless),
-        ],
-        args,
-    )
-    .await
-    .into_iter();
-    let base = stats.next().expect("a row per target");
-    let b = base.rps();
-    report.add(G, "bare handler (baseline)", base, None);
-    for name in ["layer, fresh keys", "layer, replays", "layer, keyless"] {
-        report.add(G, name, stats.next().expect("a row per target"), Some(b));
-    }
+            Some(0),
+        ),
+    ];
+    compare(report, G, rows, args).await;
 }
 
 async fn layer_redis(report: &mut Report, args: &Args, redis: &external::Proc) {
@@ -296,22 +329,24 @@ async fn layer_redis(report: &mut Report, args: &Args, redis: &external::Proc) {
     let bare = serve("bare").await;
     let layered = serve(&format!("redis://{}", redis.addr)).await;
     warm_replays(layered.addr, KeyHeader::Draft).await;
-    let mut stats = interleaved(
-        &[
+    let rows = vec![
+        row(
+            "bare handler (baseline)",
             target(bare.addr, Shape::Keyless),
+            None,
+        ),
+        row(
+            "layer, fresh keys",
             target(layered.addr, Shape::Fresh),
+            Some(0),
+        ),
+        row(
+            "layer, replays",
             target(layered.addr, Shape::Replay),
-        ],
-        args,
-    )
-    .await
-    .into_iter();
-    let base = stats.next().expect("a row per target");
-    let b = base.rps();
-    report.add(G, "bare handler (baseline)", base, None);
-    for name in ["layer, fresh keys", "layer, replays"] {
-        report.add(G, name, stats.next().expect("a row per target"), Some(b));
-    }
+            Some(0),
+        ),
+    ];
+    compare(report, G, rows, args).await;
 }
 
 async fn proxies(
@@ -331,47 +366,37 @@ async fn proxies(
     };
     let memory = external::proxy(upstream.addr, "memory").await;
     let redis_proxy = external::proxy(upstream.addr, &format!("redis://{}", redis.addr)).await;
-    let mut targets = vec![target(upstream.addr, Shape::Fresh)];
+    let mut rows = vec![row(
+        "upstream direct (baseline)",
+        target(upstream.addr, Shape::Fresh),
+        None,
+    )];
     if let Some(nginx) = &nginx {
-        targets.push(target(nginx.addr, Shape::Fresh));
+        rows.push(row(
+            "nginx proxy_pass",
+            target(nginx.addr, Shape::Fresh),
+            Some(0),
+        ));
     }
-    let mut proxied = Vec::new();
+    // The proxies' ratios are to nginx, or to the upstream when nginx could not run.
+    let rel = rows.len() - 1;
     for (name, proxy) in [("proxy + memory", &memory), ("proxy + Redis", &redis_proxy)] {
         match proxy {
             Ok(p) => {
                 warm_replays(p.addr, KeyHeader::Draft).await;
-                for shape in [Shape::Fresh, Shape::Replay, Shape::Keyless] {
-                    targets.push(target(p.addr, shape));
+                for (shape, what) in [
+                    (Shape::Fresh, "fresh keys"),
+                    (Shape::Replay, "replays"),
+                    (Shape::Keyless, "keyless"),
+                ] {
+                    let name = format!("{name}, {what} (ratio to nginx)");
+                    rows.push(row(name, target(p.addr, shape), Some(rel)));
                 }
-                proxied.push(name);
             }
             Err(e) => report.notes.push(format!("3. {name} not measured: {e}")),
         }
     }
-    let mut stats = interleaved(&targets, args).await.into_iter();
-    let direct = stats.next().expect("a row per target");
-    let d = direct.rps();
-    report.add(G, "upstream direct (baseline)", direct, None);
-    let n = match &nginx {
-        Some(_) => {
-            let stats = stats.next().expect("a row per target");
-            let n = stats.rps();
-            report.add(G, "nginx proxy_pass", stats, Some(d));
-            Some(n)
-        }
-        None => None,
-    };
-    let rel = n.or(Some(d));
-    for name in proxied {
-        for shape in ["fresh keys", "replays", "keyless"] {
-            report.add(
-                G,
-                format!("{name}, {shape} (ratio to nginx)"),
-                stats.next().expect("a row per target"),
-                rel,
-            );
-        }
-    }
+    compare(report, G, rows, args).await;
 }
 
 async fn seed(report: &mut Report, args: &Args, redis: &external::Proc, scratch: &std::path::Path) {
@@ -415,27 +440,29 @@ async fn seed(report: &mut Report, args: &Args, redis: &external::Proc, scratch:
         shape,
         header: KeyHeader::Seed,
     };
-    let mut stats = interleaved(
-        &[
+    let rows = vec![
+        row(
+            "Flask-Idempotent, fresh keys (baseline)",
             seeded(seed.addr, Shape::Fresh),
+            None,
+        ),
+        row(
+            "Flask-Idempotent, replays (baseline)",
             seeded(seed.addr, Shape::Replay),
+            None,
+        ),
+        row(
+            "Flask behind proxy, fresh keys",
             seeded(proxy.addr, Shape::Fresh),
+            Some(0),
+        ),
+        row(
+            "Flask behind proxy, replays",
             seeded(proxy.addr, Shape::Replay),
-        ],
-        args,
-    )
-    .await
-    .into_iter();
-    let fresh = stats.next().expect("a row per target");
-    let f = fresh.rps();
-    report.add(G, "Flask-Idempotent, fresh keys (baseline)", fresh, None);
-    let replay = stats.next().expect("a row per target");
-    let r = replay.rps();
-    report.add(G, "Flask-Idempotent, replays (baseline)", replay, None);
-    let pf = stats.next().expect("a row per target");
-    report.add(G, "Flask behind proxy, fresh keys", pf, Some(f));
-    let pr = stats.next().expect("a row per target");
-    report.add(G, "Flask behind proxy, replays", pr, Some(r));
+            Some(1),
+        ),
+    ];
+    compare(report, G, rows, args).await;
 }
 
 async fn fan_in_redis(report: &mut Report, redis: &external::Proc) {

@@ -13,22 +13,6 @@ use crate::proxy::UPSTREAM_DURATION;
 /// Histogram of the time from a request's arrival to its response head, by method and status.
 pub(crate) const REQUEST_DURATION: &str = "idempotency_proxy_request_duration_seconds";
 
-/// The library's events, registered at zero so that a scrape shows them before they happen.
-const EVENTS: [Event; 12] = [
-    Event::Executed,
-    Event::Replayed,
-    Event::Waited,
-    Event::WaitTimeout,
-    Event::Conflict,
-    Event::Mismatch,
-    Event::Released,
-    Event::LeaseLost,
-    Event::StoreError,
-    Event::FailOpen,
-    Event::BadKey,
-    Event::CorruptRecord,
-];
-
 const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -71,7 +55,8 @@ pub(crate) fn init_metrics() -> Result<PrometheusHandle, String> {
         metrics::Unit::Seconds,
         "Time until the upstream answered, failed or timed out, by outcome."
     );
-    for event in EVENTS {
+    // The library's events, registered at zero so that a scrape shows them before they happen.
+    for event in Event::ALL {
         metrics::counter!(EVENTS_TOTAL, "event" => event.as_str()).absolute(0);
     }
     let upkeep = handle.clone();

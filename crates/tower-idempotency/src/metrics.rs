@@ -37,32 +37,25 @@ pub enum Event {
     CorruptRecord,
 }
 
-impl Event {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Event::Executed => "executed",
-            Event::Replayed => "replayed",
-            Event::Waited => "waited",
-            Event::WaitTimeout => "wait_timeout",
-            Event::Conflict => "conflict",
-            Event::Mismatch => "mismatch",
-            Event::Released => "released",
-            Event::LeaseLost => "lease_lost",
-            Event::StoreError => "store_error",
-            Event::FailOpen => "fail_open",
-            Event::BadKey => "bad_key",
-            Event::CorruptRecord => "corrupt_record",
-        }
-    }
-}
-
 /// The counter's name.
 pub const EVENTS_TOTAL: &str = "idempotency_events_total";
 
-/// One static key per event, so counting allocates nothing.
-macro_rules! event_keys {
+/// Each event's label, its static key (so that counting allocates nothing), and the list of
+/// them all, from one table.
+macro_rules! events {
     ($($event:ident => $label:literal),* $(,)?) => {
+        impl Event {
+            /// Every event, in the order they are documented.
+            pub const ALL: [Event; [$(Event::$event),*].len()] = [$(Event::$event),*];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Event::$event => $label,)*
+                }
+            }
+        }
+
         fn key(event: Event) -> &'static Key {
             $(
                 #[allow(non_upper_case_globals)]
@@ -78,7 +71,7 @@ macro_rules! event_keys {
     };
 }
 
-event_keys! {
+events! {
     Executed => "executed",
     Replayed => "replayed",
     Waited => "waited",
@@ -107,20 +100,8 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        for event in [
-            Event::Executed,
-            Event::Replayed,
-            Event::Waited,
-            Event::WaitTimeout,
-            Event::Conflict,
-            Event::Mismatch,
-            Event::Released,
-            Event::LeaseLost,
-            Event::StoreError,
-            Event::FailOpen,
-            Event::BadKey,
-            Event::CorruptRecord,
-        ] {
+        assert_eq!(Event::ALL.len(), 12);
+        for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);
             let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
