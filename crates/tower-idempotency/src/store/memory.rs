@@ -1,6 +1,6 @@
 //! The embedded store: bounded, in-process, the default.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque, hash_map};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -162,10 +162,13 @@ impl Inner {
     /// Removes the completed record the queue entry `(seq, key)` stands for, if it is still
     /// there. The record is handed back so that it is freed after the lock is released.
     fn remove_completed(&mut self, seq: u64, key: &StorageKey) -> Option<Entry> {
-        match self.map.get(key) {
-            Some(Entry::Completed { seq: s, .. }) if *s == seq => {
+        // One lookup: the bucket is cold, as the oldest record's usually is.
+        match self.map.entry(*key) {
+            hash_map::Entry::Occupied(e)
+                if matches!(e.get(), Entry::Completed { seq: s, .. } if *s == seq) =>
+            {
                 self.completed_len -= 1;
-                self.map.remove(key)
+                Some(e.remove())
             }
             _ => None,
         }
