@@ -144,7 +144,12 @@ async fn run(args: Args) -> ExitCode {
         usize::from,
     );
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let mut running = Vec::with_capacity(workers);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut running = Workers {
+        stop,
+        release,
+        started: Vec::with_capacity(workers),
+    };
     for n in 0..workers {
         // Each worker has a socket of its own on the address (SO_REUSEPORT): the kernel spreads
         // connections over them, so that no worker takes more than its share.
@@ -152,21 +157,27 @@ async fn run(args: Args) -> ExitCode {
             0 => listener.try_clone(),
             _ => listen_socket(listen),
         };
+        let socket = match socket {
+            Ok(l) => l,
+            Err(e) => {
+                running.stop().await;
+                return config_error(&format!("--listen {listen}: {e}"));
+            }
+        };
         let worker = Worker {
-            listener: match socket {
-                Ok(l) => l,
-                Err(e) => return config_error(&format!("--listen {listen}: {e}")),
-            },
+            listener: socket,
             layer: layer.clone(),
             upstream: args.upstream.clone(),
             upstream_timeout: args.upstream_timeout,
             in_flight: in_flight.clone(),
             stopping: stopping.clone(),
+            released: released.clone(),
             grace: args.shutdown_timeout,
         };
         match worker.start(n) {
-            Ok(done) => running.push(done),
+            Ok(started) => running.started.push(started),
             Err(e) => {
+                running.stop().await;
                 eprintln!("idempotency-proxy: cannot start worker {n}: {e}");
                 return ExitCode::FAILURE;
             }
@@ -186,13 +197,7 @@ async fn run(args: Args) -> ExitCode {
         signal,
         "shutting down: no new connections; waiting for requests in flight"
     );
-    let _ = stop.send(true);
-    let mut drained = Drained::Clean;
-    for done in running {
-        if !matches!(done.await, Ok(Drained::Clean)) {
-            drained = Drained::TimedOut;
-        }
-    }
+    let drained = running.stop().await;
     let _ = admin_stop.send(true);
     if let Some(task) = admin_task {
         let _ = task.await;
@@ -232,8 +237,44 @@ fn listen_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpLis
     socket.listen(1024)?.into_std()
 }
 
+/// The worker threads started so far.
+struct Workers {
+    stop: tokio::sync::watch::Sender<bool>,
+    release: tokio::sync::watch::Sender<bool>,
+    started: Vec<(
+        tokio::sync::oneshot::Receiver<Drained>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl Workers {
+    /// Stops every worker and waits for each to drain; then lets their runtimes go, all at
+    /// once. Until then every runtime keeps running, since tasks a request spawned on one (a
+    /// store connection re-made after a failure, a request its caller left) may serve the
+    /// others' requests in flight.
+    async fn stop(self) -> Drained {
+        let _ = self.stop.send(true);
+        let mut drained = Drained::Clean;
+        let mut threads = Vec::with_capacity(self.started.len());
+        for (done, thread) in self.started {
+            if !matches!(done.await, Ok(Drained::Clean)) {
+                drained = Drained::TimedOut;
+            }
+            threads.push(thread);
+        }
+        let _ = self.release.send(true);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+        drained
+    }
+}
+
 /// One worker thread: its own single-threaded runtime, its own upstream connection pool, and a
-/// clone of the listening socket to accept from.
+/// socket of its own on the listening address to accept from.
 struct Worker {
     listener: std::net::TcpListener,
     layer: IdempotencyLayer,
@@ -241,23 +282,34 @@ struct Worker {
     upstream_timeout: std::time::Duration,
     in_flight: Arc<InFlight>,
     stopping: tokio::sync::watch::Receiver<bool>,
+    released: tokio::sync::watch::Receiver<bool>,
     grace: std::time::Duration,
 }
 
 impl Worker {
     /// Starts the thread; the receiver resolves with how its drain ended.
-    fn start(self, n: usize) -> std::io::Result<tokio::sync::oneshot::Receiver<Drained>> {
+    fn start(
+        self,
+        n: usize,
+    ) -> std::io::Result<(
+        tokio::sync::oneshot::Receiver<Drained>,
+        std::thread::JoinHandle<()>,
+    )> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let (done, drained) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
+        let mut released = self.released.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("proxy-worker-{n}"))
             .spawn(move || {
-                let outcome = runtime.block_on(self.serve());
-                let _ = done.send(outcome);
+                runtime.block_on(async move {
+                    let outcome = self.serve().await;
+                    let _ = done.send(outcome);
+                    let _ = released.wait_for(|go| *go).await;
+                });
             })?;
-        Ok(drained)
+        Ok((drained, thread))
     }
 
     async fn serve(self) -> Drained {

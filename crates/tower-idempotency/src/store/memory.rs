@@ -21,8 +21,9 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// after their TTL and are the first to go when room is needed, oldest completion first (with one
 /// TTL for all, that is soonest-expiring first); a live lease is never evicted. When the store is
 /// full of live leases, [`Store::begin`] for a new key fails with [`StoreError::Full`], which the
-/// layer answers with 503, instead of growing without bound; leases that have expired are then
-/// reclaimed, looked for at most once a second.
+/// layer answers with 503, instead of growing without bound. When leases hold half the store or
+/// more, expired ones (whose owner is gone) are reclaimed before a completed record is evicted;
+/// they are looked for at most once a second.
 ///
 /// Waiters are woken by notification the moment a request completes or is released, and at the
 /// moment a lease expires, so an abandoned lease is taken over by the next caller.
@@ -164,8 +165,7 @@ impl Inner {
     fn remove_completed(&mut self, seq: u64, key: &StorageKey) -> Option<Entry> {
         // One lookup: the bucket is cold, as the oldest record's usually is.
         match self.map.entry(*key) {
-            hash_map::Entry::Occupied(e)
-                if matches!(e.get(), Entry::Completed { seq: s, .. } if *s == seq) =>
+            hash_map::Entry::Occupied(e) if matches!(e.get(), Entry::Completed { seq: s, .. } if *s == seq) =>
             {
                 self.completed_len -= 1;
                 Some(e.remove())
@@ -190,24 +190,32 @@ impl Inner {
     /// Makes room for one more record, or says the store is full of live leases.
     fn make_room(&mut self, now: Instant, freed: &mut Freed) -> Result<(), StoreError> {
         while self.map.len() >= self.capacity {
+            // When leases hold half the store or more, expired ones are looked for before a
+            // completed record is evicted, at most once a second. In normal running the leases
+            // are the requests in flight, few, and this search never runs.
+            let leases = self.map.len() - self.completed_len;
+            if leases * 2 >= self.capacity
+                && now >= self.next_lease_scan
+                && self.reclaim_expired_leases(now)
+            {
+                continue;
+            }
             if let Some((_, seq, key)) = self.completed.pop_front() {
                 freed.push(self.remove_completed(seq, &key));
                 continue;
             }
-            // Only leases are left. Reclaim the expired ones, searching at most once a second:
-            // a store full of live leases answers Full at once.
-            if now < self.next_lease_scan {
-                return Err(StoreError::Full);
-            }
-            self.next_lease_scan = now + LEASE_SCAN_INTERVAL;
-            let before = self.map.len();
-            self.map
-                .retain(|_, e| !matches!(e, Entry::Lease { expires, .. } if *expires <= now));
-            if self.map.len() == before {
-                return Err(StoreError::Full);
-            }
+            return Err(StoreError::Full);
         }
         Ok(())
+    }
+
+    /// Drops every expired lease; says whether there was any.
+    fn reclaim_expired_leases(&mut self, now: Instant) -> bool {
+        self.next_lease_scan = now + LEASE_SCAN_INTERVAL;
+        let before = self.map.len();
+        self.map
+            .retain(|_, e| !matches!(e, Entry::Lease { expires, .. } if *expires <= now));
+        self.map.len() < before
     }
 
     /// Files a completed record, compacting the queue if takeovers left it mostly stale.
@@ -471,6 +479,32 @@ mod tests {
         assert!(matches!(
             store.begin(&key(1), &FP, LEASE).await.unwrap(),
             Begin::InFlight { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_leases_go_before_live_records() {
+        let store = MemoryStore::with_capacity(2);
+        let Begin::Acquired(_) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
+            panic!("key 0 must be acquired")
+        };
+        let Begin::Acquired(t1) = store.begin(&key(1), &FP, LEASE).await.unwrap() else {
+            panic!("key 1 must be acquired")
+        };
+        assert!(
+            store
+                .complete(&key(1), t1, Bytes::from_static(b"r"), TTL)
+                .await
+                .unwrap()
+        );
+        // Key 0's owner is gone: its lease expires while key 1's record is still live.
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        let Begin::Acquired(_) = store.begin(&key(2), &FP, LEASE).await.unwrap() else {
+            panic!("key 2 must be acquired")
+        };
+        assert!(matches!(
+            store.begin(&key(1), &FP, LEASE).await.unwrap(),
+            Begin::Completed(_)
         ));
     }
 
