@@ -294,59 +294,23 @@ async fn compare(report: &mut Report, group: &'static str, rows: Vec<Compared>, 
     }
 }
 
-async fn layer_vs_bare(report: &mut Report, args: &Args) {
-    const G: &str = "1. layer + MemoryStore";
+/// The layer with the store `app` names against the bare handler, a row per request shape.
+async fn layer_vs_bare(
+    report: &mut Report,
+    args: &Args,
+    group: &'static str,
+    app: &str,
+    shapes: &[(Shape, &str)],
+) {
     let bare = serve("bare").await;
-    let memory = serve("memory").await;
-    warm_replays(memory.addr, KeyHeader::Draft).await;
-    let rows = vec![
-        row(
-            "bare handler (baseline)",
-            target(bare.addr, Shape::Keyless),
-            None,
-        ),
-        row(
-            "layer, fresh keys",
-            target(memory.addr, Shape::Fresh),
-            Some(0),
-        ),
-        row(
-            "layer, replays",
-            target(memory.addr, Shape::Replay),
-            Some(0),
-        ),
-        row(
-            "layer, keyless",
-            target(memory.addr, Shape::Keyless),
-            Some(0),
-        ),
-    ];
-    compare(report, G, rows, args).await;
-}
-
-async fn layer_redis(report: &mut Report, args: &Args, redis: &external::Proc) {
-    const G: &str = "2. layer + RedisStore";
-    let bare = serve("bare").await;
-    let layered = serve(&format!("redis://{}", redis.addr)).await;
+    let layered = serve(app).await;
     warm_replays(layered.addr, KeyHeader::Draft).await;
-    let rows = vec![
-        row(
-            "bare handler (baseline)",
-            target(bare.addr, Shape::Keyless),
-            None,
-        ),
-        row(
-            "layer, fresh keys",
-            target(layered.addr, Shape::Fresh),
-            Some(0),
-        ),
-        row(
-            "layer, replays",
-            target(layered.addr, Shape::Replay),
-            Some(0),
-        ),
-    ];
-    compare(report, G, rows, args).await;
+    let base = target(bare.addr, Shape::Keyless);
+    let mut rows = vec![row("bare handler (baseline)", base, None)];
+    for &(shape, name) in shapes {
+        rows.push(row(name, target(layered.addr, shape), Some(0)));
+    }
+    compare(report, group, rows, args).await;
 }
 
 async fn proxies(
@@ -637,11 +601,19 @@ fn main() {
         let scratch = std::env::current_dir()
             .unwrap_or_default()
             .join("target/bench");
-        layer_vs_bare(&mut report, &args).await;
+        let shapes = [
+            (Shape::Fresh, "layer, fresh keys"),
+            (Shape::Replay, "layer, replays"),
+            (Shape::Keyless, "layer, keyless"),
+        ];
+        let group = "1. layer + MemoryStore";
+        layer_vs_bare(&mut report, &args, group, "memory", &shapes).await;
         fan_in_memory(&mut report).await;
         match external::redis().await {
             Ok(redis) => {
-                layer_redis(&mut report, &args, &redis).await;
+                let url = format!("redis://{}", redis.addr);
+                let group = "2. layer + RedisStore";
+                layer_vs_bare(&mut report, &args, group, &url, &shapes[..2]).await;
                 proxies(&mut report, &args, &redis, &scratch).await;
                 seed(&mut report, &args, &redis, &scratch).await;
                 fan_in_redis(&mut report, &redis).await;
