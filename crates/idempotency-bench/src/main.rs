@@ -215,11 +215,7 @@ async fn warm_replays(addr: SocketAddr, header: KeyHeader) {
 }
 
 async fn measure(addr: SocketAddr, shape: Shape, args: &Args) -> Stats {
-    measure_with(addr, shape, KeyHeader::Draft, args).await
-}
-
-async fn measure_with(addr: SocketAddr, shape: Shape, header: KeyHeader, args: &Args) -> Stats {
-    measure_once(addr, shape, header, args).await.0
+    measure_once(addr, shape, KeyHeader::Draft, args).await.0
 }
 
 async fn measure_once(
