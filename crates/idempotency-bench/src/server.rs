@@ -88,7 +88,7 @@ pub(crate) async fn memory_per_record(records: u64, body: usize) -> (f64, u64) {
         };
         let record = Record {
             fingerprint: fp,
-            response: Some(StoredResponse {
+            response: Ok(StoredResponse {
                 status: StatusCode::CREATED,
                 headers: headers.clone(),
                 body: Bytes::from(vec![b'x'; body]),

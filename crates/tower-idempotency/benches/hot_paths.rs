@@ -63,7 +63,7 @@ fn sample_record(body: Bytes) -> Record {
     );
     Record {
         fingerprint: FP,
-        response: Some(StoredResponse {
+        response: Ok(StoredResponse {
             status: StatusCode::CREATED,
             headers,
             body,

@@ -83,6 +83,9 @@ pub(crate) struct Config {
     pub(crate) key_sources: KeySources,
     pub(crate) namespace: String,
     pub(crate) retry_after: Duration,
+    /// How long the caller that runs the handler waits for its answer; `None`: as long as it
+    /// takes.
+    pub(crate) caller_timeout: Option<Duration>,
     /// The server secret: storage keys are HMACs instead of plain hashes when it is set.
     pub(crate) key_secret: Option<KeySecret>,
 }
@@ -104,6 +107,7 @@ impl Default for Config {
             key_sources: KeySources::default(),
             namespace: String::new(),
             retry_after: Duration::from_secs(1),
+            caller_timeout: None,
             key_secret: None,
         }
     }
@@ -123,6 +127,7 @@ impl fmt::Debug for Config {
             .field("max_response_body", &self.max_response_body)
             .field("key_sources", &self.key_sources)
             .field("namespace", &self.namespace)
+            .field("caller_timeout", &self.caller_timeout)
             // Never the secret itself: only whether there is one.
             .field("key_secret", &self.key_secret.as_ref().map(|_| ".."))
             .finish_non_exhaustive()

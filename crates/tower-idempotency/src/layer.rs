@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
+use tokio_util::task::TaskTracker;
 use tower::Layer;
 
 use crate::config::{Config, KeySecret, OnConflict};
@@ -35,6 +36,9 @@ use crate::store::{StorageKey, Store};
 pub struct IdempotencyLayer {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: Arc<Config>,
+    /// The work that outlives its caller: handlers whose caller went away, and outcomes still
+    /// being written after a store failure. Shared by every clone of the layer.
+    pub(crate) background: TaskTracker,
 }
 
 impl std::fmt::Debug for IdempotencyLayer {
@@ -59,6 +63,7 @@ impl IdempotencyLayer {
         Self {
             store,
             config: Arc::new(Config::default()),
+            background: TaskTracker::new(),
         }
     }
 
@@ -160,6 +165,35 @@ impl IdempotencyLayer {
     pub fn with_namespace(self, namespace: impl Into<String>) -> Self {
         let namespace = namespace.into();
         self.config(|c| c.namespace = namespace)
+    }
+
+    /// How long the caller whose request runs the handler waits for its answer (default: as
+    /// long as it takes). Past it, that caller gets 504
+    /// [`still-running`](crate::Problem::StillRunning) with `Retry-After`, and the handler is
+    /// not cancelled: it keeps running with its lease held and renewed, and its outcome is
+    /// stored when it comes (counted as
+    /// [`LateAnswerStored`](crate::metrics::Event::LateAnswerStored)). Duplicates meanwhile
+    /// wait or get 409 as for any request in flight, then replay it. Nothing runs twice
+    /// because a caller stopped waiting. The proxy's `--upstream-timeout` is this option.
+    ///
+    /// A timeout put around the layer from outside has the same effect on the handler (so does
+    /// a caller that disconnects); this option only gives that caller an answer that says so.
+    pub fn with_caller_timeout(self, timeout: Duration) -> Self {
+        self.config(|c| c.caller_timeout = Some(timeout))
+    }
+
+    /// Waits until no work is left in the background: every handler whose caller went away (a
+    /// disconnect, the [caller timeout](Self::with_caller_timeout)) has finished, and its
+    /// outcome is stored or its lease released, including writes retried after a store failure.
+    ///
+    /// Call it on shutdown, once the server has stopped taking requests and has drained its
+    /// connections, and bound it with a timeout of your own: work cut short here runs again
+    /// once its lease expires. Every clone of this layer, and every service made from them,
+    /// shares the work it waits for.
+    pub async fn drain(&self) {
+        self.background.close();
+        self.background.wait().await;
+        self.background.reopen();
     }
 
     /// The `Retry-After` advised with 409 and 503 answers (default 1 s).

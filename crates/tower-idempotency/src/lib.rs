@@ -71,6 +71,7 @@
 
 pub mod body;
 pub mod config;
+mod extensions;
 pub mod extract;
 pub mod fingerprint;
 pub mod form;
@@ -93,6 +94,7 @@ pub mod __fuzz;
 
 pub use body::IdempotencyBody;
 pub use config::{OnConflict, default_storable};
+pub use extensions::{OutcomeUnknown, Tracked};
 pub use extract::{KeySource, KeySources};
 pub use form::{idempotent_input, idempotent_key};
 pub use key::{IdempotencyKey, KeyError};

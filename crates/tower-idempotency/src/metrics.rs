@@ -35,6 +35,20 @@ pub enum Event {
     /// truncated, of an unknown version, or written by another tool (500, `record-corrupt`).
     /// The handler did not run and nothing was replayed.
     CorruptRecord,
+    /// The outcome of a tracked request cannot be known: the inner service said it may have
+    /// acted but gave no answer to keep (the proxy's upstream connection broke after the request
+    /// was sent, or its `--upstream-deadline` passed), or the response body failed after its
+    /// status was sent. An unreplayable record is stored, so the request never runs again for
+    /// this key; duplicates get 502 `outcome-unknown`.
+    OutcomeUnknown,
+    /// An outcome was stored after its caller had stopped waiting for it (the caller went away,
+    /// or its caller timeout passed): the retry replays it instead of running again.
+    LateAnswerStored,
+    /// An `Idempotency-Key` header that disagreed with a key the page itself chose (form field,
+    /// query parameter or `X-Idempotent-Key`) was ignored: browsers add a header of their own.
+    KeyHeaderIgnored,
+    /// A completion or release failed for want of the store and was tried again.
+    StoreRetried,
 }
 
 /// The counter's name.
@@ -84,6 +98,10 @@ events! {
     FailOpen => "fail_open",
     BadKey => "bad_key",
     CorruptRecord => "corrupt_record",
+    OutcomeUnknown => "outcome_unknown",
+    LateAnswerStored => "late_answer_stored",
+    KeyHeaderIgnored => "key_header_ignored",
+    StoreRetried => "store_retried",
 }
 
 static METADATA: Metadata<'static> =
@@ -100,7 +118,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 12);
+        assert_eq!(Event::ALL.len(), 16);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);

@@ -38,7 +38,7 @@ pub enum Problem {
     },
     /// 422: the key was used before with another request (fingerprint mismatch).
     FingerprintMismatch,
-    /// 500: the handler panicked or its response body failed; its lease was released.
+    /// 500: the handler panicked; its lease was released, so a retry runs.
     HandlerFailed,
     /// 400: the request body could not be read.
     BodyUnreadable,
@@ -55,6 +55,20 @@ pub enum Problem {
     /// record may stand for a request that completed, and nothing of the record is replayed.
     /// The key stays refused until the record expires or an operator removes it.
     CorruptRecord,
+    /// 502: the request with this key may have run, but its outcome is unknown (the upstream's
+    /// connection broke after the request was sent, its deadline passed, or the response failed
+    /// after its status). The request is never run again for this key while the record lives.
+    OutcomeUnknown,
+    /// 504: the handler did not answer within the [caller timeout]; it keeps running, its lease
+    /// held, and its outcome is stored for a retry with the same key.
+    ///
+    /// [caller timeout]: crate::IdempotencyLayer::with_caller_timeout
+    StillRunning {
+        /// How long the caller waited.
+        waited: Duration,
+        /// Seconds for `Retry-After`.
+        retry_after: Duration,
+    },
 }
 
 impl Problem {
@@ -71,6 +85,8 @@ impl Problem {
             Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::HandlerFailed | Problem::CorruptRecord => StatusCode::INTERNAL_SERVER_ERROR,
             Problem::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::OutcomeUnknown => StatusCode::BAD_GATEWAY,
+            Problem::StillRunning { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -90,6 +106,8 @@ impl Problem {
             Problem::MalformedForm => "form-malformed",
             Problem::StoreUnavailable { .. } => "store-unavailable",
             Problem::CorruptRecord => "record-corrupt",
+            Problem::OutcomeUnknown => "outcome-unknown",
+            Problem::StillRunning { .. } => "still-running",
         }
     }
 
@@ -107,6 +125,8 @@ impl Problem {
             Problem::MalformedForm => "Malformed form body",
             Problem::StoreUnavailable { .. } => "Idempotency store unavailable",
             Problem::CorruptRecord => "Stored idempotency record unreadable",
+            Problem::OutcomeUnknown => "The outcome of the original request is unknown",
+            Problem::StillRunning { .. } => "The request is still running",
         }
     }
 
@@ -141,6 +161,13 @@ impl Problem {
             Problem::CorruptRecord => {
                 "The record stored for this idempotency key cannot be read, so the request was neither run nor replayed. It stays refused until the record expires or is removed.".into()
             }
+            Problem::OutcomeUnknown => {
+                "The original request with this idempotency key may have run, but its outcome is unknown, so it will not run again for this key. Look its result up; a new key runs it again.".into()
+            }
+            Problem::StillRunning { waited, .. } => format!(
+                "The request did not finish within {}. It keeps running and its outcome will be stored: retry later with the same key to get it. A new key would run it again.",
+                readable_duration(*waited)
+            ),
         }
     }
 
@@ -148,7 +175,8 @@ impl Problem {
         match self {
             Problem::InFlight { retry_after }
             | Problem::WaitTimeout { retry_after }
-            | Problem::StoreUnavailable { retry_after } => Some(*retry_after),
+            | Problem::StoreUnavailable { retry_after }
+            | Problem::StillRunning { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -176,6 +204,20 @@ impl Problem {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
+    }
+}
+
+/// A duration as a person reads it: `1.5 s`, `30 s`, `250 ms`.
+fn readable_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        let secs = d.as_secs_f64();
+        if secs.fract() == 0.0 {
+            format!("{secs:.0} s")
+        } else {
+            format!("{secs:.1} s")
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! the seed's pickle):
 //!
 //! ```text
-//! version u8 (= 1) | flags u8 (bit 0: replayable) | fingerprint [32]
+//! version u8 (= 1) | flags u8 (bit 0: replayable, bit 1: outcome unknown) | fingerprint [32]
 //! status u16 | header count u16 | { name len u16, name, value len u32, value }*
 //! body len u32 | body
 //! ```
@@ -18,15 +18,29 @@ use crate::fingerprint::Fingerprint;
 
 const VERSION: u8 = 1;
 const FLAG_REPLAYABLE: u8 = 1;
+/// Set on a record that is not replayable because the request's outcome is unknown. A decoder
+/// that predates it reads such a record as too large to replay: never as a reason to run again.
+const FLAG_OUTCOME_UNKNOWN: u8 = 2;
 
 /// A completed request as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     /// The fingerprint of the request that produced it.
     pub fingerprint: Fingerprint,
-    /// The response, or `None` when the request completed with a response too large to keep:
-    /// duplicates then get an error instead of a replay, and the handler does not run again.
-    pub response: Option<StoredResponse>,
+    /// The response, or why there is none to replay. Either way the handler does not run again
+    /// for this key while the record lives: duplicates get an error instead of a replay.
+    pub response: Result<StoredResponse, Unreplayable>,
+}
+
+/// Why a completed record holds no response to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreplayable {
+    /// The response was larger than the replay limit. It reached its caller in full.
+    TooLarge,
+    /// The request may have run, but its outcome is unknown: the inner service said so
+    /// ([`OutcomeUnknown`](crate::OutcomeUnknown)), or the response body failed after its status
+    /// was sent.
+    OutcomeUnknown,
 }
 
 /// A response kept for replay.
@@ -59,7 +73,8 @@ impl Record {
             &self.fingerprint,
             self.response
                 .as_ref()
-                .map(|r| (r.status, &r.headers, &r.body[..])),
+                .map(|r| (r.status, &r.headers, &r.body[..]))
+                .map_err(|why| *why),
             |_| true,
         )
     }
@@ -110,13 +125,15 @@ impl Record {
             return Err(DecodeError("trailing bytes"));
         }
         let response = if flags & FLAG_REPLAYABLE != 0 {
-            Some(StoredResponse {
+            Ok(StoredResponse {
                 status: StatusCode::from_u16(status).map_err(|_| DecodeError("bad status"))?,
                 headers,
                 body,
             })
+        } else if flags & FLAG_OUTCOME_UNKNOWN != 0 {
+            Err(Unreplayable::OutcomeUnknown)
         } else {
-            None
+            Err(Unreplayable::TooLarge)
         };
         Ok(Record {
             fingerprint: Fingerprint(fp),
@@ -130,7 +147,7 @@ impl Record {
 /// the bytes are those of [`Record::encode`].
 pub(crate) fn encode(
     fingerprint: &Fingerprint,
-    response: Option<(StatusCode, &HeaderMap, &[u8])>,
+    response: Result<(StatusCode, &HeaderMap, &[u8]), Unreplayable>,
     keep: impl Fn(&HeaderName) -> bool,
 ) -> Bytes {
     let size = 2
@@ -147,14 +164,14 @@ pub(crate) fn encode(
         });
     let mut out = BytesMut::with_capacity(size);
     out.put_u8(VERSION);
-    out.put_u8(if response.is_some() {
-        FLAG_REPLAYABLE
-    } else {
-        0
+    out.put_u8(match response {
+        Ok(_) => FLAG_REPLAYABLE,
+        Err(Unreplayable::TooLarge) => 0,
+        Err(Unreplayable::OutcomeUnknown) => FLAG_OUTCOME_UNKNOWN,
     });
     out.put_slice(&fingerprint.0);
     match response {
-        Some((status, headers, body)) => {
+        Ok((status, headers, body)) => {
             out.put_u16(status.as_u16());
             let count_at = out.len();
             out.put_u16(0);
@@ -171,7 +188,7 @@ pub(crate) fn encode(
             out.put_u32(body.len() as u32);
             out.put_slice(body);
         }
-        None => {
+        Err(_) => {
             out.put_u16(0);
             out.put_u16(0);
             out.put_u32(0);
@@ -195,7 +212,7 @@ mod tests {
         );
         let rec = Record {
             fingerprint: Fingerprint([3; 32]),
-            response: Some(StoredResponse {
+            response: Ok(StoredResponse {
                 status: StatusCode::CREATED,
                 headers,
                 body: Bytes::from_static(&[0, 1, 2, 255]),
@@ -216,11 +233,13 @@ mod tests {
 
     #[test]
     fn not_replayable_round_trips() {
-        let rec = Record {
-            fingerprint: Fingerprint([1; 32]),
-            response: None,
-        };
-        assert_eq!(Record::decode(rec.encode()).unwrap(), rec);
+        for why in [Unreplayable::TooLarge, Unreplayable::OutcomeUnknown] {
+            let rec = Record {
+                fingerprint: Fingerprint([1; 32]),
+                response: Err(why),
+            };
+            assert_eq!(Record::decode(rec.encode()).unwrap(), rec);
+        }
     }
 
     #[test]
@@ -252,7 +271,7 @@ mod tests {
         assert!(Record::decode(Bytes::from_static(&[9; 60])).is_err());
         let mut good = Record {
             fingerprint: Fingerprint([1; 32]),
-            response: None,
+            response: Err(Unreplayable::TooLarge),
         }
         .encode()
         .to_vec();

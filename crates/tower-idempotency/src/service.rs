@@ -23,6 +23,7 @@ use tower::Service;
 use crate::BoxError;
 use crate::body::IdempotencyBody;
 use crate::config::{Config, KeySecret, OnConflict};
+use crate::extensions::{OutcomeUnknown, Tracked};
 use crate::extract::{self, FORM_FIELD, FormKind};
 use crate::fingerprint::{
     Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, is_multipart, query_without_key,
@@ -32,8 +33,9 @@ use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
 use crate::metrics::{Event, record};
 use crate::problem::Problem;
-use crate::record::Record;
+use crate::record::{Record, Unreplayable};
 use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
+use tokio_util::task::TaskTracker;
 
 /// The header that marks a replayed response.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -269,21 +271,53 @@ where
             }
             Begin::Acquired(token) => {
                 record(Event::Executed);
-                let req = Request::from_parts(parts, IdempotencyBody::full(body));
+                let mut req = Request::from_parts(parts, IdempotencyBody::full(body));
+                req.extensions_mut().insert(Tracked);
                 let lease = Lease {
                     store: layer.store.clone(),
                     key: skey,
                     token,
                     lock_ttl: config.lock_ttl,
+                    background: layer.background.clone(),
                 };
                 // A caller that goes away does not cancel the handler: the rest of the work
                 // moves to a task of its own, and its outcome is stored for the retry.
                 // Made in a statement of its own: a temporary in the awaiting statement would
                 // be kept in this future's state, doubling its size.
-                let owner =
-                    Detached::new(own(layer.config.clone(), lease, inner, req, fingerprint));
-                return owner.await;
+                let owner = Detached::new(
+                    layer.background.clone(),
+                    own(layer.config.clone(), lease, inner, req, fingerprint),
+                );
+                return match config.caller_timeout {
+                    None => owner.await,
+                    Some(limit) => Box::pin(answer_within(owner, limit, config.retry_after)).await,
+                };
             }
+        }
+    }
+}
+
+/// Waits at most `limit` for the owner's answer. Past it the caller gets 504 `still-running`,
+/// and the owner, dropped unfinished, runs on in a task of its own and stores its outcome.
+async fn answer_within<B, E: Send + 'static>(
+    owner: Detached<Result<Res<B>, E>>,
+    limit: Duration,
+    retry_after: Duration,
+) -> Result<Res<B>, E>
+where
+    B: Send + 'static,
+{
+    match tokio::time::timeout(limit, owner).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            tracing::info!(
+                ?limit,
+                "the handler did not answer within the caller timeout; it runs on and its outcome will be stored"
+            );
+            Ok(problem(Problem::StillRunning {
+                waited: limit,
+                retry_after,
+            }))
         }
     }
 }
@@ -396,8 +430,10 @@ fn replay<B>(bytes: Bytes, fingerprint: &Fingerprint, key: StorageKey) -> Res<B>
         record(Event::Mismatch);
         return problem(Problem::FingerprintMismatch);
     }
-    let Some(stored) = record_.response else {
-        return problem(Problem::NotReplayable);
+    let stored = match record_.response {
+        Ok(stored) => stored,
+        Err(Unreplayable::TooLarge) => return problem(Problem::NotReplayable),
+        Err(Unreplayable::OutcomeUnknown) => return problem(Problem::OutcomeUnknown),
     };
     record(Event::Replayed);
     let mut res = Response::new(IdempotencyBody::full(stored.body));
@@ -449,11 +485,7 @@ fn storable_record(fingerprint: &Fingerprint, parts: &http::response::Parts, bod
     let keep = |name: &HeaderName| {
         name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
     };
-    crate::record::encode(
-        fingerprint,
-        Some((parts.status, &parts.headers, body)),
-        keep,
-    )
+    crate::record::encode(fingerprint, Ok((parts.status, &parts.headers, body)), keep)
 }
 
 /// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
@@ -463,6 +495,37 @@ struct Lease {
     key: StorageKey,
     token: LeaseToken,
     lock_ttl: Duration,
+    background: TaskTracker,
+}
+
+/// An owner-checked write that ends a lease.
+#[derive(Clone)]
+enum Settle {
+    /// Replace the lease with this record, kept for the TTL.
+    Complete(Bytes, Duration),
+    /// Drop the lease so that the next attempt runs.
+    Release,
+}
+
+impl Settle {
+    async fn write(
+        &self,
+        store: &dyn Store,
+        key: &StorageKey,
+        token: LeaseToken,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Settle::Complete(record, ttl) => store.complete(key, token, record.clone(), *ttl).await,
+            Settle::Release => store.release(key, token).await,
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            Settle::Complete(..) => "completion",
+            Settle::Release => "release",
+        }
+    }
 }
 
 impl Lease {
@@ -499,31 +562,88 @@ impl Lease {
 
     async fn release(&self) {
         record(Event::Released);
-        match (*self.store).release(&self.key, self.token).await {
-            Ok(true) => {}
-            Ok(false) => {
-                record(Event::LeaseLost);
-                tracing::warn!(key = ?self.key, "lease was lost before release");
-            }
-            Err(e) => {
-                tracing::warn!(key = ?self.key, error = %e, "could not release a lease; it will expire")
-            }
-        }
+        self.settle(Settle::Release).await;
     }
 
-    async fn complete(&self, record_: Bytes, ttl: Duration) {
-        match (*self.store)
-            .complete(&self.key, self.token, record_, ttl)
-            .await
-        {
-            Ok(true) => {}
+    /// Stores the outcome; `true` once the store has taken it.
+    async fn complete(&self, record_: Bytes, ttl: Duration) -> bool {
+        self.settle(Settle::Complete(record_, ttl)).await
+    }
+
+    /// Writes `how` the lease ends; `true` when the store took it at the first attempt. A write
+    /// that fails for want of the store (a failover, a blip) is tried again in the background
+    /// until it lands or the lease is surely gone, so one failed write never makes a request run
+    /// twice: the owner token makes a repeated write safe. Meanwhile the caller has its answer.
+    async fn settle(&self, how: Settle) -> bool {
+        match how.write(&*self.store, &self.key, self.token).await {
+            Ok(true) => true,
             Ok(false) => {
-                record(Event::LeaseLost);
-                tracing::warn!(key = ?self.key, "lease was lost before completion; the outcome was refused");
+                lease_lost(&self.key, how.what());
+                false
+            }
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(key = ?self.key, error = %e, "could not write a lease's {}; trying again", how.what());
+                let retry =
+                    retry_settle(self.store.clone(), self.key, self.token, how, self.lock_ttl);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => drop(runtime.spawn(self.background.track_future(retry))),
+                    Err(_) => {
+                        tracing::warn!(key = ?self.key, "no tokio runtime to retry on; the lease will expire")
+                    }
+                }
+                false
             }
             Err(e) => {
                 record(Event::StoreError);
-                tracing::warn!(key = ?self.key, error = %e, "could not store an outcome; the lease will expire and a retry will run again");
+                tracing::warn!(key = ?self.key, error = %e, "could not write a lease's {}; the lease will expire", how.what());
+                false
+            }
+        }
+    }
+}
+
+fn lease_lost(key: &StorageKey, what: &str) {
+    record(Event::LeaseLost);
+    tracing::warn!(
+        ?key,
+        "lease was lost before its {what}; the store refused it"
+    );
+}
+
+/// The first pause between attempts of a failed lease write, doubled after each one.
+const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between attempts of a failed lease write.
+const RETRY_MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Tries a failed lease write again, with backoff, until the store answers, or until two lock
+/// TTLs have passed since the first failure: the lease was last renewed before it, so by then it
+/// has expired in the store too and the write could only be refused.
+async fn retry_settle(
+    store: Arc<dyn Store>,
+    key: StorageKey,
+    token: LeaseToken,
+    how: Settle,
+    lock_ttl: Duration,
+) {
+    let give_up = Instant::now() + lock_ttl.saturating_mul(2);
+    let mut pause = RETRY_FIRST_PAUSE;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX_PAUSE);
+        record(Event::StoreRetried);
+        match how.write(&*store, &key, token).await {
+            Ok(true) => {
+                tracing::info!(?key, "a lease's {} landed after a retry", how.what());
+                return;
+            }
+            Ok(false) => return lease_lost(&key, how.what()),
+            Err(e) if Instant::now() >= give_up => {
+                record(Event::StoreError);
+                tracing::error!(?key, error = %e, "gave up writing a lease's {} after two lock TTLs; the lease has expired and a retry will run again", how.what());
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(?key, error = %e, "a lease's {} failed again", how.what())
             }
         }
     }
@@ -572,8 +692,17 @@ enum Outcome<B, E> {
     Store(http::response::Parts, Bytes),
     /// A storable response too large to keep.
     TooLarge(http::response::Parts, Bytes, Pin<Box<B>>),
-    /// The response body failed while being read.
+    /// The inner service said the request may have acted without an answer to keep.
+    Unknown(Response<B>),
+    /// The response body failed after its status was sent: the handler ran, its answer is lost.
     BodyFailed,
+}
+
+/// What the lease owner's part ends with: the first caller's answer, and whether a response was
+/// stored for replay (so that an answer its caller no longer waits for is counted).
+struct Owned<T> {
+    answer: T,
+    stored: bool,
 }
 
 /// The lease owner's part: run the handler, store or release, answer the first caller.
@@ -583,7 +712,7 @@ async fn own<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<IdempotencyBody<ReqBody>>,
     fingerprint: Fingerprint,
-) -> Result<Res<ResBody>, S::Error>
+) -> Owned<Result<Res<ResBody>, S::Error>>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
@@ -595,6 +724,9 @@ where
             Ok(res) => res,
             Err(e) => return Outcome::Error(e),
         };
+        if res.extensions().get::<OutcomeUnknown>().is_some() {
+            return Outcome::Unknown(res);
+        }
         if !storable(res.status()) {
             return Outcome::Release(res);
         }
@@ -616,57 +748,89 @@ where
     })
     .catch_unwind();
 
+    let unstored = |answer| Owned {
+        answer,
+        stored: false,
+    };
     match lease.renewing(work).await {
         Err(_panic) => {
             tracing::error!(key = ?lease.key, "handler panicked; lease released");
             lease.release().await;
-            Ok(problem(Problem::HandlerFailed))
+            unstored(Ok(problem(Problem::HandlerFailed)))
         }
         Ok(Outcome::Error(e)) => {
             lease.release().await;
-            Err(e)
-        }
-        Ok(Outcome::BodyFailed) => {
-            tracing::warn!(key = ?lease.key, "response body failed; lease released");
-            lease.release().await;
-            Ok(problem(Problem::HandlerFailed))
+            unstored(Err(e))
         }
         Ok(Outcome::Release(res)) => {
             lease.release().await;
-            Ok(res.map(IdempotencyBody::stream))
+            unstored(Ok(res.map(IdempotencyBody::stream)))
+        }
+        Ok(Outcome::Unknown(res)) => {
+            tracing::warn!(key = ?lease.key, status = %res.status(), "the request's outcome is unknown; it will not run again for this key");
+            outcome_unknown(&lease, fingerprint, config.ttl).await;
+            unstored(Ok(res.map(IdempotencyBody::stream)))
+        }
+        Ok(Outcome::BodyFailed) => {
+            tracing::warn!(key = ?lease.key, "response body failed after its status; the outcome is unknown and will not run again for this key");
+            outcome_unknown(&lease, fingerprint, config.ttl).await;
+            unstored(Ok(problem(Problem::OutcomeUnknown)))
         }
         Ok(Outcome::Store(parts, body)) => {
-            lease
+            let stored = lease
                 .complete(storable_record(&fingerprint, &parts, &body), config.ttl)
                 .await;
-            Ok(Response::from_parts(parts, IdempotencyBody::full(body)))
+            Owned {
+                answer: Ok(Response::from_parts(parts, IdempotencyBody::full(body))),
+                stored,
+            }
         }
         Ok(Outcome::TooLarge(parts, prefix, rest)) => {
             tracing::info!(key = ?lease.key, limit, "response too large to keep for replay; duplicates will get 409");
             let record_ = Record {
                 fingerprint,
-                response: None,
+                response: Err(Unreplayable::TooLarge),
             };
-            lease.complete(record_.encode(), config.ttl).await;
-            Ok(Response::from_parts(
-                parts,
-                IdempotencyBody::prefixed(prefix, rest),
-            ))
+            let stored = lease.complete(record_.encode(), config.ttl).await;
+            Owned {
+                answer: Ok(Response::from_parts(
+                    parts,
+                    IdempotencyBody::prefixed(prefix, rest),
+                )),
+                stored,
+            }
         }
     }
 }
 
-/// A future that runs to completion even when its caller drops it: dropped unfinished, it moves
-/// to a task of its own on the current tokio runtime. Unlike spawning up front, the common case
-/// (the caller waits) costs no task, no channel and no cross-thread wake-up.
+/// Completes the lease with a record that says the outcome is unknown, so that duplicates get
+/// 502 `outcome-unknown` for the TTL and never run the request again.
+async fn outcome_unknown(lease: &Lease, fingerprint: Fingerprint, ttl: Duration) {
+    record(Event::OutcomeUnknown);
+    let record_ = Record {
+        fingerprint,
+        response: Err(Unreplayable::OutcomeUnknown),
+    };
+    lease.complete(record_.encode(), ttl).await;
+}
+
+/// The lease owner's future, run to completion even when its caller drops it: dropped
+/// unfinished, it moves to a task of its own on the current tokio runtime, tracked by the
+/// layer's background work. Unlike spawning up front, the common case (the caller waits) costs
+/// no task, no channel and no cross-thread wake-up.
 struct Detached<T: Send + 'static> {
-    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    future: Option<Pin<Box<dyn Future<Output = Owned<T>> + Send>>>,
+    background: TaskTracker,
 }
 
 impl<T: Send + 'static> Detached<T> {
-    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
+    fn new(
+        background: TaskTracker,
+        future: impl Future<Output = Owned<T>> + Send + 'static,
+    ) -> Self {
         Self {
             future: Some(Box::pin(future)),
+            background,
         }
     }
 }
@@ -681,7 +845,7 @@ impl<T: Send + 'static> Future for Detached<T> {
             return Poll::Pending;
         };
         match future.as_mut().poll(cx) {
-            Poll::Ready(out) => Poll::Ready(out),
+            Poll::Ready(out) => Poll::Ready(out.answer),
             Poll::Pending => {
                 self.future = Some(future);
                 Poll::Pending
@@ -697,10 +861,13 @@ impl<T: Send + 'static> Drop for Detached<T> {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move {
-                    // The caller is gone; the outcome is stored all the same.
-                    drop(future.await);
+                // The caller is gone; the outcome is stored all the same.
+                let rest = self.background.track_future(async move {
+                    if future.await.stored {
+                        record(Event::LateAnswerStored);
+                    }
                 });
+                drop(runtime.spawn(rest));
             }
             Err(_) => tracing::warn!(
                 "a tracked request was dropped outside a tokio runtime; its lease will expire"

@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::record::{Record, StoredResponse};
+use tower_idempotency::record::{Record, StoredResponse, Unreplayable};
 
 /// A header name: a well-known one (stored by `http` in its own representation) or any token.
 fn header_name() -> impl Strategy<Value = HeaderName> {
@@ -56,12 +56,15 @@ fn response() -> impl Strategy<Value = StoredResponse> {
 }
 
 fn record() -> impl Strategy<Value = Record> {
-    (any::<[u8; 32]>(), prop::option::weighted(0.8, response())).prop_map(
-        |(fingerprint, response)| Record {
-            fingerprint: Fingerprint(fingerprint),
-            response,
-        },
-    )
+    let response = prop_oneof![
+        8 => response().prop_map(Ok),
+        1 => Just(Err(Unreplayable::TooLarge)),
+        1 => Just(Err(Unreplayable::OutcomeUnknown)),
+    ];
+    (any::<[u8; 32]>(), response).prop_map(|(fingerprint, response)| Record {
+        fingerprint: Fingerprint(fingerprint),
+        response,
+    })
 }
 
 type Parts = [Vec<u8>; 5];
@@ -87,7 +90,7 @@ proptest! {
         let back = Record::decode(encoded.clone()).unwrap();
         prop_assert_eq!(&back, &rec);
         // Repeated values keep their order, byte for byte.
-        if let (Some(a), Some(b)) = (&rec.response, &back.response) {
+        if let (Ok(a), Ok(b)) = (&rec.response, &back.response) {
             for name in a.headers.keys() {
                 let want: Vec<&[u8]> = a.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
                 let got: Vec<&[u8]> = b.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
