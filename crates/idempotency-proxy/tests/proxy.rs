@@ -412,7 +412,7 @@ async fn keys_in_form_fields_are_tracked_and_bad_keys_refused(store: Backend) {
     // Two sources naming different keys, a key too long, a non-ASCII key: 400, never upstream.
     let conflicting = c
         .post(proxy.url("/orders?__idempotent_key=b"))
-        .header(KEY, "a")
+        .header("X-Idempotent-Key", "a")
         .send()
         .await
         .unwrap();

@@ -18,7 +18,11 @@
 //! that carry a key in the `Idempotency-Key` header (an RFC 8941 sf-string, `"abc"`, or a bare
 //! `abc`), the `X-Idempotent-Key` header, the `__idempotent_key` query parameter, or the
 //! `__idempotent_key` field of a urlencoded or multipart form. Keys are 1 to 255 visible ASCII
-//! characters. A bad key, two sources naming different keys, or a repeated key header is a 400.
+//! characters. A bad key, two sources naming different keys, or a repeated key header is a 400,
+//! except that an `Idempotency-Key` header that disagrees with a key the page chose (form field,
+//! query parameter, `X-Idempotent-Key`) is ignored, and the page's key wins: browsers (Firefox)
+//! add an `Idempotency-Key` of their own to form and fetch POSTs (counted as
+//! [`Event::KeyHeaderIgnored`](metrics::Event::KeyHeaderIgnored)).
 //! Requests without a key pass through, unless [keys are required](IdempotencyLayer::with_require_key).
 //!
 //! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the

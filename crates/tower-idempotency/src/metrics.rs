@@ -45,7 +45,8 @@ pub enum Event {
     /// or its caller timeout passed): the retry replays it instead of running again.
     LateAnswerStored,
     /// An `Idempotency-Key` header that disagreed with a key the page itself chose (form field,
-    /// query parameter or `X-Idempotent-Key`) was ignored: browsers add a header of their own.
+    /// query parameter or `X-Idempotent-Key`), or was no valid key beside one, was ignored:
+    /// browsers add a header of their own. The request went on under the page's key.
     KeyHeaderIgnored,
     /// A completion or release failed for want of the store and was tried again.
     StoreRetried,
