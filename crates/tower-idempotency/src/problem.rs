@@ -162,7 +162,7 @@ impl Problem {
                 "The record stored for this idempotency key cannot be read, so the request was neither run nor replayed. It stays refused until the record expires or is removed.".into()
             }
             Problem::OutcomeUnknown => {
-                "The original request with this idempotency key may have run, but its outcome is unknown, so it will not run again for this key. Look its result up; a new key runs it again.".into()
+                "The request with this idempotency key may have run, but its outcome is unknown, so it will not run again for this key. Look its result up; a new key runs it again.".into()
             }
             Problem::StillRunning { waited, .. } => format!(
                 "The request did not finish within {}. It keeps running and its outcome will be stored: retry later with the same key to get it. A new key would run it again.",
