@@ -3,11 +3,11 @@
 //!
 //! The last three are keys the page (or the client's code) chose. Sources that name different
 //! keys are a conflict (400), with one exception: browsers (Firefox) add an `Idempotency-Key`
-//! of their own to form, fetch and XHR POSTs, a new one for every click. Where the page chose a
-//! key, an `Idempotency-Key` that names another one, or no valid key at all, is ignored and
-//! counted ([`Event::KeyHeaderIgnored`](crate::metrics::Event::KeyHeaderIgnored)): the page's
-//! key wins. Alone, the header is the key, and an invalid one is a 400. A repeated
-//! `Idempotency-Key` is a 400 whatever the page chose: no browser repeats it.
+//! of their own to the POSTs of forms, `fetch()` and XHR, a new one for every click. Where the
+//! page chose a key, an `Idempotency-Key` that names another one, or no valid key at all, is
+//! ignored and counted ([`Event::KeyHeaderIgnored`]): the page's key wins. Alone, the header is
+//! the key, and an invalid one is a 400. A repeated `Idempotency-Key` is a 400 whatever the page
+//! chose: no browser repeats it.
 
 use std::convert::Infallible;
 
