@@ -50,6 +50,17 @@ pub enum Event {
     KeyHeaderIgnored,
     /// A completion or release failed for want of the store and was tried again.
     StoreRetried,
+    /// A request was refused because its scope could not be told (the scope extractor answered
+    /// "unknown"): 500 `scope-unavailable`, the handler not run.
+    ScopeUnavailable,
+    /// A tracked request's body did not arrive in full in time (408): no lease was taken.
+    BodyTimeout,
+    /// A tracked request was refused because too many tracked requests were running at once
+    /// (503 with `Retry-After`): no lease was taken.
+    Overloaded,
+    /// A response was stored as not replayable because the record format cannot hold it (too
+    /// many headers, or a header or body too long): duplicates get 409, nothing runs twice.
+    Unstorable,
 }
 
 /// The counter's name.
@@ -103,6 +114,10 @@ events! {
     LateAnswerStored => "late_answer_stored",
     KeyHeaderIgnored => "key_header_ignored",
     StoreRetried => "store_retried",
+    ScopeUnavailable => "scope_unavailable",
+    BodyTimeout => "body_timeout",
+    Overloaded => "overloaded",
+    Unstorable => "unstorable",
 }
 
 static METADATA: Metadata<'static> =
@@ -119,7 +134,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 16);
+        assert_eq!(Event::ALL.len(), 20);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);
