@@ -59,7 +59,9 @@ pub enum Event {
     /// (503 with `Retry-After`): no lease was taken.
     Overloaded,
     /// A response was stored as not replayable because the record format cannot hold it (too
-    /// many headers, or a header or body too long): duplicates get 409, nothing runs twice.
+    /// many headers, or a header or body too long), or because it does not fit in a
+    /// `MemoryStore`'s bound on bytes beside the requests in flight: duplicates get 409, nothing
+    /// runs twice.
     Unstorable,
 }
 

@@ -22,7 +22,10 @@ pub mod redis;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
-pub use memory::{DEFAULT_CAPACITY, MemoryStore, MemoryStoreStats};
+pub use memory::{
+    DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, LEASE_BYTES, MemoryStore, MemoryStoreBuilder,
+    MemoryStoreStats, RECORD_OVERHEAD,
+};
 
 /// Where a record lives: a fixed-size hash of (namespace, scope, key).
 ///
