@@ -40,6 +40,7 @@ async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {
 
 /// The Prometheus text exposition.
 async fn render_metrics(State(admin): State<Admin>) -> impl IntoResponse {
+    crate::store::record_gauges();
     (
         [(
             header::CONTENT_TYPE,

@@ -67,6 +67,30 @@ pub(crate) struct Args {
     )]
     pub(crate) store: StoreSpec,
 
+    /// The most bytes the memory store holds: stored responses with their headers, and a few
+    /// hundred bytes for each key. When it is full, the oldest stored responses make room (a
+    /// retry of one runs again); when requests in flight fill it, a new key gets 503. A response
+    /// too large to fit is kept as not replayable: its duplicates get 409. For `--store memory`
+    /// only [default: 256MiB]
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_STORE_MAX_BYTES",
+        value_name = "BYTES",
+        value_parser = positive_size
+    )]
+    pub(crate) store_max_bytes: Option<usize>,
+
+    /// The most records the memory store holds, stored responses and requests in flight, with
+    /// the same rules as --store-max-bytes: whichever bound is reached first applies. For
+    /// `--store memory` only [default: 100000]
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_STORE_MAX_RECORDS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub(crate) store_max_records: Option<u64>,
+
     /// How long a completed response is kept for replay.
     #[arg(
         long,
@@ -281,6 +305,19 @@ impl fmt::Debug for Secret {
 impl Args {
     /// Checks what no single flag's parser can: flags that must agree with each other.
     pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.store != StoreSpec::Memory {
+            let memory_only = [
+                ("--store-max-bytes", self.store_max_bytes.is_some()),
+                ("--store-max-records", self.store_max_records.is_some()),
+            ];
+            if let Some((flag, _)) = memory_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "{flag} bounds the memory store; a Redis store is bounded by its own \
+                     maxmemory (--store {})",
+                    self.store
+                ));
+            }
+        }
         if self.upstream_timeout > self.upstream_deadline {
             return Err(format!(
                 "--upstream-timeout ({}) must not be longer than --upstream-deadline ({})",
@@ -488,6 +525,14 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| "size too large".to_owned())
 }
 
+/// A size above zero.
+fn positive_size(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        0 => Err("must be more than zero".into()),
+        n => Ok(n),
+    }
+}
+
 fn parse_method(s: &str) -> Result<Method, String> {
     let s = s.trim().to_ascii_uppercase();
     if s.is_empty() {
@@ -606,6 +651,30 @@ mod tests {
         ])
         .unwrap_err();
         assert!(one_line(&e).contains("--ttl"), "{}", one_line(&e));
+    }
+
+    #[test]
+    fn memory_store_bounds() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
+            args.extend_from_slice(extra);
+            Args::try_parse_from(args)
+        };
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.store_max_bytes, a.store_max_records), (None, None));
+        let a = parse(&["--store-max-bytes", "2MiB", "--store-max-records", "500"]).unwrap();
+        assert_eq!(a.store_max_bytes, Some(2 << 20));
+        assert_eq!(a.store_max_records, Some(500));
+        assert!(a.validate().is_ok());
+        assert!(parse(&["--store-max-bytes", "0"]).is_err());
+        assert!(parse(&["--store-max-bytes", "2MB"]).is_err());
+        assert!(parse(&["--store-max-records", "0"]).is_err());
+        let a = parse(&["--store", "redis://h:6379", "--store-max-bytes", "1GiB"]).unwrap();
+        let e = a.validate().unwrap_err();
+        assert!(e.contains("--store-max-bytes"), "{e}");
+        let a = parse(&["--store", "redis://h:6379", "--store-max-records", "5"]).unwrap();
+        let e = a.validate().unwrap_err();
+        assert!(e.contains("--store-max-records"), "{e}");
     }
 
     #[test]

@@ -82,7 +82,7 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = match store::open(&args.store).await {
+    let store = match store::open(&args).await {
         Ok(store) => store,
         Err(e) => return config_error(&e),
     };

@@ -1,12 +1,21 @@
 //! Opening the store named by `--store`, and checking that it answers.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tower_idempotency::store::RedisStore;
 use tower_idempotency::{MemoryStore, Store};
 
-use crate::cli::StoreSpec;
+use crate::cli::{Args, StoreSpec};
+
+/// Gauges of what the memory store holds, set at each scrape of `/metrics`.
+const MEMORY_STORE_BYTES: &str = "idempotency_memory_store_bytes";
+const MEMORY_STORE_MAX_BYTES: &str = "idempotency_memory_store_max_bytes";
+const MEMORY_STORE_RECORDS: &str = "idempotency_memory_store_records";
+const MEMORY_STORE_MAX_RECORDS: &str = "idempotency_memory_store_max_records";
+
+/// The memory store, when `--store memory` opened one, for its gauges.
+static MEMORY: OnceLock<MemoryStore> = OnceLock::new();
 
 /// How long the start-up check and `/healthz` wait for the store.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -16,9 +25,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the store and checks that it answers. The error is one line for the operator, and
 /// never shows a password.
-pub(crate) async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, String> {
+pub(crate) async fn open(args: &Args) -> Result<Arc<dyn Store>, String> {
+    let spec = &args.store;
     let store: Arc<dyn Store> = match spec {
-        StoreSpec::Memory => Arc::new(MemoryStore::default()),
+        StoreSpec::Memory => Arc::new(memory(args)),
         StoreSpec::Redis(url) => {
             match tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect(url)).await {
                 Ok(Ok(store)) => Arc::new(store),
@@ -38,6 +48,50 @@ pub(crate) async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, String> {
         .await
         .map_err(|e| format!("--store {spec}: the store does not answer: {e}"))?;
     Ok(store)
+}
+
+/// The memory store, bounded by `--store-max-bytes` and `--store-max-records`.
+fn memory(args: &Args) -> MemoryStore {
+    let mut builder = MemoryStore::builder();
+    if let Some(max_bytes) = args.store_max_bytes {
+        builder = builder.with_max_bytes(max_bytes);
+    }
+    if let Some(max_records) = args.store_max_records {
+        builder = builder.with_capacity(usize::try_from(max_records).unwrap_or(usize::MAX));
+    }
+    let store = builder.build();
+    if MEMORY.set(store.clone()).is_ok() {
+        metrics::describe_gauge!(
+            MEMORY_STORE_BYTES,
+            metrics::Unit::Bytes,
+            "Bytes the memory store counts for what it holds: responses, headers and per-key overhead."
+        );
+        metrics::describe_gauge!(
+            MEMORY_STORE_MAX_BYTES,
+            metrics::Unit::Bytes,
+            "The memory store's bound on bytes (--store-max-bytes)."
+        );
+        metrics::describe_gauge!(
+            MEMORY_STORE_RECORDS,
+            "Records the memory store holds: stored responses and requests in flight."
+        );
+        metrics::describe_gauge!(
+            MEMORY_STORE_MAX_RECORDS,
+            "The memory store's bound on records (--store-max-records)."
+        );
+    }
+    store
+}
+
+/// Sets the memory store's gauges to what it holds now; nothing for a Redis store.
+pub(crate) fn record_gauges() {
+    if let Some(store) = MEMORY.get() {
+        let stats = store.stats();
+        metrics::gauge!(MEMORY_STORE_BYTES).set(stats.bytes as f64);
+        metrics::gauge!(MEMORY_STORE_MAX_BYTES).set(stats.max_bytes as f64);
+        metrics::gauge!(MEMORY_STORE_RECORDS).set(stats.len as f64);
+        metrics::gauge!(MEMORY_STORE_MAX_RECORDS).set(stats.capacity as f64);
+    }
 }
 
 /// Whether the store answers within [`PING_TIMEOUT`].

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Proxy, Upstream, client, event_count, free_addr, run_to_exit};
+use common::{Proxy, Upstream, client, event_count, free_addr, gauge, run_to_exit};
 
 /// Runs the binary with `args` and `env`; it must exit 2 with one line naming `mentions`.
 fn fails_with_one_line(args: &[&str], env: &[(&str, &str)], mentions: &str) {
@@ -43,6 +43,22 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
     );
     fails_with_one_line(&["--upstream", up, "--methods", "PO ST"], &[], "--methods");
     fails_with_one_line(&["--upstream", up, "--store", "bogus"], &[], "--store");
+    fails_with_one_line(
+        &["--upstream", up, "--store-max-bytes", "2MB"],
+        &[],
+        "--store-max-bytes",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--store-max-records", "0"],
+        &[],
+        "--store-max-records",
+    );
+    // The bounds are the memory store's: Redis has its own (maxmemory).
+    fails_with_one_line(
+        &["--upstream", up, "--store", "redis://127.0.0.1:9"],
+        &[("IDEMPOTENCY_PROXY_STORE_MAX_BYTES", "1GiB")],
+        "--store-max-bytes",
+    );
     fails_with_one_line(
         &["--upstream", up, "--listen", "localhost"],
         &[],
@@ -107,6 +123,8 @@ fn help_explains_every_flag() {
         "--listen",
         "--admin-listen",
         "--store",
+        "--store-max-bytes",
+        "--store-max-records",
         "--ttl",
         "--wait-timeout",
         "--lock-ttl",
@@ -149,6 +167,8 @@ async fn the_environment_configures_every_flag() {
         ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "5s".to_owned()),
         ("IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE", "20s".to_owned()),
         ("IDEMPOTENCY_PROXY_LOG_FORMAT", "json".to_owned()),
+        ("IDEMPOTENCY_PROXY_STORE_MAX_BYTES", "3MiB".to_owned()),
+        ("IDEMPOTENCY_PROXY_STORE_MAX_RECORDS", "777".to_owned()),
     ];
     let proxy = Proxy::spawn(Vec::new(), &env, addr, admin).await;
     let c = client();
@@ -220,6 +240,13 @@ async fn the_environment_configures_every_flag() {
     // The admin endpoints listen where the environment said; logs are JSON lines.
     let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+    // The memory store has the bounds the environment gave it.
+    let metrics = c.get(proxy.admin_url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let max_bytes = gauge(&metrics, "idempotency_memory_store_max_bytes");
+    assert_eq!(max_bytes, Some((3 << 20) as f64));
+    let max_records = gauge(&metrics, "idempotency_memory_store_max_records");
+    assert_eq!(max_records, Some(777.0));
     let logs = proxy.logs();
     assert!(!logs.is_empty());
     for line in logs.lines() {

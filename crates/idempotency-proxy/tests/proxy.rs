@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, DroppingUpstream, Upstream, client, event_count};
+use common::{Backend, DroppingUpstream, Proxy, Upstream, client, event_count, gauge};
 
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
@@ -583,4 +583,61 @@ async fn keys_in_form_fields_are_tracked_and_bad_keys_refused(store: Backend) {
         .unwrap();
     assert_eq!(spaced.status(), 400);
     assert_eq!(up.hits("/orders"), 1);
+}
+
+/// Keyed requests for 200 KiB responses through a proxy whose memory store may hold 2 MiB: the
+/// store never holds more, the oldest stored responses make room for new ones (a retry of the
+/// first key runs again), and the newest still replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_store_keeps_to_its_byte_bound() {
+    const MAX: f64 = (2 << 20) as f64;
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(
+        &up.url(),
+        &["--store", "memory", "--store-max-bytes", "2MiB"],
+    )
+    .await;
+    let c = client();
+    let send = |n: usize| {
+        c.post(proxy.url("/sized?kib=200"))
+            .header(KEY, format!("\"large-{n}\""))
+            .send()
+    };
+    for n in 0..30 {
+        let res = send(n).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+        let body = res.bytes().await.unwrap();
+        assert_eq!(body.len(), 200 * 1024);
+        assert!(body.starts_with(format!("run {}\n", n + 1).as_bytes()));
+        let m = metrics(&proxy).await;
+        let held = gauge(&m, "idempotency_memory_store_bytes").unwrap();
+        assert!(held <= MAX, "the store holds {held} bytes after key {n}");
+    }
+    let m = metrics(&proxy).await;
+    assert_eq!(gauge(&m, "idempotency_memory_store_max_bytes"), Some(MAX));
+    assert_eq!(
+        gauge(&m, "idempotency_memory_store_max_records"),
+        Some(100_000.0)
+    );
+    // Ten responses of 200 KiB and their headers fit in 2 MiB.
+    let records = gauge(&m, "idempotency_memory_store_records").unwrap();
+    assert!((9.0..=10.0).contains(&records), "{records} records held");
+    assert_eq!(up.hits("/sized"), 30);
+
+    // The newest replay, byte for byte, without reaching the upstream.
+    for n in 21..30 {
+        let res = send(n).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["idempotent-replayed"], "true", "key {n}");
+        let body = res.bytes().await.unwrap();
+        assert!(body.starts_with(format!("run {}\n", n + 1).as_bytes()));
+    }
+    assert_eq!(up.hits("/sized"), 30);
+    // The oldest made room: a retry of the first key runs again.
+    let res = send(0).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert!(res.bytes().await.unwrap().starts_with(b"run 31\n"));
+    assert_eq!(up.hits("/sized"), 31);
 }

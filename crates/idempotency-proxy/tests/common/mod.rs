@@ -94,6 +94,7 @@ impl Upstream {
             .route("/hop", any(hop))
             .route("/big", any(big))
             .route("/upload", any(upload))
+            .route("/sized", any(sized))
             .with_state(Hits(hits.clone()));
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -194,6 +195,19 @@ async fn big(
     res.headers_mut()
         .insert("content-length", HeaderValue::from(mib * 1024 * 1024));
     res
+}
+
+/// `kib` KiB (default 1): `run N` and the execution number, padded with `.`.
+async fn sized(
+    State(hits): State<Hits>,
+    uri: Uri,
+    Query(q): Query<HashMap<String, usize>>,
+) -> Response {
+    let n = hits.hit(&uri);
+    let len = q.get("kib").copied().unwrap_or(1) * 1024;
+    let mut body = format!("run {n}\n").into_bytes();
+    body.resize(len.max(body.len()), b'.');
+    body.into_response()
 }
 
 /// Reads the request body as it streams and answers with its length.
@@ -471,6 +485,15 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
 /// The value of `idempotency_events_total{event="..."}` in a Prometheus text exposition.
 pub fn event_count(metrics: &str, event: &str) -> Option<u64> {
     let prefix = format!("idempotency_events_total{{event=\"{event}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The value of the gauge `name` (without labels) in a Prometheus text exposition.
+pub fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
