@@ -39,16 +39,14 @@ async fn start_demo() -> Demo {
 }
 
 async fn start_demo_with(store: &str) -> Demo {
+    start_demo_args(&["--store", store]).await
+}
+
+async fn start_demo_args(extra: &[&str]) -> Demo {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_idempotency-demo"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--work",
-            "300ms",
-            "--store",
-            store,
-        ])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--work", "300ms"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -342,4 +340,28 @@ async fn two_instances_sharing_a_redis_create_one_order() {
     assert!(bodies.iter().all(|b| *b == bodies[0]), "bodies differ");
     let placed = orders(&client, &a).await.len() + orders(&client, &b).await.len();
     assert_eq!(placed, 1, "the two instances placed {placed} orders");
+}
+
+/// `--store-max-records 2`: the memory store keeps the two newest orders' responses; the oldest
+/// made room, so its retry places a new order.
+#[tokio::test]
+async fn the_memory_store_keeps_to_the_bounds_the_flags_give() {
+    let demo = start_demo_args(&["--store-max-records", "2", "--store-max-bytes", "1MiB"]).await;
+    let client = reqwest::Client::new();
+    let place = |key: &'static str| {
+        client
+            .post(format!("{}/api/orders", demo.base))
+            .header("Idempotency-Key", format!("\"{key}\""))
+            .json(&serde_json::json!({"product": "Teapot", "quantity": 1}))
+            .send()
+    };
+    for key in ["first", "second", "third"] {
+        assert_eq!(place(key).await.unwrap().status(), 201);
+    }
+    let third = place("third").await.unwrap();
+    assert_eq!(third.headers()["idempotent-replayed"], "true");
+    let first = place("first").await.unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    assert_eq!(orders(&client, &demo).await.len(), 4);
 }
