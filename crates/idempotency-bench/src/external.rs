@@ -30,6 +30,19 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    /// A `kB` field of the process's `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
+    pub(crate) fn status_bytes(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    }
+}
+
 async fn spawn(mut cmd: Command, addr: SocketAddr) -> Result<Proc, String> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let child = cmd
@@ -72,6 +85,15 @@ fn sibling(name: &str) -> PathBuf {
 
 /// `idempotency-proxy` in front of `upstream` with `store`.
 pub(crate) async fn proxy(upstream: SocketAddr, store: &str) -> Result<Proc, String> {
+    proxy_with(upstream, store, &[]).await
+}
+
+/// `idempotency-proxy` in front of `upstream` with `store` and `extra` flags.
+pub(crate) async fn proxy_with(
+    upstream: SocketAddr,
+    store: &str,
+    extra: &[&str],
+) -> Result<Proc, String> {
     let addr = free_addr();
     let bin = sibling("idempotency-proxy");
     let mut cmd = Command::new(&bin);
@@ -85,6 +107,7 @@ pub(crate) async fn proxy(upstream: SocketAddr, store: &str) -> Result<Proc, Str
         "--log-format",
         "text",
     ])
+    .args(extra)
     .env("RUST_LOG", "warn");
     spawn(cmd, addr)
         .await

@@ -63,6 +63,25 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Fill a MemoryStore past its bounds with records of one size, and print what it holds, the
+    /// bytes it counts and the process's RSS (run in a process of its own by the benchmark).
+    FullStore {
+        /// The store's bound on bytes.
+        #[arg(long, default_value_t = tower_idempotency::store::DEFAULT_MAX_BYTES)]
+        max_bytes: usize,
+        /// The store's bound on records.
+        #[arg(long, default_value_t = tower_idempotency::store::DEFAULT_CAPACITY)]
+        max_records: usize,
+        /// Each record's body, in bytes.
+        #[arg(long, default_value_t = 200 * 1024)]
+        body: usize,
+        /// Print one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the proxy (with its default store bounds) keyed requests for 200 KiB responses,
+    /// four times what its store holds, and print its RSS.
+    ProxyAtBound,
     /// Serve the benchmark app (used by the benchmark itself, in a child process).
     Serve {
         /// `bare`, `memory` or a Redis URL.
@@ -455,6 +474,162 @@ async fn memory_footprint(report: &mut Report) {
     println!("{}", report.notes.last().map_or("", |s| s.as_str()));
 }
 
+/// One sentence for a store filled past its bounds.
+fn describe_full_store(f: &server::FullStore) -> String {
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let grown = f.rss.saturating_sub(f.rss_before) as f64;
+    format!(
+        "{} records with a {} body written to a MemoryStore bounded by {:.0} MiB and {} records: \
+         it holds {} records and counts {:.1} MiB ({:.0} bytes per record); the process's RSS is \
+         {:.1} MiB ({:.1} MiB before the store; {:.0} bytes per record held), {:.1} MiB at its peak",
+        f.written,
+        if f.body >= 1024 {
+            format!("{} KiB", f.body / 1024)
+        } else {
+            format!("{} B", f.body)
+        },
+        mib(f.max_bytes as f64),
+        f.max_records,
+        f.held,
+        mib(f.bytes as f64),
+        f.bytes as f64 / f.held.max(1) as f64,
+        mib(f.rss as f64),
+        mib(f.rss_before as f64),
+        grown / f.held.max(1) as f64,
+        mib(f.rss_peak as f64),
+    )
+}
+
+/// Runs `full-store` in a child process, so that its RSS is the store's alone.
+fn full_store_in_child(
+    max_bytes: usize,
+    max_records: usize,
+    body: usize,
+) -> Result<server::FullStore, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(exe)
+        .args([
+            "full-store",
+            "--json",
+            "--max-bytes",
+            &max_bytes.to_string(),
+            "--max-records",
+            &max_records.to_string(),
+            "--body",
+            &body.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("full-store exited with {}", out.status));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(server::FullStore {
+        body: n("body") as usize,
+        written: n("written"),
+        held: n("held") as usize,
+        bytes: n("bytes") as usize,
+        max_bytes: n("max_bytes") as usize,
+        max_records: n("max_records") as usize,
+        rss_before: n("rss_before"),
+        rss: n("rss"),
+        rss_peak: n("rss_peak"),
+    })
+}
+
+/// The bounds at work: large records fill the bytes, small ones the count, or the bytes when the
+/// count is set high.
+const FULL_STORES: [(usize, usize, usize); 3] = [
+    (256 << 20, 100_000, 200 * 1024),
+    (256 << 20, 100_000, 1024),
+    (64 << 20, 1_000_000, 1024),
+];
+
+fn full_stores(report: &mut Report) {
+    for (max_bytes, max_records, body) in FULL_STORES {
+        let note = match full_store_in_child(max_bytes, max_records, body) {
+            Ok(f) => format!(
+                "7. MemoryStore at its bounds (`idempotency-bench full-store --max-bytes {max_bytes} \
+                 --max-records {max_records} --body {body}`): {}.",
+                describe_full_store(&f)
+            ),
+            Err(e) => format!("7. MemoryStore at its bounds not measured: {e}"),
+        };
+        println!("{note}");
+        report.notes.push(note);
+    }
+}
+
+/// What the proxy's RSS came to after [`fill_proxy`].
+struct ProxyRss {
+    requests: u64,
+    errors: u64,
+    before: u64,
+    after: u64,
+    peak: u64,
+}
+
+/// Starts the proxy with `extra` flags in front of `upstream` and sends it `count` keyed
+/// requests for its 200 KiB responses, one after another.
+async fn fill_proxy(upstream: SocketAddr, extra: &[&str], count: u64) -> Result<ProxyRss, String> {
+    let proxy = external::proxy_with(upstream, "memory", extra).await?;
+    let before = proxy.status_bytes("VmRSS").unwrap_or(0);
+    let nonce = std::process::id();
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let make: MakeRequest = Arc::new(move |_, n| {
+        Request::post("/large")
+            .header("host", "127.0.0.1")
+            .header("idempotency-key", format!("\"large-{nonce}-{run}-{n}\""))
+            .body(Full::new(Bytes::new()))
+            .expect("valid request")
+    });
+    let stats = load::run_count(proxy.addr, make, count).await;
+    Ok(ProxyRss {
+        requests: stats.requests,
+        errors: stats.errors,
+        before,
+        after: proxy.status_bytes("VmRSS").unwrap_or(0),
+        peak: proxy.status_bytes("VmHWM").unwrap_or(0),
+    })
+}
+
+/// The proxy with its default store bounds, sent keyed requests for 200 KiB responses: four
+/// times what its bound on bytes holds. Its RSS stays near the bound; with the bound on bytes
+/// out of reach (the count of records alone bounding the store), it grows with every response.
+async fn proxy_at_its_bound(report: &mut Report) {
+    const BODY: usize = 200 * 1024;
+    let upstream = server::large_upstream(BODY).await;
+    let count = 4 * (tower_idempotency::store::DEFAULT_MAX_BYTES / BODY) as u64;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let bounded = fill_proxy(upstream, &[], count).await;
+    let unbounded = fill_proxy(upstream, &["--store-max-bytes", "64GiB"], count).await;
+    let note = match (bounded, unbounded) {
+        (Ok(b), Ok(u)) => format!(
+            "8. idempotency-proxy with its default store bounds (256 MiB, 100 000 records), sent \
+             {} keyed requests for 200 KiB responses one after another ({:.0} MiB of responses, \
+             {} errors; `idempotency-bench proxy-at-bound`): its RSS is {:.1} MiB at the end \
+             ({:.1} MiB before), {:.1} MiB at its peak. The same with `--store-max-bytes 64GiB`, \
+             the count of records alone bounding the store as before the bound on bytes: {:.1} \
+             MiB ({} errors).",
+            b.requests,
+            mib(b.requests * BODY as u64),
+            b.errors,
+            mib(b.after),
+            mib(b.before),
+            mib(b.peak),
+            mib(u.after),
+            u.errors,
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            format!("8. the proxy at its store bound was not measured: {e}")
+        }
+    };
+    println!("{note}");
+    report.notes.push(note);
+}
+
 async fn fan_in_memory(report: &mut Report) {
     let r = server::fan_in(1000, Duration::from_millis(200)).await;
     report.notes.push(format!(
@@ -571,6 +746,41 @@ fn main() {
             );
             return;
         }
+        Some(Cmd::FullStore {
+            max_bytes,
+            max_records,
+            body,
+            json,
+        }) => {
+            let f = rt.block_on(server::fill_to_bounds(*max_bytes, *max_records, *body));
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "body": f.body,
+                        "written": f.written,
+                        "held": f.held,
+                        "bytes": f.bytes,
+                        "max_bytes": f.max_bytes,
+                        "max_records": f.max_records,
+                        "rss_before": f.rss_before,
+                        "rss": f.rss,
+                        "rss_peak": f.rss_peak,
+                    })
+                );
+            } else {
+                println!("{}.", describe_full_store(&f));
+            }
+            return;
+        }
+        Some(Cmd::ProxyAtBound) => {
+            let mut report = Report {
+                rows: Vec::new(),
+                notes: Vec::new(),
+            };
+            rt.block_on(proxy_at_its_bound(&mut report));
+            return;
+        }
         Some(Cmd::FanIn { runs }) => {
             rt.block_on(async {
                 for _ in 0..*runs {
@@ -594,6 +804,8 @@ fn main() {
         };
         // Memory first, while this process is small.
         memory_footprint(&mut report).await;
+        full_stores(&mut report);
+        proxy_at_its_bound(&mut report).await;
         let scratch = std::env::current_dir()
             .unwrap_or_default()
             .join("target/bench");

@@ -35,6 +35,25 @@ fn app() -> Router {
     )
 }
 
+/// An upstream on 127.0.0.1 whose every POST to `/large` answers 200 with `body` bytes, served
+/// by a task of this process; its address.
+pub(crate) async fn large_upstream(body: usize) -> SocketAddr {
+    let bytes = Bytes::from(vec![b'x'; body]);
+    let app = Router::new().route(
+        "/large",
+        post(move || {
+            let bytes = bytes.clone();
+            async move { ([("content-type", "application/octet-stream")], bytes) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// Serves the benchmark app: `bare`, `memory`, or a Redis URL.
 pub(crate) async fn serve(kind: &str, listen: SocketAddr) {
     let app = match kind {
@@ -68,6 +87,101 @@ fn rss_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// A store filled past its bounds, as [`fill_to_bounds`] measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FullStore {
+    /// The body of each record, in bytes.
+    pub(crate) body: usize,
+    /// Records written.
+    pub(crate) written: u64,
+    /// Records the store held at the end.
+    pub(crate) held: usize,
+    /// The bytes it counted for them, and its bound.
+    pub(crate) bytes: usize,
+    pub(crate) max_bytes: usize,
+    /// Its bound on records.
+    pub(crate) max_records: usize,
+    /// The process's RSS before the store was made, at the end, and at its peak (VmHWM).
+    pub(crate) rss_before: u64,
+    pub(crate) rss: u64,
+    pub(crate) rss_peak: u64,
+}
+
+/// The process's peak RSS (VmHWM), in bytes.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Writes completed records of `body` bytes into a MemoryStore bounded by `max_bytes` and
+/// `max_records`, three times as many as its bounds let it hold, so that the last two thirds
+/// each evict the oldest; then reads what it holds and what the process's RSS is. Meant for a
+/// process of its own, so that the RSS is the store's and a small runtime's.
+pub(crate) async fn fill_to_bounds(max_bytes: usize, max_records: usize, body: usize) -> FullStore {
+    let rss_before = rss_bytes();
+    let store = MemoryStore::builder()
+        .with_max_bytes(max_bytes)
+        .with_capacity(max_records)
+        .build();
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("content-length", HeaderValue::from(body));
+    let fp = Fingerprint([1; 32]);
+    let encoded = Record {
+        fingerprint: fp,
+        response: Ok(StoredResponse {
+            status: StatusCode::CREATED,
+            headers: headers.clone(),
+            body: Bytes::from(vec![b'x'; body]),
+        }),
+    }
+    .encode()
+    .len();
+    let fits = max_bytes / (tower_idempotency::store::RECORD_OVERHEAD + encoded);
+    let written = 3 * fits.min(max_records) as u64;
+    for i in 0..written {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_be_bytes());
+        let key = StorageKey(k);
+        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
+        else {
+            panic!("a fresh key must be acquired");
+        };
+        // Each record its own allocation, as each response is.
+        let record = Record {
+            fingerprint: fp,
+            response: Ok(StoredResponse {
+                status: StatusCode::CREATED,
+                headers: headers.clone(),
+                body: Bytes::from(vec![b'x'; body]),
+            }),
+        };
+        let stored = store
+            .complete(&key, token, record.encode(), Duration::from_secs(3600))
+            .await;
+        assert_eq!(stored.ok(), Some(true));
+    }
+    let stats = store.stats();
+    FullStore {
+        body,
+        written,
+        held: stats.len,
+        bytes: stats.bytes,
+        max_bytes: stats.max_bytes,
+        max_records: stats.capacity,
+        rss_before,
+        rss: rss_bytes(),
+        rss_peak: peak_rss_bytes(),
+    }
 }
 
 /// Fills a MemoryStore with `records` completed records of `body` bytes each; returns the RSS
