@@ -8,6 +8,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use http::{Method, StatusCode};
 use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 use crate::extract::KeySources;
 use crate::scope::{HeaderScope, ScopeExtractor};
@@ -88,6 +89,19 @@ pub(crate) struct Config {
     pub(crate) caller_timeout: Option<Duration>,
     /// The server secret: storage keys are HMACs instead of plain hashes when it is set.
     pub(crate) key_secret: Option<KeySecret>,
+    /// How long a body the layer reads in full may take to arrive; `None`: as long as it takes.
+    pub(crate) request_body_timeout: Option<Duration>,
+    /// The bound on tracked requests running at once, shared by every clone of the layer;
+    /// `None`: no bound.
+    pub(crate) in_flight: Option<InFlightLimit>,
+}
+
+/// The bound of [`with_max_in_flight`](crate::IdempotencyLayer::with_max_in_flight): a
+/// semaphore shared by every clone of the layer, and its size.
+#[derive(Clone)]
+pub(crate) struct InFlightLimit {
+    pub(crate) max: usize,
+    pub(crate) permits: Arc<Semaphore>,
 }
 
 impl Default for Config {
@@ -109,6 +123,8 @@ impl Default for Config {
             retry_after: Duration::from_secs(1),
             caller_timeout: None,
             key_secret: None,
+            request_body_timeout: None,
+            in_flight: None,
         }
     }
 }
@@ -128,6 +144,8 @@ impl fmt::Debug for Config {
             .field("key_sources", &self.key_sources)
             .field("namespace", &self.namespace)
             .field("caller_timeout", &self.caller_timeout)
+            .field("request_body_timeout", &self.request_body_timeout)
+            .field("max_in_flight", &self.in_flight.as_ref().map(|l| l.max))
             // Never the secret itself: only whether there is one.
             .field("key_secret", &self.key_secret.as_ref().map(|_| ".."))
             .finish_non_exhaustive()

@@ -8,7 +8,7 @@ use http::{HeaderName, Method, StatusCode};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::config::{Config, KeySecret, OnConflict};
+use crate::config::{Config, InFlightLimit, KeySecret, OnConflict};
 use crate::extract::KeySources;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
 use crate::service::{Idempotency, storage_key};
@@ -180,6 +180,46 @@ impl IdempotencyLayer {
     /// a caller that disconnects); this option only gives that caller an answer that says so.
     pub fn with_caller_timeout(self, timeout: Duration) -> Self {
         self.config(|c| c.caller_timeout = Some(timeout))
+    }
+
+    /// How long a body the layer reads in full may take to arrive, from the moment the layer
+    /// starts reading it (default: as long as it takes; the proxy's `--client-body-timeout`,
+    /// 30 s there).
+    ///
+    /// The layer reads the body of a tracked request in full, to fingerprint it, before it
+    /// touches the store; so does it for a covered form body, to look for its key. A body that
+    /// has not arrived in full by then is answered 408
+    /// [`body-timeout`](crate::Problem::BodyTimeout) and counted as
+    /// [`BodyTimeout`](crate::metrics::Event::BodyTimeout): the handler does not run, no lease
+    /// is taken, and the key stays free for a retry. Bodies the layer does not read (requests
+    /// without a key, methods it does not cover) stream to the handler as they come and are not
+    /// timed by this option.
+    pub fn with_request_body_timeout(self, timeout: Duration) -> Self {
+        self.config(|c| c.request_body_timeout = Some(timeout))
+    }
+
+    /// At most `max` tracked requests run their handler at once (default: no bound; the
+    /// proxy's `--max-in-flight`, 4096 there). `max` is at least 1.
+    ///
+    /// Past the bound, a tracked request is answered 503
+    /// [`too-many-in-flight`](crate::Problem::Overloaded) with `Retry-After`, counted as
+    /// [`Overloaded`](crate::metrics::Event::Overloaded), before the store is asked for
+    /// anything: no lease is taken and the key stays free for a retry. The check comes before
+    /// each attempt to take the lease, so at the bound a duplicate of a completed request gets
+    /// the 503 too, and gets its replay on the retry. A request that runs holds its place until
+    /// its outcome is stored or its lease released, including when its caller went away or
+    /// stopped waiting and the handler runs on in the background. Duplicates waiting for a
+    /// request in flight hold no place. Requests without a key are not counted.
+    ///
+    /// Every clone of this layer, and every service made from them, shares the bound; calling
+    /// this again starts a new one.
+    pub fn with_max_in_flight(self, max: usize) -> Self {
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let limit = InFlightLimit {
+            max,
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+        };
+        self.config(|c| c.in_flight = Some(limit))
     }
 
     /// Waits until no work is left in the background: every handler whose caller went away (a

@@ -40,8 +40,9 @@
 //! `Date` and hop-by-hop headers). `on_conflict = reject` answers them 409 at once instead, and a
 //! client can shorten its wait with `Prefer: wait=N`.
 //!
-//! Responses with a status of 500 or more, 408, 409, 425 or 429 are not stored: the lease is
-//! released so a retry runs again. So is a handler that panics (its caller gets a 500) or that
+//! Responses with a status of 500 or more, 408, 409, 425 or 429 are not stored
+//! ([configurable](IdempotencyLayer::with_storable)), nor is one its inner service marks
+//! [`NotRun`]: the lease is released so a retry runs again. So is a handler that panics (its caller gets a 500) or that
 //! fails. Nothing else frees a key while the handler may run: a caller that disconnects, that
 //! passes its [caller timeout](IdempotencyLayer::with_caller_timeout) (504 `still-running`), or
 //! that a timeout around the layer gives up on, does not cancel the handler; its outcome is
@@ -58,11 +59,15 @@
 //! handler that must never run twice should also be idempotent in its own data.
 //!
 //! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key (or a
-//! tracked request whose multipart form does not parse, or whose body cannot be read), 409 in
+//! tracked request whose multipart form does not parse, or whose body cannot be read), 408 a
+//! tracked body that did not arrive within the
+//! [body timeout](IdempotencyLayer::with_request_body_timeout), 409 in
 //! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 502 outcome
 //! unknown, 504 still running past the caller timeout (with `Retry-After`), 503 store
 //! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
-//! request untracked instead), 500 a stored record that cannot be read (corrupt, or written by
+//! request untracked instead) or too many tracked requests
+//! [in flight](IdempotencyLayer::with_max_in_flight) (with `Retry-After`; nothing taken), 500 a
+//! stored record that cannot be read (corrupt, or written by
 //! another tool: never replayed, never run again, never failed open; counted as
 //! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)).
 //!
@@ -106,7 +111,7 @@ pub mod __fuzz;
 
 pub use body::IdempotencyBody;
 pub use config::{OnConflict, default_storable};
-pub use extensions::{OutcomeUnknown, Tracked};
+pub use extensions::{NotRun, OutcomeUnknown, Tracked};
 pub use extract::{KeySource, KeySources};
 pub use form::{idempotent_input, idempotent_key};
 pub use key::{IdempotencyKey, KeyError};

@@ -23,7 +23,7 @@ use tower::Service;
 use crate::BoxError;
 use crate::body::IdempotencyBody;
 use crate::config::{Config, KeySecret, OnConflict};
-use crate::extensions::{OutcomeUnknown, Tracked};
+use crate::extensions::{NotRun, OutcomeUnknown, Tracked};
 use crate::extract::{self, FORM_FIELD, FormKind};
 use crate::fingerprint::{
     Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, is_multipart, query_without_key,
@@ -175,7 +175,13 @@ where
     let (parts, body) = req.into_parts();
     // A form is read to look for its key, so a covered form body is held to the same limit as
     // a tracked one: a key past the limit must not let a large duplicate run again.
-    let body = read_request_body(body, &parts.headers, config.max_request_body).await;
+    let body = read_request_body(
+        body,
+        &parts.headers,
+        config.max_request_body,
+        config.request_body_timeout,
+    )
+    .await;
     let body = match body {
         Ok(body) => body,
         Err(p) => return Ok(problem(p)),
@@ -236,6 +242,18 @@ where
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
     let mut waited = false;
     loop {
+        // Checked before the store is asked for anything: a request refused here takes nothing.
+        let permit = match &config.in_flight {
+            None => None,
+            Some(limit) => match limit.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    record(Event::Overloaded);
+                    let retry_after = config.retry_after;
+                    return Ok(problem(Problem::Overloaded { retry_after }));
+                }
+            },
+        };
         let begun = match (*layer.store)
             .begin(&skey, &fingerprint, config.lock_ttl)
             .await
@@ -246,6 +264,8 @@ where
         match begun {
             Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey)),
             Begin::InFlight { fingerprint: other } => {
+                // A duplicate that waits holds no place under the in-flight bound.
+                drop(permit);
                 if other != fingerprint {
                     record(Event::Mismatch);
                     return Ok(problem(Problem::FingerprintMismatch));
@@ -279,6 +299,7 @@ where
                     token,
                     lock_ttl: config.lock_ttl,
                     background: layer.background.clone(),
+                    _place: permit,
                 };
                 // A caller that goes away does not cancel the handler: the rest of the work
                 // moves to a task of its own, and its outcome is stored for the retry.
@@ -370,7 +391,14 @@ where
     Ok(problem(Problem::StoreUnavailable { retry_after }))
 }
 
-async fn read_request_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Problem>
+/// Reads a body the layer needs in full, within `limit` bytes and, if set, within `timeout`
+/// of the start of the read.
+async fn read_request_body<B>(
+    body: B,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Option<Duration>,
+) -> Result<Bytes, Problem>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -382,7 +410,19 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Problem::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    let read = Limited::new(body, limit).collect();
+    let read = match timeout {
+        None => read.await,
+        Some(timeout) => match tokio::time::timeout(timeout, read).await {
+            Ok(read) => read,
+            Err(_) => {
+                record(Event::BodyTimeout);
+                tracing::debug!(?timeout, "a tracked request's body did not arrive in time");
+                return Err(Problem::BodyTimeout);
+            }
+        },
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(Problem::BodyTooLarge { limit }),
         Err(e) => {
@@ -496,6 +536,8 @@ struct Lease {
     token: LeaseToken,
     lock_ttl: Duration,
     background: TaskTracker,
+    /// The owner's place under the in-flight bound, given back when the lease ends.
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// An owner-checked write that ends a lease.
@@ -727,7 +769,7 @@ where
         if res.extensions().get::<OutcomeUnknown>().is_some() {
             return Outcome::Unknown(res);
         }
-        if !storable(res.status()) {
+        if res.extensions().get::<NotRun>().is_some() || !storable(res.status()) {
             return Outcome::Release(res);
         }
         let (parts, body) = res.into_parts();

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use common::{
@@ -1139,6 +1140,51 @@ async fn storable_predicate_is_configurable() {
     assert_eq!(count.get(), 2);
 }
 
+#[tokio::test]
+async fn a_response_marked_not_run_releases_the_key_whatever_the_predicate() {
+    let count = Counter::default();
+    let c = count.clone();
+    // Every status is storable here; only the mark frees the key.
+    let app = Router::new()
+        .route(
+            "/gateway/{mark}",
+            post(
+                move |axum::extract::Path(mark): axum::extract::Path<String>| async move {
+                    let n = c.hit();
+                    let mut res = (StatusCode::BAD_GATEWAY, format!("exec-{n}")).into_response();
+                    if mark == "not-run" {
+                        res.extensions_mut().insert(tower_idempotency::NotRun);
+                    }
+                    res
+                },
+            ),
+        )
+        .layer(quick_waits().with_storable(|_| true));
+    let srv = serve(app).await;
+    let c = client();
+    let post = |path: &str| c.post(srv.url(path)).header("Idempotency-Key", "gw");
+    for n in 1..=2 {
+        let r = send(post("/gateway/not-run")).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            r.text(),
+            format!("exec-{n}"),
+            "a request that did not run runs again"
+        );
+        assert!(!r.replayed());
+    }
+    // Unmarked, the same status is stored, as the predicate says.
+    let c2 = client();
+    let other = || {
+        c2.post(srv.url("/gateway/ran"))
+            .header("Idempotency-Key", "gw-ran")
+    };
+    let first = send(other()).await;
+    assert_eq!(first.text(), "exec-3");
+    assert_replay_of(&send(other()).await, &first);
+    assert_eq!(count.get(), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3.1 / 3.3 In flight: wait, wait timeout, reject, Prefer: wait
 // ---------------------------------------------------------------------------------------------
@@ -1895,6 +1941,149 @@ async fn store_unavailable_with_fail_open_runs_untracked() {
             "the body reaches the handler whole"
         );
     }
+    assert_eq!(count.get(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow bodies and the bound on requests in flight
+// ---------------------------------------------------------------------------------------------
+
+/// A keyed POST of a 100-byte body to `/orders`, with `extra` headers.
+fn keyed_head(key: &str, extra: &str) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\nContent-Length: 100{extra}"
+    )
+}
+
+#[tokio::test]
+async fn a_tracked_body_that_does_not_arrive_in_time_is_408_and_takes_no_lease() {
+    // Reject mode: a lease left behind would answer the retry 409 at once.
+    let (app, count) = counting_app(
+        layer()
+            .with_request_body_timeout(Duration::from_millis(300))
+            .with_on_conflict(OnConflict::Reject),
+    );
+    let srv = serve(app).await;
+
+    // A body that stops after 10 of its 100 bytes.
+    let stalled =
+        common::slow_request(srv.addr, &keyed_head("\"slow\"", ""), b"0123456789", None).await;
+    assert_eq!(stalled.status, 408, "{stalled:?}");
+    assert!(stalled.problem_type().ends_with(":body-timeout"));
+    // A body that keeps coming, a byte at a time, but not in full in time.
+    let trickled = common::slow_request(
+        srv.addr,
+        &keyed_head("\"slow\"", ""),
+        b"",
+        Some(Duration::from_millis(50)),
+    )
+    .await;
+    assert_eq!(trickled.status, 408, "{trickled:?}");
+    // A form body read for its key is timed the same way.
+    let form = common::slow_request(
+        srv.addr,
+        "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100",
+        b"__idempotent_key=form-slow&a=",
+        None,
+    )
+    .await;
+    assert_eq!(form.status, 408, "{form:?}");
+    assert_eq!(count.get(), 0, "the handler never saw a late body");
+
+    // The key was never taken: the whole request runs, then replays.
+    let c = client();
+    let post = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "\"slow\"")
+            .body("x".repeat(100))
+    };
+    let full = send(post()).await;
+    assert_fresh(&full, 1);
+    assert_replay_of(&send(post()).await, &full);
+    assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn the_body_timeout_leaves_untracked_streams_alone() {
+    let (app, count) = counting_app(layer().with_request_body_timeout(Duration::from_millis(100)));
+    let srv = serve(app).await;
+    // A keyless body that takes longer than the timeout streams to the handler whole.
+    let slow = common::slow_request(
+        srv.addr,
+        "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Length: 6",
+        b"",
+        Some(Duration::from_millis(50)),
+    )
+    .await;
+    assert_eq!(slow.status, 201, "{slow:?}");
+    assert_eq!(String::from_utf8_lossy(&slow.body), "exec-1 POST /orders 6");
+    assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn past_max_in_flight_a_tracked_request_is_503_and_takes_nothing() {
+    let gate = Gate::default();
+    // Reject mode: a lease left behind would answer the retry 409 at once.
+    let (app, count) = gated_app(
+        layer()
+            .with_max_in_flight(1)
+            .with_on_conflict(OnConflict::Reject),
+        gate.clone(),
+    );
+    let srv = serve(app).await;
+    let c = client();
+    let post = |key: &str| {
+        c.post(srv.url("/slow"))
+            .header("Idempotency-Key", key.to_owned())
+    };
+
+    let first = tokio::spawn(send(post("first")));
+    count.reached(1).await;
+    let refused = send(post("second")).await;
+    assert_problem(&refused, 503, "too-many-in-flight");
+    assert_retry_after(&refused);
+    assert_eq!(count.get(), 1, "a refused request does not run");
+    // Requests without a key are not counted against the bound.
+    let keyless = tokio::spawn(send(c.post(srv.url("/slow"))));
+    count.reached(2).await;
+
+    gate.open();
+    assert_fresh(&first.await.unwrap(), 1);
+    assert_eq!(keyless.await.unwrap().status, StatusCode::CREATED);
+    // The refused key was left free, and the place of the first is free again.
+    let second = send(post("second")).await;
+    assert_fresh(&second, 3);
+    assert_replay_of(&send(post("second")).await, &second);
+    assert_eq!(count.get(), 3);
+}
+
+#[tokio::test]
+async fn a_request_whose_caller_left_keeps_its_place_until_its_outcome_is_stored() {
+    let gate = Gate::default();
+    let probe = CancelProbe::default();
+    let layer = layer().with_max_in_flight(1);
+    let (app, count) = gated_app(layer.clone(), gate.clone());
+    let srv = serve(probe.wrap(app)).await;
+    let c = client();
+    let post = |key: &str| {
+        c.post(srv.url("/slow"))
+            .header("Idempotency-Key", key.to_owned())
+    };
+
+    let caller = tokio::spawn(send(post("left")));
+    count.reached(1).await;
+    caller.abort();
+    let _ = caller.await;
+    probe.cancelled().await;
+    // The handler runs on without its caller, and keeps its place.
+    let refused = send(post("other")).await;
+    assert_problem(&refused, 503, "too-many-in-flight");
+
+    gate.open();
+    layer.drain().await;
+    let retry = send(post("left")).await;
+    assert!(retry.replayed(), "the outcome was stored: {}", retry.text());
+    assert_fresh(&send(post("other")).await, 2);
     assert_eq!(count.get(), 2);
 }
 
