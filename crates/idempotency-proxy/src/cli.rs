@@ -166,6 +166,33 @@ pub(crate) struct Args {
     )]
     pub(crate) key_secret_file: Option<Secret>,
 
+    /// A namespace mixed into every storage key. Services that share a store (one Redis for
+    /// several proxies in front of different services) must each have their own: records of
+    /// different namespaces never meet, so the same path and key sent to two services run on
+    /// both. Proxies in front of one service share a namespace. Empty by default.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_NAMESPACE",
+        value_name = "NAME",
+        default_value = ""
+    )]
+    pub(crate) namespace: String,
+
+    /// The statuses that free a key, so that a retry with it runs again: status codes and
+    /// classes such as `5xx`, comma-separated. Every other answer of the upstream is stored and
+    /// replayed. `408,409,425,429` stores 5xx answers too (as Stripe does once an endpoint
+    /// started). Whatever the list, the proxy's own 502 for an upstream it could not connect
+    /// to always frees the key, and a request whose outcome is unknown never runs again.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_RELEASE_STATUS",
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "5xx,408,409,425,429",
+        value_parser = StatusItem::parse
+    )]
+    pub(crate) release_status: Vec<StatusItem>,
+
     /// The largest body a tracked request may carry; larger is a 413. Untracked requests
     /// stream and have no limit.
     #[arg(
@@ -214,6 +241,62 @@ pub(crate) struct Args {
         value_parser = positive_duration
     )]
     pub(crate) upstream_deadline: Duration,
+
+    /// How long a client has to send a request's head (request line and headers), counted from
+    /// when its connection opens or its previous request ends. Past it the connection is
+    /// closed: this also closes connections left idle, over HTTP/1.1 and HTTP/2 alike.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_CLIENT_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
+    pub(crate) client_header_timeout: Duration,
+
+    /// How long the body of a keyed request may take to arrive in full, from the end of its
+    /// head. Past it the caller gets 408 `body-timeout`: the upstream never sees the request
+    /// and the key stays free for a retry. Requests without a key stream to the upstream and are
+    /// not timed by it (see --upstream-timeout).
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_CLIENT_BODY_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
+    pub(crate) client_body_timeout: Duration,
+
+    /// The most client connections open at once, over all worker threads. Past it, new
+    /// connections wait in the listen backlog until one closes; they are not accepted.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value = "10000",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) max_connections: u32,
+
+    /// The most keyed requests running upstream at once, over all worker threads. Past it a
+    /// keyed request gets 503 `too-many-in-flight` with `Retry-After`, before anything is
+    /// taken: the key stays free. Requests without a key are not counted.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value = "4096",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) max_in_flight: u32,
+
+    /// Trust the `Forwarded`, `X-Forwarded-*` and `X-Real-IP` headers clients send, because
+    /// every client is a proxy of yours (a load balancer terminating TLS): the proxy appends
+    /// its hop to `Forwarded` and `X-Forwarded-For` and keeps the rest, so an
+    /// `X-Forwarded-Proto: https` reaches the upstream as it came. Without it those headers are
+    /// dropped and written anew from the connection: anyone could forge them.
+    #[arg(long, env = "IDEMPOTENCY_PROXY_TRUST_FORWARDED")]
+    pub(crate) trust_forwarded: bool,
 
     /// How long a shutdown waits for requests in flight before exiting anyway (exit code 1).
     #[arg(
@@ -294,6 +377,60 @@ impl Args {
     /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
     pub(crate) fn key_secret(&self) -> Option<&Secret> {
         self.key_secret.as_ref().or(self.key_secret_file.as_ref())
+    }
+}
+
+/// An item of `--release-status`: a status code, or a class of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusItem {
+    /// One status code, 100 to 599.
+    Code(u16),
+    /// A class: `5xx` is 5.
+    Class(u8),
+}
+
+impl StatusItem {
+    fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let usage =
+            || format!("`{t}` is neither a status code (100 to 599) nor a class such as 5xx");
+        let bytes = t.as_bytes();
+        match bytes {
+            [class @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => Ok(Self::Class(class - b'0')),
+            [b'1'..=b'5', b'0'..=b'9', b'0'..=b'9'] => {
+                t.parse().map(Self::Code).map_err(|_| usage())
+            }
+            _ => Err(usage()),
+        }
+    }
+}
+
+/// The statuses of `--release-status`, looked up in one step.
+#[derive(Clone)]
+pub(crate) struct ReleaseStatus(Vec<bool>);
+
+impl ReleaseStatus {
+    /// The set of `items`.
+    pub(crate) fn new(items: &[StatusItem]) -> Self {
+        let mut set = vec![false; 600];
+        for item in items {
+            match *item {
+                StatusItem::Code(code) => set[usize::from(code)] = true,
+                StatusItem::Class(class) => {
+                    let first = usize::from(class) * 100;
+                    set[first..first + 100].fill(true);
+                }
+            }
+        }
+        Self(set)
+    }
+
+    /// Whether `status` frees its key. A status past 599, which no list can name, does.
+    pub(crate) fn releases(&self, status: http::StatusCode) -> bool {
+        self.0
+            .get(usize::from(status.as_u16()))
+            .copied()
+            .unwrap_or(true)
     }
 }
 
@@ -645,6 +782,44 @@ mod tests {
             one_line(&e)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn release_statuses() {
+        use http::StatusCode;
+        let parse = |list: &str| {
+            Args::try_parse_from([
+                "idempotency-proxy",
+                "--upstream",
+                "http://h:1",
+                "--release-status",
+                list,
+            ])
+            .map(|a| ReleaseStatus::new(&a.release_status))
+        };
+        let default = Args::try_parse_from(["idempotency-proxy", "--upstream", "http://h:1"])
+            .map(|a| ReleaseStatus::new(&a.release_status))
+            .unwrap();
+        for code in 100..1000u16 {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(
+                default.releases(status),
+                !tower_idempotency::default_storable(status),
+                "the default list is the library's default, {code}"
+            );
+        }
+        let stripe = parse("408,409,425,429").unwrap();
+        assert!(!stripe.releases(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(stripe.releases(StatusCode::TOO_MANY_REQUESTS));
+        assert!(!stripe.releases(StatusCode::NOT_FOUND));
+        let classes = parse("4XX, 503").unwrap();
+        assert!(classes.releases(StatusCode::NOT_FOUND));
+        assert!(classes.releases(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!classes.releases(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(!classes.releases(StatusCode::CREATED));
+        for bad in ["6xx", "99", "600", "5x", "abc", "", "50O", "0xx"] {
+            assert!(parse(bad).is_err(), "{bad:?} is refused");
+        }
     }
 
     #[test]
