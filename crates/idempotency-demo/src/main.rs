@@ -24,6 +24,11 @@ struct Args {
     /// several instances: `redis://H:P[/DB]`, `rediss://...`, `redis+cluster://H:P[,H:P...]`.
     #[arg(long, env = "IDEMPOTENCY_DEMO_STORE", default_value = "memory")]
     store: String,
+    /// A namespace for this shop's idempotency records. Shops (or other services) that share a
+    /// Redis need one each, or the same key sent to two of them runs on one only and the other
+    /// replays its answer; instances of one shop share theirs. Empty by default.
+    #[arg(long, env = "IDEMPOTENCY_DEMO_NAMESPACE", default_value = "")]
+    namespace: String,
     /// How long placing an order takes, to make overlapping duplicates easy to see.
     #[arg(long, env = "IDEMPOTENCY_DEMO_WORK", default_value = "200ms", value_parser = humantime::parse_duration)]
     work: Duration,
@@ -54,6 +59,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let layer = layer.with_namespace(args.namespace);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -39,6 +39,10 @@ async fn start_demo() -> Demo {
 }
 
 async fn start_demo_with(store: &str) -> Demo {
+    start_demo_in(store, &[]).await
+}
+
+async fn start_demo_in(store: &str, extra: &[&str]) -> Demo {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_idempotency-demo"))
         .args([
@@ -49,6 +53,7 @@ async fn start_demo_with(store: &str) -> Demo {
             "--store",
             store,
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -342,4 +347,39 @@ async fn two_instances_sharing_a_redis_create_one_order() {
     assert!(bodies.iter().all(|b| *b == bodies[0]), "bodies differ");
     let placed = orders(&client, &a).await.len() + orders(&client, &b).await.len();
     assert_eq!(placed, 1, "the two instances placed {placed} orders");
+}
+
+#[tokio::test]
+async fn shops_with_their_own_namespace_on_one_redis_never_share_an_order() {
+    let redis = support::RedisServer::start();
+    let url = redis.url();
+    let (tea, mugs) = tokio::join!(
+        start_demo_in(&url, &["--namespace", "tea-shop"]),
+        start_demo_in(&url, &["--namespace", "mug-shop"])
+    );
+    let client = reqwest::Client::new();
+    let place = |demo: &Demo| {
+        client
+            .post(format!("{}/api/orders", demo.base))
+            .header("Idempotency-Key", "\"same-key\"")
+            .json(&serde_json::json!({"product": "Teapot", "quantity": 1}))
+            .send()
+    };
+    for demo in [&tea, &mugs] {
+        let res = place(demo).await.unwrap();
+        assert_eq!(res.status(), 201);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+        let again = place(demo).await.unwrap();
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(
+        orders(&client, &tea).await.len(),
+        1,
+        "the tea shop placed its order"
+    );
+    assert_eq!(
+        orders(&client, &mugs).await.len(),
+        1,
+        "the mug shop placed its own"
+    );
 }
