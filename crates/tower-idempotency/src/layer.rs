@@ -205,8 +205,9 @@ impl IdempotencyLayer {
     /// [`too-many-in-flight`](crate::Problem::Overloaded) with `Retry-After`, counted as
     /// [`Overloaded`](crate::metrics::Event::Overloaded), before the store is asked for
     /// anything: no lease is taken and the key stays free for a retry. The check comes before
-    /// each attempt to take the lease, so at the bound a duplicate of a completed request gets
-    /// the 503 too, and gets its replay on the retry. A request that runs holds its place until
+    /// each attempt to take the lease, so at the bound a duplicate (of a request in flight or
+    /// completed) gets the 503 too, and its retry waits or replays as usual. A request that
+    /// runs holds its place until
     /// its outcome is stored or its lease released, including when its caller went away or
     /// stopped waiting and the handler runs on in the background. Duplicates waiting for a
     /// request in flight hold no place. Requests without a key are not counted.
