@@ -209,7 +209,11 @@ async fn run(args: Args) -> ExitCode {
         upstream = %args.upstream,
         store = %args.store,
         key_secret = args.key_secret().is_some(),
+        namespace = %args.namespace,
         workers,
+        max_connections = args.max_connections,
+        max_in_flight = args.max_in_flight,
+        trust_forwarded = args.trust_forwarded,
         "idempotency-proxy ready"
     );
     let signal = shutdown.await;
