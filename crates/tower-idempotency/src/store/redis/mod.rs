@@ -132,6 +132,8 @@ const MAX_PX: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 const TAG_LEASE: u8 = b'L';
 const TAG_COMPLETED: u8 = b'C';
+/// `begin`'s answer for a lease without an expiry.
+const TAG_NO_EXPIRY: u8 = b'E';
 
 /// A [`Store`] on Redis or Redis Cluster, shared by every process that uses the same server and
 /// key prefix. See the [module documentation](self) for URLs, costs and guarantees.
@@ -242,6 +244,9 @@ impl RedisStore {
         let mut inv = self.inner.scripts.probe.prepare_invoke();
         inv.key(self.record_key(key));
         let pttl: i64 = self.run(&inv).await?;
+        if pttl == -1 {
+            return Err(no_expiry());
+        }
         Ok(u64::try_from(pttl)
             .ok()
             .filter(|ms| *ms > 0)
@@ -389,10 +394,18 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
 }
 
 fn cluster_builder(nodes: Vec<ConnectionInfo>, timeout: Duration) -> ClusterClientBuilder {
+    // A command that meets a failover (a node gone, MOVED, CLUSTERDOWN while a replica is
+    // promoted) is tried again after a short pause that doubles: up to about 100, 200 and 400
+    // ms, within one step's timeout. The client's own default first pause is 1.28 s, which
+    // would spend most of a step asleep. What outlasts the step is the layer's business: the
+    // step fails as unavailable (503), and a failed completion is tried again in the background.
     ClusterClientBuilder::new(nodes)
         .connection_timeout(timeout)
         .response_timeout(timeout)
         .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(500)
+        .retry_wait_formula(100, 2)
 }
 
 #[async_trait]
@@ -438,7 +451,8 @@ impl Store for RedisStore {
             .arg(value)
             .arg(millis(ttl))
             .arg(self.publish());
-        Ok(self.run::<i64>(&inv).await? == 1)
+        // 2: this very record was stored already, by an earlier attempt whose answer was lost.
+        Ok(matches!(self.run::<i64>(&inv).await?, 1 | 2))
     }
 
     async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
@@ -523,6 +537,9 @@ fn owner(token: LeaseToken) -> [u8; 17] {
 }
 
 fn decode_found(found: Vec<u8>) -> Result<Begin, StoreError> {
+    if found == [TAG_NO_EXPIRY] {
+        return Err(no_expiry());
+    }
     match found.first() {
         Some(&TAG_COMPLETED) => Ok(Begin::Completed(Bytes::from(found).slice(1..))),
         Some(&TAG_LEASE) => match <[u8; 32]>::try_from(&found[1..]) {
@@ -559,6 +576,13 @@ fn script_failed(e: redis::RedisError) -> StoreError {
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(Box::new(e))
+}
+
+/// A lease that never expires: every lease this store writes has a TTL, so another tool wrote
+/// it (or removed its expiry), and nobody would ever complete or release it. Waiting for it
+/// would last until the caller's wait timeout, two round trips at a time.
+fn no_expiry() -> StoreError {
+    StoreError::Corrupt("a lease without an expiry, not written by this store".to_owned())
 }
 
 fn timed_out() -> StoreError {
