@@ -49,6 +49,9 @@ pub enum Event {
     KeyHeaderIgnored,
     /// A completion or release failed for want of the store and was tried again.
     StoreRetried,
+    /// A completed record was stored, but fewer replicas acknowledged it in time than the
+    /// store requires (`RedisStoreBuilder::with_replica_acks`): a failover now could lose it.
+    NotReplicated,
 }
 
 /// The counter's name.
@@ -102,6 +105,7 @@ events! {
     LateAnswerStored => "late_answer_stored",
     KeyHeaderIgnored => "key_header_ignored",
     StoreRetried => "store_retried",
+    NotReplicated => "not_replicated",
 }
 
 static METADATA: Metadata<'static> =
@@ -118,7 +122,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 16);
+        assert_eq!(Event::ALL.len(), 17);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);

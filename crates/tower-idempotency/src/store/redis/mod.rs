@@ -111,20 +111,23 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Client, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion,
-    PushInfo, PushKind, RedisResult, Script, ScriptInvocation, Value,
+    Client, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
+    ProtocolVersion, PushInfo, PushKind, RedisResult, Script, ScriptInvocation, ServerErrorKind,
+    Value,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{Begin, LeaseToken, StorageKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
+use crate::metrics::{self, Event};
 
 /// The key prefix used unless [`RedisStoreBuilder::with_prefix`] says otherwise.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+const DEFAULT_REPLICA_ACK_TIMEOUT: Duration = Duration::from_millis(250);
 /// Waiters wake this long after the lease's expiry, so that Redis has expired it by then.
 const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// The longest expiry passed to Redis (100 years): `PX` must not overflow Redis's clock.
@@ -144,6 +147,9 @@ pub struct RedisStore {
 
 struct Inner {
     conn: Conn,
+    /// With replica acks: the connection that carries `begin` and `complete`, each followed by
+    /// its `WAIT`.
+    acked: Option<(Conn, ReplicaAcks)>,
     cluster: bool,
     prefix: String,
     timeout: Duration,
@@ -160,6 +166,10 @@ impl std::fmt::Debug for RedisStore {
             .field("prefix", &self.inner.prefix)
             .field("timeout", &self.inner.timeout)
             .field("poll_interval", &self.inner.poll_interval)
+            .field(
+                "replica_acks",
+                &self.inner.acked.as_ref().map(|(_, acks)| acks),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +181,15 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     poll_interval: Duration,
+    replica_acks: u32,
+    replica_ack_timeout: Duration,
+}
+
+/// How many replicas must acknowledge a lease or a record, and for how long a write waits.
+#[derive(Debug, Clone, Copy)]
+struct ReplicaAcks {
+    replicas: u32,
+    timeout: Duration,
 }
 
 impl RedisStore {
@@ -189,6 +208,8 @@ impl RedisStore {
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            replica_acks: 0,
+            replica_ack_timeout: DEFAULT_REPLICA_ACK_TIMEOUT,
         }
     }
 
@@ -233,6 +254,42 @@ impl RedisStore {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let call = self.inner.conn.invoke(invocation);
+        match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(result) => result.map_err(script_failed),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// Runs a script's `EVALSHA` (`eval`), followed on the same connection by `WAIT` for the
+    /// replicas: one round trip. Returns the script's answer and how many replicas acknowledged
+    /// every write made so far on that connection (so the script's own write too).
+    ///
+    /// On a Redis Cluster the pipeline goes where its `EVALSHA` goes (the master of the key's
+    /// slot, following MOVED and ASK): redis-rs routes a pipeline by its first command with a
+    /// key, and a keyless `WAIT`, which sent alone it would fan out to every master, goes along.
+    async fn run_acked(
+        &self,
+        acked: &(Conn, ReplicaAcks),
+        script: &Script,
+        eval: redis::Cmd,
+    ) -> Result<(Value, u32), StoreError> {
+        let (conn, acks) = acked;
+        let mut pipe = redis::pipe();
+        pipe.add_command(eval)
+            .cmd("WAIT")
+            .arg(acks.replicas)
+            .arg(millis(acks.timeout));
+        let call = async {
+            match conn.pipeline::<(Value, u32)>(&pipe).await {
+                // Redis forgot the script (a restart, SCRIPT FLUSH, a new master): load it and
+                // try once more, as EVALSHA alone does.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    conn.load(script).await?;
+                    conn.pipeline(&pipe).await
+                }
+                other => other,
+            }
+        };
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(result) => result.map_err(script_failed),
             Err(_) => Err(timed_out()),
@@ -287,6 +344,39 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Has each new lease (`begin`) and each completed record (`complete`) acknowledged by at
+    /// least `replicas` replicas before the store answers (default 0: no acknowledgement, Redis
+    /// replicates asynchronously). Each write is followed by `WAIT replicas timeout` on the same
+    /// connection, in the same round trip, so a failover to an acknowledging replica keeps it.
+    ///
+    /// When fewer replicas acknowledge within [`with_replica_ack_timeout`](Self::with_replica_ack_timeout):
+    ///
+    /// - a **lease** is not durable: the store drops it again and `begin` fails with
+    ///   [`StoreError::Unavailable`], so the request gets a 503 (or runs untracked with
+    ///   `fail_open`) instead of running under a lease that a failover could forget;
+    /// - a **record** stays stored (the request ran, and its answer is kept on the master):
+    ///   `complete` succeeds, logs a warning and counts the
+    ///   [`NotReplicated`](crate::metrics::Event::NotReplicated) event.
+    ///
+    /// Acknowledged writes travel on a connection of their own (one more per Redis node), because
+    /// a `WAIT` holds back every later command on its connection until the replicas answer:
+    /// renewals, releases and waiters never queue behind it, but new leases, completions and
+    /// replays of one node do. A master that has lost its replicas therefore serves one such
+    /// step per ack timeout until they are back; set `replicas` no higher than the replicas
+    /// every master has.
+    pub fn with_replica_acks(mut self, replicas: u32) -> Self {
+        self.replica_acks = replicas;
+        self
+    }
+
+    /// How long a write waits for [`with_replica_acks`](Self::with_replica_acks) (default
+    /// 250 ms). Keep it well below [`with_timeout`](Self::with_timeout), which bounds the whole
+    /// step.
+    pub fn with_replica_ack_timeout(mut self, timeout: Duration) -> Self {
+        self.replica_ack_timeout = timeout;
+        self
+    }
+
     /// Connects, loads the scripts, and returns the store.
     ///
     /// Fails with [`StoreError::Unavailable`] when the URL or the prefix is malformed or Redis
@@ -303,14 +393,27 @@ impl RedisStoreBuilder {
         }
         let registry = Arc::new(Registry::default());
         let timeout = self.timeout;
+        let acks = (self.replica_acks > 0).then_some(ReplicaAcks {
+            replicas: self.replica_acks,
+            timeout: self.replica_ack_timeout,
+        });
         let connecting = async {
             match target {
                 Target::Single(info) => {
                     let info = *info;
                     let client = Client::open(info.clone()).map_err(unavailable)?;
-                    let conn = ConnectionManager::new_with_config(client, manager_config(timeout))
-                        .await
-                        .map_err(unavailable)?;
+                    let conn =
+                        ConnectionManager::new_with_config(client.clone(), manager_config(timeout))
+                            .await
+                            .map_err(unavailable)?;
+                    let acked = match acks {
+                        Some(_) => Some(Conn::Single(
+                            ConnectionManager::new_with_config(client, manager_config(timeout))
+                                .await
+                                .map_err(unavailable)?,
+                        )),
+                        None => None,
+                    };
                     let settings = info
                         .redis_settings()
                         .clone()
@@ -326,15 +429,19 @@ impl RedisStoreBuilder {
                         }),
                     )
                     .map_err(unavailable)?;
-                    Ok::<_, StoreError>((Conn::Single(conn), Subscriber::Single(sub), false))
+                    Ok::<_, StoreError>((Conn::Single(conn), acked, Subscriber::Single(sub), false))
                 }
                 Target::Cluster(nodes) => {
-                    let conn = cluster_builder(nodes.clone(), timeout)
+                    let client = cluster_builder(nodes.clone(), timeout)
                         .build()
-                        .map_err(unavailable)?
-                        .get_async_connection()
-                        .await
                         .map_err(unavailable)?;
+                    let conn = client.get_async_connection().await.map_err(unavailable)?;
+                    let acked = match acks {
+                        Some(_) => Some(Conn::Cluster(
+                            client.get_async_connection().await.map_err(unavailable)?,
+                        )),
+                        None => None,
+                    };
                     let pushes = registry.clone();
                     let sub_client = cluster_builder(nodes, timeout)
                         .use_protocol(ProtocolVersion::RESP3)
@@ -348,12 +455,12 @@ impl RedisStoreBuilder {
                         client: Box::new(sub_client),
                         conn: None,
                     };
-                    Ok((Conn::Cluster(conn), sub, true))
+                    Ok((Conn::Cluster(conn), acked, sub, true))
                 }
             }
         };
         // Connecting may retry; bound it by a few steps' worth of time.
-        let (conn, subscriber, cluster) = tokio::time::timeout(timeout * 3, connecting)
+        let (conn, acked, subscriber, cluster) = tokio::time::timeout(timeout * 3, connecting)
             .await
             .map_err(|_| timed_out())??;
 
@@ -371,6 +478,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                acked: acked.zip(acks),
                 cluster,
                 prefix: self.prefix,
                 timeout,
@@ -420,13 +528,40 @@ impl Store for RedisStore {
         let mut lease = Vec::with_capacity(1 + 16 + 32);
         lease.extend_from_slice(&owner(token));
         lease.extend_from_slice(&fingerprint.0);
-        let mut inv = self.inner.scripts.begin.prepare_invoke();
-        inv.key(self.record_key(key))
-            .arg(lease)
-            .arg(millis(lease_ttl));
-        match self.run::<Value>(&inv).await? {
+        let script = &self.inner.scripts.begin;
+        let found = match &self.inner.acked {
+            None => {
+                let mut inv = script.prepare_invoke();
+                inv.key(self.record_key(key))
+                    .arg(lease)
+                    .arg(millis(lease_ttl));
+                self.run::<Value>(&inv).await?
+            }
+            Some(acked) => {
+                let mut eval = redis::cmd("EVALSHA");
+                eval.arg(script.get_hash())
+                    .arg(1)
+                    .arg(self.record_key(key))
+                    .arg(lease)
+                    .arg(millis(lease_ttl));
+                let (found, acks) = self.run_acked(acked, script, eval).await?;
+                if is_nil(&found) && acks < acked.1.replicas {
+                    // Granted, but a failover now could forget it: do not run under it.
+                    let _ = self.release(key, token).await;
+                    return Err(StoreError::Unavailable(
+                        format!(
+                            "a new lease was acknowledged by {acks} of the {} replicas required",
+                            acked.1.replicas
+                        )
+                        .into(),
+                    ));
+                }
+                found
+            }
+        };
+        match found {
             // Lua's false: nil in RESP2, and possibly a boolean for a RESP3 connection.
-            Value::Nil | Value::Boolean(false) => Ok(Begin::Acquired(token)),
+            ref v if is_nil(v) => Ok(Begin::Acquired(token)),
             Value::BulkString(found) => decode_found(found),
             other => Err(StoreError::Corrupt(format!(
                 "unexpected reply to begin: {other:?}"
@@ -444,15 +579,47 @@ impl Store for RedisStore {
         let mut value = Vec::with_capacity(1 + record.len());
         value.push(TAG_COMPLETED);
         value.extend_from_slice(&record);
-        let mut inv = self.inner.scripts.complete.prepare_invoke();
-        inv.key(self.record_key(key))
-            .key(self.channel(key))
-            .arg(&owner(token)[..])
-            .arg(value)
-            .arg(millis(ttl))
-            .arg(self.publish());
+        let script = &self.inner.scripts.complete;
+        let stored = match &self.inner.acked {
+            None => {
+                let mut inv = script.prepare_invoke();
+                inv.key(self.record_key(key))
+                    .key(self.channel(key))
+                    .arg(&owner(token)[..])
+                    .arg(value)
+                    .arg(millis(ttl))
+                    .arg(self.publish());
+                self.run::<i64>(&inv).await?
+            }
+            Some(acked) => {
+                let mut eval = redis::cmd("EVALSHA");
+                eval.arg(script.get_hash())
+                    .arg(2)
+                    .arg(self.record_key(key))
+                    .arg(self.channel(key))
+                    .arg(&owner(token)[..])
+                    .arg(value)
+                    .arg(millis(ttl))
+                    .arg(self.publish());
+                let (stored, acks) = self.run_acked(acked, script, eval).await?;
+                let stored = i64::from_redis_value(stored).map_err(|e| {
+                    StoreError::Corrupt(format!("unexpected reply to complete: {e}"))
+                })?;
+                if stored != 0 && acks < acked.1.replicas {
+                    // Kept on the master all the same: the request ran, and this is its answer.
+                    metrics::record(Event::NotReplicated);
+                    tracing::warn!(
+                        ?key,
+                        acks,
+                        required = acked.1.replicas,
+                        "a completed record was stored but not acknowledged by enough replicas; a failover now could lose it"
+                    );
+                }
+                stored
+            }
+        };
         // 2: this very record was stored already, by an earlier attempt whose answer was lost.
-        Ok(matches!(self.run::<i64>(&inv).await?, 1 | 2))
+        Ok(matches!(stored, 1 | 2))
     }
 
     async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
@@ -526,6 +693,11 @@ impl Store for RedisStore {
             Err(_) => Err(timed_out()),
         }
     }
+}
+
+/// Lua's `false`: nil in RESP2, and possibly a boolean for a RESP3 connection.
+fn is_nil(v: &Value) -> bool {
+    matches!(v, Value::Nil | Value::Boolean(false))
 }
 
 /// `L` and the owner token: the first 17 bytes of a lease's value.
@@ -668,6 +840,13 @@ impl Conn {
         match self {
             Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
             Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
         }
     }
 
