@@ -513,3 +513,131 @@ async fn replica_acks_hold_back_unreplicated_leases_and_count_unreplicated_recor
         Err(StoreError::Unavailable(_))
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waiters across a failover
+
+/// Waits as the layer does (begin, then wait while in flight) until the record is completed,
+/// trying again after a store error as a client would after its 503.
+async fn completion(store: Arc<RedisStore>, key: StorageKey) -> Bytes {
+    loop {
+        match store
+            .begin(&key, &Fingerprint([1; 32]), Duration::from_secs(60))
+            .await
+        {
+            Ok(Begin::InFlight { .. }) => {
+                if store.wait(&key, Duration::from_secs(60)).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Ok(Begin::Completed(bytes)) => return bytes,
+            Ok(Begin::Acquired(_)) => panic!("the lease was lost"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waiters on one process, the owner on another; the master of the key's shard fails over
+/// (`graceful`: `CLUSTER FAILOVER` on its replica; else SIGKILL), then the owner completes.
+/// The waiters' subscriptions were made on the old master: they must learn of the completion
+/// (woken when their subscription moved or was made again, they look at the record again, and
+/// poll while the subscriptions settle), not sleep until the lease's expiry a minute later.
+/// A waiter whose subscription stands never polls, whatever its poll interval.
+async fn waiters_follow_a_failover(graceful: bool) {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(3, 1, NODE_TIMEOUT_MS))
+        .await
+        .unwrap();
+    let connect = || async {
+        Arc::new(
+            RedisStore::builder(cluster.url())
+                .with_poll_interval(Duration::from_millis(250))
+                .connect()
+                .await
+                .unwrap(),
+        )
+    };
+    let (owner, waiting) = (connect().await, connect().await);
+    let key = StorageKey(
+        LeaseToken::random()
+            .0
+            .to_be_bytes()
+            .repeat(2)
+            .try_into()
+            .unwrap(),
+    );
+    let Begin::Acquired(t) = owner
+        .begin(&key, &Fingerprint([1; 32]), Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("no lease")
+    };
+    let waiters: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(completion(waiting.clone(), key)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let record_key = owner.record_key(&key);
+    let cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        let master = cluster.master_of(&record_key);
+        let heir = cluster.replicas_of(master)[0];
+        if graceful {
+            cluster.graceful_failover(heir);
+        } else {
+            cluster.kill(master);
+            let give_up = Instant::now() + Duration::from_secs(30);
+            while cluster.role(heir).as_deref() != Some("master") {
+                assert!(Instant::now() < give_up, "the replica was not promoted");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            cluster.wait_until_healthy(Duration::from_secs(30));
+        }
+        cluster
+    })
+    .await
+    .unwrap();
+    // The completion, tried until the new master takes it (as the layer does).
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        match owner
+            .complete(
+                &key,
+                t,
+                Bytes::from_static(b"done"),
+                Duration::from_secs(60),
+            )
+            .await
+        {
+            Ok(stored) => {
+                assert!(stored, "the lease survived the failover");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < give_up, "the completion never landed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Well before the lease (60 s) or the waiters' own timeout (60 s) would wake them.
+    let woken = tokio::time::timeout(Duration::from_secs(20), async {
+        for w in waiters {
+            assert_eq!(&w.await.unwrap()[..], b"done");
+        }
+    })
+    .await;
+    assert!(woken.is_ok(), "waiters missed the completion notice");
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_follow_a_graceful_failover() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    waiters_follow_a_failover(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_follow_a_master_killed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    waiters_follow_a_failover(false).await;
+}

@@ -70,17 +70,32 @@
 //!
 //! On a Redis Cluster the notices use sharded pub/sub (`SPUBLISH` / `SSUBSCRIBE`, Redis 7), so
 //! a notice stays on the shard that owns the key instead of being broadcast to every node.
-//! While slots migrate, a waiter may miss a notice; it then wakes at the lease's expiry or its
-//! own timeout, whichever comes first, and never waits longer than that.
+//!
+//! A subscription can be lost or move: the subscriber connection drops, a slot moves to another
+//! node (a failover, graceful or not, or a migration: the old node unsubscribes its clients),
+//! or the client library subscribes again by itself on the node that now serves the slot.
+//! Each of these wakes every waiter of the channels concerned (all of them when the connection
+//! drops), and they look at the record again with `begin`, so a completion announced while
+//! there was no subscription is not missed. For 10 s after such an event, while the cluster's
+//! view of who replicates whom settles (a new master may not yet pass its notices on to a
+//! subscription left on its old one), waiters also look again every poll interval.
 //!
 //! # Failures and restarts
 //!
 //! Errors and timeouts (default 2 s per step, see [`RedisStoreBuilder::with_timeout`]) are
 //! [`StoreError::Unavailable`], which the layer answers with a 503 (or, with `fail_open`, runs
-//! the request untracked). A value at a record's key that this store did not write (another
-//! tag, a lease of the wrong size, a value of another Redis type) is [`StoreError::Corrupt`],
-//! which the layer answers with a 500 `record-corrupt` problem, never failing open. The connections reconnect by themselves once Redis is back; the
-//! service does not need a restart.
+//! the request untracked); a completion or release that fails so is tried again in the
+//! background until it lands or the lease has surely expired. On a Redis Cluster a command that
+//! meets a failover (the node gone, `CLUSTERDOWN` while a replica is promoted, `MOVED`
+//! afterwards) is retried by the client a few times within the step, after pauses of up to
+//! about 100, 200 and 400 ms. A completion whose first attempt landed but whose answer was lost
+//! finds its own record on the next attempt and succeeds.
+//!
+//! A value at a record's key that this store did not write (another tag, a lease of the wrong
+//! size, a lease without an expiry, a value of another Redis type) is [`StoreError::Corrupt`],
+//! which the layer answers with a 500 `record-corrupt` problem, never failing open. The
+//! connections reconnect by themselves once Redis is back; the service does not need a
+//! restart.
 //!
 //! What survives a Redis restart depends on Redis's persistence, which this store does not
 //! configure:
@@ -93,7 +108,20 @@
 //!   writes from about the last second before a crash. Expiry times are absolute, so whatever
 //!   expired while Redis was down is gone when it comes back.
 //! - **With RDB snapshots only**, everything written since the last snapshot is lost.
-//! - **Replicas** are asynchronous: a failover can lose the latest writes the same way.
+//! - **Replicas** are asynchronous: a master that dies before its replica received a write
+//!   loses it in the failover, even though the store had answered. A lost lease lets a
+//!   duplicate run while the owner still works (the owner's completion is then refused and
+//!   counted as a lost lease); a lost record lets a later retry run again. With
+//!   [`RedisStoreBuilder::with_replica_acks`] a lease or record is acknowledged by replicas
+//!   before the store answers, and a failover to one of them keeps it. Renewals and releases
+//!   are not acknowledged: a lost renewal leaves the lease its earlier expiry, a lost release
+//!   leaves the lease to expire.
+//!
+//! A failover takes the cluster's node timeout plus an election (a few seconds with
+//! `cluster-node-timeout 2000`). A lease must outlive it: choose a `lock_ttl` well above node
+//! timeout + election + `lock_ttl / 3` (the owner renews every third of the TTL, so its lease
+//! may have only two thirds left when the master dies), or an owner's completion retried after
+//! the promotion finds its lease expired, is refused, and the next attempt runs again.
 //!
 //! The promise is therefore the crate's: exactly once while Redis keeps its data, at least once
 //! after a crash of the application (a lease expires and the next attempt runs again) or a loss
@@ -128,6 +156,8 @@ pub const DEFAULT_PREFIX: &str = "idempotency:";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 const DEFAULT_REPLICA_ACK_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long after subscriptions were lost, moved or re-made waiters also poll.
+const SETTLE: Duration = Duration::from_secs(10);
 /// Waiters wake this long after the lease's expiry, so that Redis has expired it by then.
 const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// The longest expiry passed to Redis (100 years): `PX` must not overflow Redis's clock.
@@ -667,8 +697,16 @@ impl Store for RedisStore {
             tokio::time::sleep_until(deadline.min(lease_until).min(poll)).await;
             return Ok(());
         }
+        // While subscriptions settle after a failover or a reconnection, a notice may be lost
+        // between nodes: look again every poll interval as well.
+        let poll = self
+            .inner
+            .registry
+            .unsettled()
+            .then(|| Instant::now() + self.inner.poll_interval);
         loop {
             let until = deadline.min(lease_until);
+            let until = poll.map_or(until, |poll| until.min(poll));
             match tokio::time::timeout_at(until, registration.rx.changed()).await {
                 // The deadline, or the lease's expiry: the caller looks again.
                 Err(_) | Ok(Err(_)) => return Ok(()),
@@ -911,12 +949,67 @@ struct Registry {
     channels: Mutex<HashMap<Vec<u8>, Channel>>,
     /// Bumped whenever subscriptions may have been lost, so the subscriber re-subscribes.
     epoch: AtomicU64,
+    /// Confirmations still to come of subscriptions the subscriber asked for itself; any other
+    /// confirmation is a subscription re-made by the client library (after a reconnection or a
+    /// change of topology).
+    expected: Mutex<HashMap<Vec<u8>, usize>>,
+    /// Until when waiters also poll: for a while after subscriptions were lost, moved or re-made.
+    unsettled_until: Mutex<Option<Instant>>,
 }
 
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Channel>> {
         // Every critical section leaves the map consistent, so a poisoned lock is still usable.
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The subscriber is about to subscribe to `channel`: its confirmation is not news.
+    fn expect(&self, channel: &[u8]) {
+        let mut expected = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        *expected.entry(channel.to_vec()).or_default() += 1;
+    }
+
+    /// Whether a confirmation of `channel` was expected (and is now no longer).
+    fn confirmed(&self, channel: &[u8]) -> bool {
+        let mut expected = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = expected.get_mut(channel) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            expected.remove(channel);
+        }
+        true
+    }
+
+    /// Subscriptions were lost, moved or re-made: for [`SETTLE`], waiters do not trust their
+    /// subscription alone. A notice published while a subscription moves (on a new master that
+    /// does not know yet that the old one is now its replica, say) may reach nobody.
+    fn unsettle(&self) {
+        let mut until = self
+            .unsettled_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *until = Some(Instant::now() + SETTLE);
+    }
+
+    fn unsettled(&self) -> bool {
+        let until = self
+            .unsettled_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Wakes every waiter on `channel`: they look at the record again.
+    fn wake(&self, channel: &[u8]) -> bool {
+        match self.lock().get(channel) {
+            Some(entry) => {
+                entry.tx.send_modify(|signal| signal.changes += 1);
+                true
+            }
+            None => false,
+        }
     }
 
     fn register(self: &Arc<Self>, channel: &[u8], ops: &mpsc::UnboundedSender<Op>) -> Registration {
@@ -962,21 +1055,34 @@ impl Registry {
                     });
                 }
             }
-            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
-                // Ours (the last waiter left) or the server's (a slot moved). If someone still
-                // waits on the channel, its subscription is gone: wake them and re-subscribe.
+            PushKind::Subscribe | PushKind::SSubscribe => {
+                // Ours, or one the client library made again by itself after a reconnection or
+                // a change of topology (on the node that now serves the slot). A notice may have
+                // been published while there was none: wake the waiters to look again.
                 let Some(Value::BulkString(channel)) = push.data.into_iter().next() else {
                     return;
                 };
-                if let Some(entry) = self.lock().get(&channel) {
+                if !self.confirmed(&channel) && self.wake(&channel) {
+                    self.unsettle();
+                }
+            }
+            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                // Ours (the last waiter left) or the server's (a slot moved: failover,
+                // migration). If someone still waits on the channel, its subscription is gone:
+                // wake them and re-subscribe.
+                let Some(Value::BulkString(channel)) = push.data.into_iter().next() else {
+                    return;
+                };
+                if self.wake(&channel) {
                     self.epoch.fetch_add(1, Ordering::SeqCst);
-                    entry.tx.send_modify(|signal| signal.changes += 1);
+                    self.unsettle();
                 }
             }
             PushKind::Disconnection => {
                 // Every subscription on that connection is gone: wake every waiter (they look
                 // again and re-subscribe) and make the subscriber forget what it had.
                 self.epoch.fetch_add(1, Ordering::SeqCst);
+                self.unsettle();
                 for entry in self.lock().values() {
                     entry.tx.send_modify(|signal| signal.changes += 1);
                 }
@@ -1075,13 +1181,16 @@ async fn run_subscriber(
                 if reply.is_closed() {
                     continue;
                 }
-                let ok = subscribed.contains(&channel)
-                    || match tokio::time::timeout(timeout, subscriber.subscribe(&channel)).await {
+                let ok = subscribed.contains(&channel) || {
+                    registry.expect(&channel);
+                    match tokio::time::timeout(timeout, subscriber.subscribe(&channel)).await {
                         Ok(Ok(())) => {
                             subscribed.insert(channel);
                             true
                         }
                         Ok(Err(e)) => {
+                            // Refused: no confirmation will come.
+                            registry.confirmed(&channel);
                             tracing::debug!(error = %e, "could not subscribe; waiters poll");
                             false
                         }
@@ -1089,7 +1198,8 @@ async fn run_subscriber(
                             tracing::debug!("subscribing timed out; waiters poll");
                             false
                         }
-                    };
+                    }
+                };
                 let _ = reply.send(ok);
             }
             Op::Unsubscribe(channel) => {
