@@ -80,6 +80,16 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
     );
     drop(shared);
     fails_with_one_line(&["--upstream", up, "--workers", "0"], &[], "--workers");
+    fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "1"],
+        &[],
+        "--redis-replica-acks",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "some"],
+        &[],
+        "--redis-replica-acks",
+    );
 
     // A store that does not answer at start-up.
     let redis = format!("redis://{}", free_addr());
@@ -111,7 +121,9 @@ fn help_explains_every_flag() {
         "--log-format",
         "--key-secret",
         "--key-secret-file",
+        "--redis-replica-acks",
         "IDEMPOTENCY_PROXY_UPSTREAM",
+        "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         "IDEMPOTENCY_PROXY_KEY_SECRET",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}");
