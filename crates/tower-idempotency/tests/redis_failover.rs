@@ -415,6 +415,7 @@ fn wait_calls(server: &RedisServer) -> u64 {
 /// acknowledged stays stored and is counted `not_replicated`; a replay needs no replica.
 #[tokio::test(flavor = "current_thread")]
 async fn replica_acks_hold_back_unreplicated_leases_and_count_unreplicated_records() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let events = NotReplicated::default();
     let _local = metrics::set_default_local_recorder(&events);
     let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
@@ -429,9 +430,12 @@ async fn replica_acks_hold_back_unreplicated_leases_and_count_unreplicated_recor
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let prefix = format!("r{:x}:", LeaseToken::random().0 as u64);
+    // Generous: a busy machine must not make an acknowledgement late.
     let store = RedisStore::builder(primary.url())
         .with_prefix(&prefix)
+        .with_timeout(Duration::from_secs(10))
         .with_replica_acks(1)
+        .with_replica_ack_timeout(Duration::from_secs(5))
         .connect()
         .await
         .unwrap();
