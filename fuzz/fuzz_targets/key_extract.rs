@@ -1,7 +1,9 @@
 //! Key extraction from a whole request head and body: the two key headers, the query, and
 //! urlencoded and multipart form bodies. Never panics; a key it returns is valid and is the key
-//! every source that names one names; `None` only when no source names a key. The multipart
-//! canonical form of the fingerprint is computed on the same input and must not panic either.
+//! every page source (query, `X-Idempotent-Key`, form field) that names one names, and the
+//! `Idempotency-Key` header's too unless a page source names it; a repeated `Idempotency-Key`
+//! is refused; `None` only when no source names a key. The multipart canonical form of the
+//! fingerprint is computed on the same input and must not panic either.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -153,6 +155,27 @@ fuzz_target!(|input: Input<'_>| {
         })
         .unwrap_or_default();
 
+    // Where the page itself may have named a key: the query, X-Idempotent-Key, a form body.
+    let form_body = content_type
+        .as_deref()
+        .or_else(|| {
+            headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+        })
+        .map(|ct| ct.trim_start().to_ascii_lowercase())
+        .is_some_and(|ct| {
+            ct.starts_with("application/x-www-form-urlencoded")
+                || ct.starts_with("multipart/form-data")
+        });
+    let page_may_name =
+        !query_keys.is_empty() || headers.contains_key("x-idempotent-key") || form_body;
+
+    // A repeated Idempotency-Key is refused, whatever else the request names.
+    if headers.get_all("idempotency-key").iter().count() > 1 {
+        assert!(result.is_err(), "a repeated Idempotency-Key was accepted");
+    }
+
     match result {
         Ok(Some(key)) => {
             assert!(IdempotencyKey::new(key.as_str()).is_ok(), "an invalid key");
@@ -166,9 +189,15 @@ fuzz_target!(|input: Input<'_>| {
                     "X-Idempotent-Key names another key"
                 );
             }
+            // The page's key wins over an Idempotency-Key that names another key, or no valid
+            // key: such a header stands only beside a key of the page's.
             if let Some(v) = headers.get("idempotency-key") {
-                let k = IdempotencyKey::from_header_value(v.as_bytes()).expect("a valid header");
-                assert_eq!(k.as_str(), key, "Idempotency-Key names another key");
+                let names_key = IdempotencyKey::from_header_value(v.as_bytes())
+                    .is_ok_and(|k| k.as_str() == key);
+                assert!(
+                    names_key || page_may_name,
+                    "Idempotency-Key names another key, and no page source names one"
+                );
             }
         }
         Ok(None) => {

@@ -94,6 +94,8 @@ struct Tally {
     replayed_then_kept: usize,
     lost_to_wipe: usize,
     rerun_after_wipe: usize,
+    /// 502 `outcome-unknown` answers: a request that may have run, never to run again.
+    outcome_unknown: usize,
 }
 
 /// A violation: which check, and what happened.
@@ -225,6 +227,20 @@ pub(crate) fn verdict(ev: &Evidence<'_>) -> usize {
                     ),
                 })
             }
+            // A hang ends in an answer that is stored: retries replay it, never run it again.
+            Class::UpstreamOnly
+                if !kinds.contains(&FaultKind::Upstream500) && execs_kept.len() != 1 =>
+            {
+                v.push(Violation {
+                    check: "exactly once",
+                    what: format!(
+                        "{key}: touched only by upstream hangs, yet the upstream ran it {} times{}{}",
+                        execs_kept.len(),
+                        describe_execs(&owned, ev),
+                        describe_attempts(rec, ev)
+                    ),
+                })
+            }
             Class::UpstreamOnly if successes_kept.len() != 1 => v.push(Violation {
                 check: "exactly once",
                 what: format!(
@@ -308,7 +324,10 @@ pub(crate) fn verdict(ev: &Evidence<'_>) -> usize {
                     }
                 }
             }
-            if originals != 1 && successes_kept.len() == 1 {
+            // A hung key's first caller got 504 while the upstream worked on: then every 2xx
+            // is a replay of the late answer.
+            let late_original = kinds.contains(&FaultKind::UpstreamHang) && originals == 0;
+            if originals != 1 && successes_kept.len() == 1 && !late_original {
                 v.push(Violation {
                     check: "replay identical",
                     what: format!("{key}: {originals} responses without Idempotent-Replayed; exactly one was the original"),
@@ -471,6 +490,12 @@ pub(crate) fn verdict(ev: &Evidence<'_>) -> usize {
     v.len()
 }
 
+/// The `type` of a problem document, if `body` is one.
+fn problem_type(body: &[u8]) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    doc["type"].as_str().map(str::to_owned)
+}
+
 fn check_error(
     key: &str,
     a: &Attempt,
@@ -495,6 +520,11 @@ fn check_error(
                 status.to_string()
             };
             *t.errors.entry(label).or_default() += 1;
+            if !*from_upstream
+                && problem_type(body).is_some_and(|ty| ty.ends_with(":outcome-unknown"))
+            {
+                t.outcome_unknown += 1;
+            }
             if *from_upstream {
                 let attributed = kinds.iter().any(|k| k.upstream().is_some());
                 if *status != 500 || !attributed {
@@ -587,7 +617,6 @@ fn describe_execs(execs: &[Execution], ev: &Evidence<'_>) -> String {
             let what = match &x.outcome {
                 Outcome::Success(_) => "ok",
                 Outcome::Failed => "500",
-                Outcome::Hung => "hung",
             };
             format!("{what} at {} via {}", at(ev.t0, x.at), x.via)
         })
@@ -684,7 +713,7 @@ fn print_table(ev: &Evidence<'_>, t: &Tally, v: &[Violation]) {
     };
     let rule = |c: Class| match c {
         Class::Untouched => "must run exactly once",
-        Class::UpstreamOnly => "failed runs retried, exactly one success",
+        Class::UpstreamOnly => "500s retried, one success; hangs run once",
         Class::CrashOrOutage => "at least once (documented)",
     };
     let _ = writeln!(out, "\nkeys: {}", t.keys);
@@ -719,7 +748,7 @@ fn print_table(ev: &Evidence<'_>, t: &Tally, v: &[Violation]) {
     }
     let _ = writeln!(
         out,
-        "  executions per key (successful): {}; failed executions (500s, hangs): {}",
+        "  executions per key (successful): {}; failed executions (500s): {}",
         hist(&t.successes_hist),
         t.failed_executions
     );
@@ -749,6 +778,11 @@ fn print_table(ev: &Evidence<'_>, t: &Tally, v: &[Violation]) {
             .join(", ")
     };
     let _ = writeln!(out, "  errors by status: {errors}");
+    let _ = writeln!(
+        out,
+        "  502 outcome-unknown answers (may have run; never run again): {}",
+        t.outcome_unknown
+    );
     let _ = writeln!(
         out,
         "  max latency {} (bound: wait-timeout {} + upstream-timeout {} + slack {} = {}); to a paused proxy {}",

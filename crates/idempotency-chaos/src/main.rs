@@ -8,8 +8,9 @@
 //!   race the new owner's (the store must refuse them);
 //! - Redis is SIGKILLed and restarted: without persistence (records lost), then with AOF and
 //!   `appendfsync always` (records kept);
-//! - the upstream answers 500 for some keys, or hangs past `--upstream-timeout` for some keys
-//!   (which keys is fixed by the seed).
+//! - the upstream answers 500 for some keys, or answers only after a hang past
+//!   `--upstream-timeout` for some keys (which keys is fixed by the seed): the late answer is
+//!   stored and replayed, and a hung key must run exactly once.
 //!
 //! Every fault is logged with its start and recovery; a key sent while a fault was on (until
 //! recovery plus the lease lifetime) counts as touched by it. Then every key is checked:

@@ -2,8 +2,8 @@
 //! execution per idempotency key (the key reaches it as the `Idempotency-Key` header the proxy
 //! forwards) and answers each successful execution with a body no other execution produces.
 //!
-//! On command it fails some keys: with 500s, or by hanging longer than the proxy's
-//! `--upstream-timeout`. Which keys is decided by a hash of the key under the run's seed
+//! On command it fails some keys with 500s, or answers them only after a hang longer than the
+//! proxy's `--upstream-timeout` (a slow payment: the work is done, the answer is late). Which keys is decided by a hash of the key under the run's seed
 //! ([`faulty`]), so the checker can attribute every failed execution to its fault.
 
 use std::collections::HashMap;
@@ -59,8 +59,6 @@ pub(crate) enum Outcome {
     Success(Bytes),
     /// A 500 (fault on).
     Failed,
-    /// A hang past the proxy's timeout (fault on).
-    Hung,
 }
 
 /// One execution: the upstream's handler ran for the key.
@@ -217,13 +215,9 @@ async fn pay(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         );
     }
     if shared.hang.load(Ordering::SeqCst) && faulty(seed, UpstreamFault::Hang, &key) {
-        record(Outcome::Hung);
+        // A slow payment: it answers, well past the proxy's --upstream-timeout. The caller has
+        // had its 504 by then; the answer is stored, and retries must replay it.
         tokio::time::sleep(shared.hang_for).await;
-        return marked(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            Body::from(format!("upstream hung for {key}")),
-        );
     }
     let serial = shared.serial.fetch_add(1, Ordering::SeqCst) + 1;
     let nonce = rng::mix64(seed ^ serial.rotate_left(17));

@@ -11,6 +11,9 @@ use futures_util::future::join_all;
 #[path = "../../tower-idempotency/tests/support/mod.rs"]
 mod support;
 
+#[path = "../../tower-idempotency/tests/events/mod.rs"]
+mod events;
+
 struct Demo {
     child: Child,
     base: String,
@@ -179,6 +182,130 @@ async fn a_form_posted_twice_places_one_order_and_lands_on_it() {
         .await
         .unwrap();
     assert!(order_page.contains("Order #1"));
+}
+
+/// Two keys of the kind Firefox adds to every form POST by itself, one per click: RFC 8941
+/// sf-strings holding a decimal number.
+const FIREFOX_CLICK_1: &str = "\"8315709230293478211\"";
+const FIREFOX_CLICK_2: &str = "\"16805207050847954446\"";
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The order form of a freshly loaded page, as the browser posts it: the hidden key first.
+async fn order_form(client: &reqwest::Client, base: &str) -> Vec<(&'static str, String)> {
+    let page = client.get(base).send().await.unwrap().text().await.unwrap();
+    vec![
+        ("__idempotent_key", hidden_key(&page)),
+        ("product", "Teapot".to_owned()),
+        ("quantity", "2".to_owned()),
+    ]
+}
+
+/// A double click on "Place order" in Firefox: the second submission leaves while the first is
+/// being placed, with a browser key of its own beside the page's same key. One order, and both
+/// submissions land on it, as in any other browser.
+#[tokio::test]
+async fn a_double_click_in_firefox_places_one_order_and_both_land_on_it() {
+    let demo = start_demo().await;
+    let client = no_redirects();
+    let form = order_form(&client, &demo.base).await;
+    let submit = |firefox_key: &'static str| {
+        client
+            .post(format!("{}/orders", demo.base))
+            .header("Idempotency-Key", firefox_key)
+            .form(&form)
+            .send()
+    };
+    let (first, second) = tokio::join!(submit(FIREFOX_CLICK_1), async {
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        submit(FIREFOX_CLICK_2).await
+    });
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.status(), 303, "{:?}", first.text().await);
+    assert_eq!(second.status(), 303, "{:?}", second.text().await);
+    assert_eq!(first.headers()["location"], "/orders/1");
+    assert_eq!(second.headers()["location"], "/orders/1");
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+
+    let orders = orders(&client, &demo).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(orders[0]["product"], "Teapot");
+    let page = client
+        .get(format!("{}/orders/1", demo.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Order #1"), "{page}");
+}
+
+/// Firefox sends one submission again with the same browser key (and the page's same key):
+/// the stored answer is replayed, and no second order is placed.
+#[tokio::test]
+async fn a_firefox_resend_replays_the_order() {
+    let demo = start_demo().await;
+    let client = no_redirects();
+    let form = order_form(&client, &demo.base).await;
+    let submit = || {
+        client
+            .post(format!("{}/orders", demo.base))
+            .header("Idempotency-Key", FIREFOX_CLICK_1)
+            .form(&form)
+            .send()
+    };
+    let first = submit().await.unwrap();
+    assert_eq!(first.status(), 303, "{:?}", first.text().await);
+    let resent = submit().await.unwrap();
+    assert_eq!(resent.status(), 303);
+    assert_eq!(resent.headers()["location"], first.headers()["location"]);
+    assert_eq!(resent.headers()["idempotent-replayed"], "true");
+    assert_eq!(orders(&client, &demo).await.len(), 1);
+}
+
+/// The shop in this process, to read the layer's counters: every submission's browser key was
+/// ignored for the page's, and counted.
+#[tokio::test(flavor = "current_thread")]
+async fn browser_keys_that_give_way_to_the_page_key_are_counted() {
+    use tower_idempotency::metrics::Event;
+
+    let events = events::Events::default();
+    let _local = metrics::set_default_local_recorder(&events);
+    let shop = idempotency_demo::Shop::new(Duration::from_millis(50));
+    let app = idempotency_demo::app(
+        shop.clone(),
+        tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::default()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let client = no_redirects();
+    let form = order_form(&client, &base).await;
+    for firefox_key in [FIREFOX_CLICK_1, FIREFOX_CLICK_2, FIREFOX_CLICK_2] {
+        let res = client
+            .post(format!("{base}/orders"))
+            .header("Idempotency-Key", firefox_key)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 303);
+        assert_eq!(res.headers()["location"], "/orders/1");
+    }
+    assert_eq!(shop.orders().len(), 1);
+    assert_eq!(events.get(Event::KeyHeaderIgnored), 3);
+    assert_eq!(events.get(Event::Executed), 1);
+    assert_eq!(events.get(Event::Replayed), 2);
+    assert_eq!(events.get(Event::BadKey), 0);
+    server.abort();
 }
 
 async fn orders(client: &reqwest::Client, demo: &Demo) -> Vec<serde_json::Value> {

@@ -177,8 +177,11 @@ pub(crate) struct Args {
     )]
     pub(crate) max_response_body: usize,
 
-    /// How long the upstream may take to answer with its status and headers; past that the
-    /// caller gets a 504 (never stored). Response bodies then stream without a deadline.
+    /// How long a caller waits for the upstream's status and headers; past it the caller gets
+    /// 504. A request without a key is then cancelled. A keyed request is not: the upstream
+    /// call goes on in the background with its lease held and renewed (up to
+    /// --upstream-deadline), its answer is stored when it comes, and a retry with the same key
+    /// replays it. Duplicates meanwhile wait or get 409.
     #[arg(
         long,
         env = "IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT",
@@ -187,6 +190,19 @@ pub(crate) struct Args {
         value_parser = positive_duration
     )]
     pub(crate) upstream_timeout: Duration,
+
+    /// How long a keyed request may keep the upstream busy, answer and body, whether or not its
+    /// caller still waits. When it passes, or when the upstream connection breaks after the
+    /// request was sent, the outcome is unknown: the key answers 502 `outcome-unknown` for
+    /// --ttl and the request is never sent again for it. Not shorter than --upstream-timeout.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE",
+        value_name = "DURATION",
+        default_value = "10m",
+        value_parser = positive_duration
+    )]
+    pub(crate) upstream_deadline: Duration,
 
     /// How long a shutdown waits for requests in flight before exiting anyway (exit code 1).
     #[arg(
@@ -252,6 +268,18 @@ impl fmt::Debug for Secret {
 }
 
 impl Args {
+    /// Checks what no single flag's parser can: flags that must agree with each other.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.upstream_timeout > self.upstream_deadline {
+            return Err(format!(
+                "--upstream-timeout ({}) must not be longer than --upstream-deadline ({})",
+                humantime::format_duration(self.upstream_timeout),
+                humantime::format_duration(self.upstream_deadline)
+            ));
+        }
+        Ok(())
+    }
+
     /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
     pub(crate) fn key_secret(&self) -> Option<&Secret> {
         self.key_secret.as_ref().or(self.key_secret_file.as_ref())
@@ -584,8 +612,22 @@ mod tests {
         assert_eq!(a.scope_header.len(), 2);
         assert_eq!(a.ttl, Duration::from_secs(300));
         assert_eq!(a.max_request_body, 1 << 20);
+        assert_eq!(a.upstream_deadline, Duration::from_secs(600));
+        assert!(a.validate().is_ok());
         assert_eq!(a.store.spec, StoreSpec::Memory);
         assert_eq!(a.store.redis_replica_acks, 0);
+        let a = Args::try_parse_from([
+            "idempotency-proxy",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--upstream-timeout",
+            "5m",
+            "--upstream-deadline",
+            "1m",
+        ])
+        .unwrap();
+        let e = a.validate().unwrap_err();
+        assert!(e.contains("--upstream-deadline"), "{e}");
         let a = Args::try_parse_from([
             "idempotency-proxy",
             "--upstream",

@@ -43,6 +43,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Err(e) = args.validate() {
+        return config_error(&e);
+    }
     // This runtime runs the signals, the admin endpoints and the store's connections; the
     // requests are served by the worker threads `run` starts.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -111,7 +114,8 @@ async fn run(args: Args) -> ExitCode {
         .with_fail_open(args.fail_open)
         .with_scope_headers(args.scope_header.iter().cloned())
         .with_max_request_body(args.max_request_body)
-        .with_max_response_body(args.max_response_body);
+        .with_max_response_body(args.max_response_body)
+        .with_caller_timeout(args.upstream_timeout);
     let layer = match args.key_secret() {
         Some(secret) => layer.with_key_secret(secret.bytes()),
         None => layer,
@@ -169,6 +173,7 @@ async fn run(args: Args) -> ExitCode {
             layer: layer.clone(),
             upstream: args.upstream.clone(),
             upstream_timeout: args.upstream_timeout,
+            upstream_deadline: args.upstream_deadline,
             in_flight: in_flight.clone(),
             stopping: stopping.clone(),
             released: released.clone(),
@@ -280,6 +285,7 @@ struct Worker {
     layer: IdempotencyLayer,
     upstream: cli::Upstream,
     upstream_timeout: std::time::Duration,
+    upstream_deadline: std::time::Duration,
     in_flight: Arc<InFlight>,
     stopping: tokio::sync::watch::Receiver<bool>,
     released: tokio::sync::watch::Receiver<bool>,
@@ -323,13 +329,22 @@ impl Worker {
         let stack = self.layer.layer(Proxy::new(
             self.upstream,
             self.upstream_timeout,
+            self.upstream_deadline,
             self.in_flight.clone(),
         ));
         let mut stopping = self.stopping;
         let stop = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
-        server::serve(listener, stack, self.in_flight, stop, self.grace).await
+        server::serve(
+            listener,
+            stack,
+            &self.layer,
+            self.in_flight,
+            stop,
+            self.grace,
+        )
+        .await
     }
 }
 

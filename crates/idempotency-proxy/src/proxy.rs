@@ -3,6 +3,13 @@
 //! The idempotency layer sits in front of it. Requests it does not track reach this service
 //! with their body still streaming, and their responses stream back as they come; tracked ones
 //! arrive buffered, and the layer buffers their responses within its limits.
+//!
+//! A tracked request (marked [`Tracked`] by the layer) has until the upstream deadline to be
+//! answered, head and body, since the layer keeps it running after its caller stops waiting.
+//! When that deadline passes, or the upstream connection breaks after the request was sent,
+//! nobody can know whether the upstream acted: the answer carries [`OutcomeUnknown`], so the
+//! layer never sends the request again for its key. A connection that could not be made at
+//! all proves the request never arrived: that 502 releases the key.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,8 +31,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tower::Service;
-use tower_idempotency::IdempotencyBody;
 use tower_idempotency::service::strip_hop_by_hop;
+use tower_idempotency::{IdempotencyBody, OutcomeUnknown, Problem, Tracked};
 
 use crate::cli::Upstream;
 
@@ -94,13 +101,22 @@ pub(crate) struct Proxy {
 struct Inner {
     client: Client<HttpConnector, UpstreamReqBody>,
     upstream: Upstream,
+    /// How long an untracked request waits for its response head.
     timeout: Duration,
+    /// How long a tracked request may take, head and body.
+    deadline: Duration,
     in_flight: Arc<InFlight>,
 }
 
 impl Proxy {
-    /// A proxy to `upstream` that waits at most `timeout` for each response head.
-    pub(crate) fn new(upstream: Upstream, timeout: Duration, in_flight: Arc<InFlight>) -> Self {
+    /// A proxy to `upstream` that waits at most `timeout` for the response head of an untracked
+    /// request, and at most `deadline` for the whole response to a tracked one.
+    pub(crate) fn new(
+        upstream: Upstream,
+        timeout: Duration,
+        deadline: Duration,
+        in_flight: Arc<InFlight>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
@@ -114,6 +130,7 @@ impl Proxy {
                 client,
                 upstream,
                 timeout,
+                deadline,
                 in_flight,
             }),
         }
@@ -178,8 +195,10 @@ impl Inner {
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
 
+        let tracked = req.extensions().get::<Tracked>().is_some();
+        let limit = if tracked { self.deadline } else { self.timeout };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, self.inner_request(req)).await;
+        let outcome = tokio::time::timeout(limit, self.inner_request(req)).await;
         let elapsed = started.elapsed().as_secs_f64();
         match outcome {
             Ok(Ok(res)) => {
@@ -189,30 +208,57 @@ impl Inner {
                 // The caller's connection has its own version; hyper frames the answer for it.
                 parts.version = Version::default();
                 // The guard lives as long as the body, so a shutdown waits for it to be read.
-                let body = body
-                    .map_frame(move |frame| {
-                        let _ = &guard;
-                        frame
-                    })
-                    .map_err(BoxError::from)
-                    .boxed_unsync();
+                let body = body.map_frame(move |frame| {
+                    let _ = &guard;
+                    frame
+                });
+                let body = if tracked {
+                    // The layer reads a tracked body in full: the deadline covers it too.
+                    let at = tokio::time::Instant::from_std(started) + self.deadline;
+                    Deadline::new(body, at).boxed_unsync()
+                } else {
+                    body.map_err(BoxError::from).boxed_unsync()
+                };
                 Response::from_parts(parts, body)
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                upstream_duration(Outcome::Error).record(elapsed);
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    error = %error_chain(&e),
+                    "could not connect to the upstream"
+                );
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    "Upstream unavailable",
+                    "The proxy could not connect to the upstream service, so the request never \
+                     reached it. It was not stored and may be retried with the same key."
+                        .into(),
+                )
             }
             Ok(Err(e)) => {
                 upstream_duration(Outcome::Error).record(elapsed);
                 tracing::warn!(
                     upstream = %self.upstream,
                     error = %error_chain(&e),
-                    "upstream request failed"
+                    tracked,
+                    "the upstream connection failed after the request was sent; its outcome is unknown"
                 );
-                problem(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unavailable",
-                    "Upstream unavailable",
-                    "The proxy could not get a response from the upstream service. The request \
-                     was not stored and may be retried with the same key."
-                        .into(),
+                outcome_unknown(
+                    tracked,
+                    "The upstream connection broke after the request was sent, before an \
+                     answer came: the request may have run.",
                 )
+            }
+            Err(_) if tracked => {
+                upstream_duration(Outcome::Timeout).record(elapsed);
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    deadline = ?self.deadline,
+                    "the upstream did not answer a keyed request by its deadline; its outcome is unknown"
+                );
+                outcome_unknown(true, "")
             }
             Err(_) => {
                 upstream_duration(Outcome::Timeout).record(elapsed);
@@ -226,8 +272,8 @@ impl Inner {
                     "upstream-timeout",
                     "Upstream timed out",
                     format!(
-                        "The upstream service did not answer within {}. The request was not \
-                         stored and may be retried with the same key.",
+                        "The upstream service did not answer within {}. The request carried no \
+                         idempotency key and was cancelled.",
                         humantime::format_duration(self.timeout)
                     ),
                 )
@@ -287,6 +333,84 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
         Err(_) => {
             headers.remove(&X_FORWARDED_FOR);
         }
+    }
+}
+
+/// The answer to a request that may have reached the upstream without an answer coming back.
+/// A tracked one gets the layer's `outcome-unknown` problem, marked so that the layer stores
+/// it as such (duplicates get the same problem, and the request never runs again for its key);
+/// an untracked one gets `detail`.
+fn outcome_unknown(tracked: bool, detail: &str) -> Response<ProxyBody> {
+    if !tracked {
+        return problem(
+            StatusCode::BAD_GATEWAY,
+            "upstream-failed",
+            "Upstream failed",
+            format!("{detail} Nothing was stored."),
+        );
+    }
+    let mut res = Problem::OutcomeUnknown.to_response().map(|body| {
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    });
+    res.extensions_mut().insert(OutcomeUnknown);
+    res
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that fails once `at` has passed: a tracked response, which the layer
+    /// reads in full, cannot keep its lease forever by stalling.
+    struct Deadline<B> {
+        #[pin]
+        body: B,
+        #[pin]
+        at: tokio::time::Sleep,
+    }
+}
+
+impl<B> Deadline<B> {
+    fn new(body: B, at: tokio::time::Instant) -> Self {
+        Self {
+            body,
+            at: tokio::time::sleep_until(at),
+        }
+    }
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match this.at.poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!("the upstream deadline passed while a keyed response was read");
+                Poll::Ready(Some(Err(
+                    "the upstream deadline passed while the response body was read".into(),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
-use tower_idempotency::{Idempotency, IdempotencyBody};
+use tower_idempotency::{Idempotency, IdempotencyBody, IdempotencyLayer};
 
 use crate::proxy::{ClientAddr, InFlight, Proxy, ProxyBody};
 use crate::telemetry::REQUEST_DURATION;
@@ -31,10 +31,12 @@ pub(crate) enum Drained {
 }
 
 /// Serves `stack` on `listener` until `shutdown` resolves, then stops accepting and waits up to
-/// `grace` for connections and upstream calls in flight.
+/// `grace` for connections, upstream calls in flight, and the outcomes `layer` still stores for
+/// callers that went away.
 pub(crate) async fn serve(
     listener: TcpListener,
     stack: Stack,
+    layer: &IdempotencyLayer,
     in_flight: Arc<InFlight>,
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
@@ -76,7 +78,9 @@ pub(crate) async fn serve(
     drop(listener);
     let drain = async {
         graceful.shutdown().await;
-        // Upstream calls whose caller went away still run; their outcomes are stored after.
+        // Upstream calls whose caller went away, or stopped waiting, still run; their outcomes
+        // are stored after, and a write that failed for want of the store is retried.
+        layer.drain().await;
         in_flight.idle().await;
     };
     match tokio::time::timeout(grace, drain).await {

@@ -90,6 +90,16 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
         &[],
         "--redis-replica-acks",
     );
+    fails_with_one_line(
+        &["--upstream", up, "--upstream-deadline", "0s"],
+        &[],
+        "--upstream-deadline",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--upstream-timeout", "2m"],
+        &[("IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE", "1m")],
+        "--upstream-deadline",
+    );
 
     // A store that does not answer at start-up.
     let redis = format!("redis://{}", free_addr());
@@ -118,6 +128,7 @@ fn help_explains_every_flag() {
         "--max-request-body",
         "--max-response-body",
         "--upstream-timeout",
+        "--upstream-deadline",
         "--log-format",
         "--key-secret",
         "--key-secret-file",
@@ -148,6 +159,7 @@ async fn the_environment_configures_every_flag() {
         ),
         ("IDEMPOTENCY_PROXY_MAX_REQUEST_BODY", "16".to_owned()),
         ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "5s".to_owned()),
+        ("IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE", "20s".to_owned()),
         ("IDEMPOTENCY_PROXY_LOG_FORMAT", "json".to_owned()),
     ];
     let proxy = Proxy::spawn(Vec::new(), &env, addr, admin).await;
@@ -404,6 +416,63 @@ async fn sigterm_lets_a_tracked_request_finish_then_exits_0() {
         .expect("proxy did not exit");
     assert_eq!(exit.code(), Some(0), "{}", proxy.logs());
     assert_eq!(up.hits("/slow"), 1);
+}
+
+/// Callers that stopped waiting (past `--upstream-timeout`) or went away: a SIGTERM waits for
+/// their upstream calls and stores the answers, so another proxy on the same Redis replays them
+/// instead of running them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_requests_whose_callers_left_and_stores_their_answers() {
+    let up = Upstream::start().await;
+    let redis = common::Backend::redis();
+    let mut first = redis
+        .proxy(&up.url(), &["--upstream-timeout", "300ms"])
+        .await;
+    let c = client();
+    let impatient = c
+        .post(first.url("/slow?ms=1500"))
+        .header("Idempotency-Key", "\"impatient\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(impatient.status(), 504);
+    let gone = tokio::spawn({
+        let url = first.url("/slow?ms=1500");
+        let c = c.clone();
+        async move {
+            let _ = c
+                .post(url)
+                .header("Idempotency-Key", "\"gone\"")
+                .send()
+                .await;
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.hits("/slow") < 2 {
+        assert!(Instant::now() < deadline, "the requests never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gone.abort();
+    first.terminate();
+    let exit = first
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("proxy did not exit");
+    assert_eq!(exit.code(), Some(0), "{}", first.logs());
+
+    let second = redis.proxy(&up.url(), &[]).await;
+    for key in ["\"impatient\"", "\"gone\""] {
+        let res = c
+            .post(second.url("/slow?ms=1500"))
+            .header("Idempotency-Key", key)
+            .header("Prefer", "wait=0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{key}: {}", second.logs());
+        assert_eq!(res.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(up.hits("/slow"), 2, "each key ran once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{Backend, Upstream, client};
+use std::time::Duration;
+
+use common::{Backend, DroppingUpstream, Upstream, client, event_count};
 
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
@@ -36,7 +38,11 @@ on_every_store!(
     get_and_keyless_post_pass_through_every_time,
     upstream_5xx_is_not_stored,
     upstream_down_is_502_problem_json,
-    a_slow_upstream_is_504_and_not_stored,
+    a_connect_failure_releases_the_key,
+    a_keyed_request_runs_once_across_the_upstream_timeout,
+    a_keyless_request_past_the_upstream_timeout_is_cancelled,
+    past_the_upstream_deadline_the_outcome_is_unknown_and_never_rerun,
+    an_upstream_that_drops_the_connection_after_the_work_runs_once,
     forwarded_headers_are_added_and_hop_by_hop_headers_stripped,
     scopes_limits_and_required_keys_follow_the_flags,
     a_duplicate_waits_at_most_the_wait_timeout,
@@ -240,25 +246,103 @@ async fn upstream_down_is_502_problem_json(store: Backend) {
     assert_eq!(res.status(), 502);
 }
 
-async fn a_slow_upstream_is_504_and_not_stored(store: Backend) {
+/// The problem document of a problem+json answer, with its type's last part checked.
+async fn problem_of(res: reqwest::Response, status: u16, slug: &str) -> serde_json::Value {
+    assert_eq!(res.status(), status);
+    assert!(is_problem(&res));
+    let doc: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(doc["status"], status);
+    let ty = doc["type"].as_str().unwrap().to_owned();
+    assert!(ty.ends_with(&format!(":{slug}")), "{ty} is not {slug}");
+    doc
+}
+
+async fn metrics(proxy: &common::Proxy) -> String {
+    let res = client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    res.text().await.unwrap()
+}
+
+async fn a_connect_failure_releases_the_key(store: Backend) {
+    let closed = common::free_addr();
+    let proxy = store.proxy(&format!("http://{closed}"), &[]).await;
+    let c = client();
+    let send = || {
+        c.post(proxy.url("/orders"))
+            .header(KEY, "\"connect\"")
+            .body("x")
+    };
+    let res = send().send().await.unwrap();
+    problem_of(res, 502, "upstream-unavailable").await;
+    // The request never reached anyone: once the upstream is up, the same key runs.
+    let up = Upstream::start_on(closed).await;
+    let res = send().send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert_eq!(up.hits("/orders"), 1);
+    let replay = send().send().await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 1);
+}
+
+/// Copies of one key sent before, across and after the caller's timeout: the upstream runs
+/// once, the first caller gets 504, everyone else the upstream's answer.
+async fn a_keyed_request_runs_once_across_the_upstream_timeout(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store
+        .proxy(&up.url(), &["--upstream-timeout", "400ms"])
+        .await;
+    let c = client();
+    let send = |c: reqwest::Client, url: String| async move {
+        c.post(url)
+            .header(KEY, "\"slow-payment\"")
+            .body("charge 1200")
+            .send()
+            .await
+            .unwrap()
+    };
+    let url = proxy.url("/slow?ms=1500");
+    let first = tokio::spawn(send(c.clone(), url.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let during = tokio::spawn(send(c.clone(), url.clone()));
+    // After the first caller's 504: the upstream call is still running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = tokio::spawn(send(c.clone(), url.clone()));
+
+    let first = first.await.unwrap();
+    assert!(first.headers().contains_key("retry-after"));
+    let doc = problem_of(first, 504, "still-running").await;
+    assert!(doc["detail"].as_str().unwrap().contains("same key"));
+    for res in [during.await.unwrap(), after.await.unwrap()] {
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["idempotent-replayed"], "true");
+        assert_eq!(res.text().await.unwrap(), "slow run 1");
+    }
+    // A retry after the late answer replays it.
+    let retry = send(c.clone(), url.clone()).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.text().await.unwrap(), "slow run 1");
+    assert_eq!(up.hits("/slow"), 1, "the upstream ran once for one key");
+    assert_eq!(
+        event_count(&metrics(&proxy).await, "late_answer_stored"),
+        Some(1)
+    );
+}
+
+async fn a_keyless_request_past_the_upstream_timeout_is_cancelled(store: Backend) {
     let up = Upstream::start().await;
     let proxy = store
         .proxy(&up.url(), &["--upstream-timeout", "300ms"])
         .await;
     let c = client();
     for _ in 0..2 {
-        let res = c
-            .post(proxy.url("/slow?ms=1500"))
-            .header(KEY, "too-slow")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 504);
-        assert!(is_problem(&res));
-        let doc: serde_json::Value = res.json().await.unwrap();
-        assert_eq!(doc["status"], 504);
+        let res = c.post(proxy.url("/slow?ms=1500")).send().await.unwrap();
+        problem_of(res, 504, "upstream-timeout").await;
     }
-    // Not stored: the retry reached the upstream again.
+    // Nothing was stored: each ran.
     assert_eq!(up.hits("/slow"), 2);
     // Within the timeout, the same upstream answers.
     let ok = c
@@ -268,6 +352,72 @@ async fn a_slow_upstream_is_504_and_not_stored(store: Backend) {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+async fn past_the_upstream_deadline_the_outcome_is_unknown_and_never_rerun(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store
+        .proxy(
+            &up.url(),
+            &[
+                "--upstream-timeout",
+                "200ms",
+                "--upstream-deadline",
+                "600ms",
+            ],
+        )
+        .await;
+    let c = client();
+    let send = || {
+        c.post(proxy.url("/slow?ms=3000"))
+            .header(KEY, "\"hung\"")
+            .send()
+    };
+    problem_of(send().await.unwrap(), 504, "still-running").await;
+    // A duplicate waits for the deadline, then learns that nobody knows.
+    let doc = problem_of(send().await.unwrap(), 502, "outcome-unknown").await;
+    assert!(doc["detail"].as_str().unwrap().contains("new key"));
+    problem_of(send().await.unwrap(), 502, "outcome-unknown").await;
+    assert_eq!(up.hits("/slow"), 1);
+    assert_eq!(
+        event_count(&metrics(&proxy).await, "outcome_unknown"),
+        Some(1)
+    );
+}
+
+/// An upstream that does the work and drops the connection: what an SDK that retries 5xx and
+/// network errors with the same key meets. The retry must not charge twice.
+async fn an_upstream_that_drops_the_connection_after_the_work_runs_once(store: Backend) {
+    let up = DroppingUpstream::start().await;
+    let proxy = store.proxy(&up.url(), &[]).await;
+    let c = client();
+    let send = || {
+        c.post(proxy.url("/v1/charges"))
+            .header(KEY, "\"charge-7\"")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("amount=1200&currency=eur")
+            .send()
+    };
+    problem_of(send().await.unwrap(), 502, "outcome-unknown").await;
+    for _ in 0..3 {
+        problem_of(send().await.unwrap(), 502, "outcome-unknown").await;
+    }
+    assert_eq!(up.runs(), 1, "the upstream ran once for one key");
+    // Without a key nothing is stored, and each attempt reaches the upstream.
+    for _ in 0..2 {
+        let res = c
+            .post(proxy.url("/v1/charges"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        problem_of(res, 502, "upstream-failed").await;
+    }
+    assert_eq!(up.runs(), 3);
+    assert_eq!(
+        event_count(&metrics(&proxy).await, "outcome_unknown"),
+        Some(1)
+    );
 }
 
 async fn forwarded_headers_are_added_and_hop_by_hop_headers_stripped(store: Backend) {
@@ -412,7 +562,7 @@ async fn keys_in_form_fields_are_tracked_and_bad_keys_refused(store: Backend) {
     // Two sources naming different keys, a key too long, a non-ASCII key: 400, never upstream.
     let conflicting = c
         .post(proxy.url("/orders?__idempotent_key=b"))
-        .header(KEY, "a")
+        .header("X-Idempotent-Key", "a")
         .send()
         .await
         .unwrap();

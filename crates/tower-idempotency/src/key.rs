@@ -98,7 +98,8 @@ pub enum KeyError {
     /// The `Idempotency-Key` header is not an sf-string nor a bare key.
     Malformed,
     /// The request names the key more than once, in one source or in several, with
-    /// different values or in a repeated header.
+    /// different values or in a repeated header. (An `Idempotency-Key` header that disagrees
+    /// with a key the page chose is ignored instead; see [`crate::extract`].)
     Conflicting,
     /// A covered request came without a key while keys are required.
     Missing,

@@ -18,7 +18,11 @@
 //! that carry a key in the `Idempotency-Key` header (an RFC 8941 sf-string, `"abc"`, or a bare
 //! `abc`), the `X-Idempotent-Key` header, the `__idempotent_key` query parameter, or the
 //! `__idempotent_key` field of a urlencoded or multipart form. Keys are 1 to 255 visible ASCII
-//! characters. A bad key, two sources naming different keys, or a repeated key header is a 400.
+//! characters. A bad key, two sources naming different keys, or a repeated key header is a 400,
+//! except that an `Idempotency-Key` header that disagrees with a key the page chose (form field,
+//! query parameter, `X-Idempotent-Key`) is ignored, and the page's key wins: browsers (Firefox)
+//! add an `Idempotency-Key` of their own to form and fetch POSTs (counted as
+//! [`Event::KeyHeaderIgnored`](metrics::Event::KeyHeaderIgnored)).
 //! Requests without a key pass through, unless [keys are required](IdempotencyLayer::with_require_key).
 //!
 //! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the
@@ -38,9 +42,16 @@
 //!
 //! Responses with a status of 500 or more, 408, 409, 425 or 429 are not stored: the lease is
 //! released so a retry runs again. So is a handler that panics (its caller gets a 500) or that
-//! fails. A caller that disconnects does not cancel the handler; its outcome is stored for the
-//! retry. A response larger than the replay limit reaches its caller in full; duplicates then
-//! get a 409 instead of running the handler twice.
+//! fails. Nothing else frees a key while the handler may run: a caller that disconnects, that
+//! passes its [caller timeout](IdempotencyLayer::with_caller_timeout) (504 `still-running`), or
+//! that a timeout around the layer gives up on, does not cancel the handler; its outcome is
+//! stored for the retry. When the outcome cannot be known (the inner service marks its response
+//! [`OutcomeUnknown`], or the response body fails after its status), duplicates get 502
+//! `outcome-unknown` for the TTL and the handler never runs again for the key. A response larger
+//! than the replay limit reaches its caller in full; duplicates then get a 409 instead of
+//! running the handler twice. A completion or release that fails for want of the store is
+//! written again in the background until it lands; [`IdempotencyLayer::drain`] waits for that
+//! work on shutdown.
 //!
 //! **Crashes.** If a process dies while a handler runs, its lease expires after the lock TTL and
 //! the next attempt runs the handler again. After a crash the promise is at-least-once: a
@@ -48,7 +59,8 @@
 //!
 //! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key (or a
 //! tracked request whose multipart form does not parse, or whose body cannot be read), 409 in
-//! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 503 store
+//! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 502 outcome
+//! unknown, 504 still running past the caller timeout (with `Retry-After`), 503 store
 //! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
 //! request untracked instead), 500 a stored record that cannot be read (corrupt, or written by
 //! another tool: never replayed, never run again, never failed open; counted as

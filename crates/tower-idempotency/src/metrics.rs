@@ -45,10 +45,22 @@ pub enum Event {
     /// or its caller timeout passed): the retry replays it instead of running again.
     LateAnswerStored,
     /// An `Idempotency-Key` header that disagreed with a key the page itself chose (form field,
-    /// query parameter or `X-Idempotent-Key`) was ignored: browsers add a header of their own.
+    /// query parameter or `X-Idempotent-Key`), or was no valid key beside one, was ignored:
+    /// browsers add a header of their own. The request went on under the page's key.
     KeyHeaderIgnored,
     /// A completion or release failed for want of the store and was tried again.
     StoreRetried,
+    /// A request was refused because its scope could not be told (the scope extractor answered
+    /// "unknown"): 500 `scope-unavailable`, the handler not run.
+    ScopeUnavailable,
+    /// A tracked request's body did not arrive in full in time (408): no lease was taken.
+    BodyTimeout,
+    /// A tracked request was refused because too many tracked requests were running at once
+    /// (503 with `Retry-After`): no lease was taken.
+    Overloaded,
+    /// A response was stored as not replayable because the record format cannot hold it (too
+    /// many headers, or a header or body too long): duplicates get 409, nothing runs twice.
+    Unstorable,
     /// A completed record was stored, but fewer replicas acknowledged it in time than the
     /// store requires (`RedisStoreBuilder::with_replica_acks`): a failover now could lose it.
     NotReplicated,
@@ -105,6 +117,10 @@ events! {
     LateAnswerStored => "late_answer_stored",
     KeyHeaderIgnored => "key_header_ignored",
     StoreRetried => "store_retried",
+    ScopeUnavailable => "scope_unavailable",
+    BodyTimeout => "body_timeout",
+    Overloaded => "overloaded",
+    Unstorable => "unstorable",
     NotReplicated => "not_replicated",
 }
 
@@ -122,7 +138,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 17);
+        assert_eq!(Event::ALL.len(), 21);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);

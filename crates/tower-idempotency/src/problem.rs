@@ -69,6 +69,17 @@ pub enum Problem {
         /// Seconds for `Retry-After`.
         retry_after: Duration,
     },
+    /// 500: the scope extractor could not tell who the caller is (for example, the
+    /// authentication layer runs after this one), so the request is refused rather than put in
+    /// the global scope, where another caller could replay its response.
+    ScopeUnavailable,
+    /// 408: a tracked request's body did not arrive in full in time. No lease was taken.
+    BodyTimeout,
+    /// 503: too many tracked requests are running at once; nothing was taken.
+    Overloaded {
+        /// Seconds for `Retry-After`.
+        retry_after: Duration,
+    },
 }
 
 impl Problem {
@@ -87,6 +98,9 @@ impl Problem {
             Problem::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Problem::OutcomeUnknown => StatusCode::BAD_GATEWAY,
             Problem::StillRunning { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Problem::ScopeUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Problem::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -108,6 +122,9 @@ impl Problem {
             Problem::CorruptRecord => "record-corrupt",
             Problem::OutcomeUnknown => "outcome-unknown",
             Problem::StillRunning { .. } => "still-running",
+            Problem::ScopeUnavailable => "scope-unavailable",
+            Problem::BodyTimeout => "body-timeout",
+            Problem::Overloaded { .. } => "too-many-in-flight",
         }
     }
 
@@ -127,6 +144,9 @@ impl Problem {
             Problem::CorruptRecord => "Stored idempotency record unreadable",
             Problem::OutcomeUnknown => "The outcome of the original request is unknown",
             Problem::StillRunning { .. } => "The request is still running",
+            Problem::ScopeUnavailable => "The caller's scope is unavailable",
+            Problem::BodyTimeout => "Request body timed out",
+            Problem::Overloaded { .. } => "Too many requests in flight",
         }
     }
 
@@ -162,12 +182,21 @@ impl Problem {
                 "The record stored for this idempotency key cannot be read, so the request was neither run nor replayed. It stays refused until the record expires or is removed.".into()
             }
             Problem::OutcomeUnknown => {
-                "The original request with this idempotency key may have run, but its outcome is unknown, so it will not run again for this key. Look its result up; a new key runs it again.".into()
+                "The request with this idempotency key may have run, but its outcome is unknown, so it will not run again for this key. Look its result up; a new key runs it again.".into()
             }
             Problem::StillRunning { waited, .. } => format!(
                 "The request did not finish within {}. It keeps running and its outcome will be stored: retry later with the same key to get it. A new key would run it again.",
                 readable_duration(*waited)
             ),
+            Problem::ScopeUnavailable => {
+                "The server could not tell who sent this request, so it was not run. It may be retried with the same key.".into()
+            }
+            Problem::BodyTimeout => {
+                "The request body did not arrive in full in time. It was not run and may be retried with the same key.".into()
+            }
+            Problem::Overloaded { .. } => {
+                "Too many requests with idempotency keys are running. This one was not run: retry later with the same key.".into()
+            }
         }
     }
 
@@ -176,7 +205,8 @@ impl Problem {
             Problem::InFlight { retry_after }
             | Problem::WaitTimeout { retry_after }
             | Problem::StoreUnavailable { retry_after }
-            | Problem::StillRunning { retry_after, .. } => Some(*retry_after),
+            | Problem::StillRunning { retry_after, .. }
+            | Problem::Overloaded { retry_after } => Some(*retry_after),
             _ => None,
         }
     }

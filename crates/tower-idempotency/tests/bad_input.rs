@@ -334,22 +334,23 @@ fn rows() -> Vec<Row> {
             }),
             invalid(),
         ),
-        // ---- two sources naming different keys
+        // ---- two sources naming different keys (an `Idempotency-Key` that disagrees with a
+        // key the page chose is ignored instead: see tests/browser_keys.rs)
         row(
-            "two sources, Idempotency-Key and X-Idempotent-Key",
+            "two sources, X-Idempotent-Key and the query",
             client(|c, u| {
-                c.post(u)
-                    .header("Idempotency-Key", "\"a\"")
-                    .header("X-Idempotent-Key", "b")
+                c.post(format!("{u}?__idempotent_key=b"))
+                    .header("X-Idempotent-Key", "a")
                     .body("x")
             }),
             conflict(),
         ),
         row(
-            "two sources, Idempotency-Key and the query",
+            "two sources, X-Idempotent-Key and the query, beside an Idempotency-Key",
             client(|c, u| {
                 c.post(format!("{u}?__idempotent_key=b"))
-                    .header("Idempotency-Key", "a")
+                    .header("Idempotency-Key", "\"b\"")
+                    .header("X-Idempotent-Key", "a")
                     .body("x")
             }),
             conflict(),
@@ -417,6 +418,16 @@ fn rows() -> Vec<Row> {
                 c.post(u)
                     .header("Idempotency-Key", "\"one\"")
                     .header("Idempotency-Key", "\"two\"")
+                    .body("x")
+            }),
+            conflict(),
+        ),
+        row(
+            "repeated Idempotency-Key header beside a page key",
+            client(|c, u| {
+                c.post(format!("{u}?__idempotent_key=page"))
+                    .header("Idempotency-Key", "\"one\"")
+                    .header("Idempotency-Key", "\"one\"")
                     .body("x")
             }),
             conflict(),

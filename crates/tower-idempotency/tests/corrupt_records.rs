@@ -7,91 +7,17 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
+mod events;
 mod support;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
 use common::{Reply, TestServer, assert_problem, client, counting_app, send, serve};
+use events::Events;
 use http::StatusCode;
-use tower_idempotency::metrics::{EVENTS_TOTAL, Event};
+use tower_idempotency::metrics::Event;
 use tower_idempotency::store::{LeaseToken, RedisStore};
 use tower_idempotency::{IdempotencyLayer, Problem};
 
 use support::RedisServer;
-
-/// Counts `idempotency_events_total` by event, for the current thread only (the tests run on
-/// current-thread runtimes, so the server, the layer and the client all count here).
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<HashMap<String, u64>>>);
-
-impl Events {
-    fn get(&self, event: Event) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .get(event.as_str())
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-struct EventCounter(Events, String);
-
-impl metrics::CounterFn for EventCounter {
-    fn increment(&self, value: u64) {
-        *self.0.0.lock().unwrap().entry(self.1.clone()).or_default() += value;
-    }
-    fn absolute(&self, value: u64) {
-        self.0.0.lock().unwrap().insert(self.1.clone(), value);
-    }
-}
-
-impl metrics::Recorder for Events {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        if key.name() != EVENTS_TOTAL {
-            return metrics::Counter::noop();
-        }
-        match key.labels().find(|l| l.key() == "event") {
-            Some(label) => metrics::Counter::from_arc(Arc::new(EventCounter(
-                self.clone(),
-                label.value().to_owned(),
-            ))),
-            None => metrics::Counter::noop(),
-        }
-    }
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
 
 /// A layer on `redis` under a prefix of its own, with the store kept apart for key look-ups.
 async fn layer_on(redis: &RedisServer) -> (IdempotencyLayer, RedisStore) {

@@ -80,6 +80,11 @@ impl Hits {
 
 impl Upstream {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// The same upstream on a given address.
+    pub async fn start_on(addr: SocketAddr) -> Self {
         let hits = Arc::new(Mutex::new(HashMap::new()));
         let app = Router::new()
             .route("/orders", any(orders))
@@ -90,7 +95,7 @@ impl Upstream {
             .route("/big", any(big))
             .route("/upload", any(upload))
             .with_state(Hits(hits.clone()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -203,6 +208,81 @@ async fn upload(State(hits): State<Hits>, uri: Uri, body: Body) -> Response {
         }
     }
     n.to_string().into_response()
+}
+
+/// An upstream that does the work and then drops the connection without an answer: it reads
+/// each request in full, counts it, and closes the socket.
+pub struct DroppingUpstream {
+    pub addr: SocketAddr,
+    runs: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DroppingUpstream {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let runs = Arc::new(AtomicU64::new(0));
+        let counted = runs.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if request_complete(&buf) {
+                            break;
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    // The work is done; the answer never leaves.
+                    drop(stream);
+                });
+            }
+        });
+        Self { addr, runs, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many requests it received in full.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for DroppingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether `buf` holds a whole HTTP/1.1 request with a `Content-Length` body (or none).
+fn request_complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    buf.len() >= end + 4 + length
 }
 
 /// A free port on 127.0.0.1.
