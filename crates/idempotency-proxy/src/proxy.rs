@@ -256,7 +256,10 @@ impl Inner {
                     deadline = ?self.deadline,
                     "the upstream did not answer a keyed request by its deadline; its outcome is unknown"
                 );
-                outcome_unknown(true, "")
+                outcome_unknown(
+                    tracked,
+                    "The upstream did not answer by its deadline: the request may have run.",
+                )
             }
             Err(_) => {
                 upstream_duration(Outcome::Timeout).record(elapsed);

@@ -111,6 +111,16 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
         "--client-body-timeout",
     );
     fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "1"],
+        &[],
+        "--redis-replica-acks",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "some"],
+        &[],
+        "--redis-replica-acks",
+    );
+    fails_with_one_line(
         &["--upstream", up, "--upstream-deadline", "0s"],
         &[],
         "--upstream-deadline",
@@ -159,7 +169,9 @@ fn help_explains_every_flag() {
         "--max-connections",
         "--max-in-flight",
         "--trust-forwarded",
+        "--redis-replica-acks",
         "IDEMPOTENCY_PROXY_UPSTREAM",
+        "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         "IDEMPOTENCY_PROXY_KEY_SECRET",
         "IDEMPOTENCY_PROXY_NAMESPACE",
         "IDEMPOTENCY_PROXY_RELEASE_STATUS",
