@@ -360,13 +360,15 @@ fn forwarding_headers(
     if let Some(peer) = peer {
         if trust {
             append_forwarded_for(headers, peer);
-        } else if let Ok(ip) = HeaderValue::try_from(peer.ip().to_string()) {
-            headers.insert(X_FORWARDED_FOR.clone(), ip);
         }
-        if !headers.contains_key(&X_REAL_IP)
-            && let Ok(ip) = HeaderValue::try_from(peer.ip().to_string())
-        {
-            headers.insert(X_REAL_IP.clone(), ip);
+        let ip = HeaderValue::try_from(peer.ip().to_string()).ok();
+        if let Some(ip) = ip {
+            if !trust {
+                headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+            }
+            if !headers.contains_key(&X_REAL_IP) {
+                headers.insert(X_REAL_IP.clone(), ip);
+            }
         }
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {

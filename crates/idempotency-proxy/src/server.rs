@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -154,37 +155,68 @@ pub(crate) async fn serve(
     }
 }
 
-/// How many requests of one connection are in progress: from the moment hyper hands one to the
-/// service until its response body is sent or dropped.
-#[derive(Clone, Default)]
-struct Activity(Arc<watch::Sender<usize>>);
+/// How many requests of one connection are in progress (from the moment hyper hands one to the
+/// service until its response body is sent or dropped), and since when none is. Requests only
+/// touch two atomics; the connection's watchdog wakes once per timeout to look.
+#[derive(Clone)]
+struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    busy: AtomicUsize,
+    /// When the connection last went idle, in milliseconds since `opened`.
+    idle_since: AtomicU64,
+    opened: tokio::time::Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(Arc::new(ActivityState {
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
+        }))
+    }
+}
 
 impl Activity {
     /// Counts a request in progress until the guard is dropped.
     fn enter(&self) -> Busy {
-        self.0.send_modify(|n| *n += 1);
+        self.0.busy.fetch_add(1, Ordering::SeqCst);
         Busy(self.0.clone())
     }
 
     /// Resolves once no request has been in progress for `timeout` in a row.
     async fn idle_for(&self, timeout: Duration) {
-        let mut changes = self.0.subscribe();
+        let state = &*self.0;
+        let mut deadline = state.opened + timeout;
         loop {
-            let _ = changes.wait_for(|n| *n == 0).await;
-            tokio::select! {
-                () = tokio::time::sleep(timeout) => return,
-                _ = changes.changed() => {}
+            tokio::time::sleep_until(deadline).await;
+            let now = tokio::time::Instant::now();
+            if state.busy.load(Ordering::SeqCst) > 0 {
+                deadline = now + timeout;
+                continue;
             }
+            let since = Duration::from_millis(state.idle_since.load(Ordering::SeqCst));
+            let until = state.opened + since + timeout;
+            if until <= now {
+                return;
+            }
+            deadline = until;
         }
     }
 }
 
 /// A request in progress on its connection.
-struct Busy(Arc<watch::Sender<usize>>);
+struct Busy(Arc<ActivityState>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let since = self.0.opened.elapsed().as_millis();
+            self.0
+                .idle_since
+                .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::SeqCst);
+        }
     }
 }
 
