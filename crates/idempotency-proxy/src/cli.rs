@@ -14,7 +14,9 @@ A reverse proxy that gives any HTTP service idempotency keys.
 A POST, PUT, PATCH or DELETE that carries a key (the `Idempotency-Key` header, `X-Idempotent-Key`,
 or an `__idempotent_key` query parameter or form field) reaches the upstream once; every duplicate,
 simultaneous or later, gets the stored response with `Idempotent-Replayed: true`. Requests without
-a key, and other methods, stream through untouched.
+a key, and other methods, stream through untouched. A request path with a `.` or `..` segment
+(percent-encoded or not, or with backslashes for slashes) is refused with 400. An HTTP/2
+connection may have 100 streams open at once.
 
 Every flag can also be set through the environment as IDEMPOTENCY_PROXY_<FLAG>, for example
 IDEMPOTENCY_PROXY_UPSTREAM=http://127.0.0.1:5000. Durations read like `500ms`, `2s`, `5m`; sizes are
@@ -256,8 +258,9 @@ pub(crate) struct Args {
     )]
     pub(crate) client_body_timeout: Duration,
 
-    /// The most client connections open at once, over all worker threads. Past it, new
-    /// connections wait in the listen backlog until one closes; they are not accepted.
+    /// The most client connections served at once, over all worker threads. Past it, new
+    /// connections wait, unread, until one closes: in the listen backlog, and at most one per
+    /// worker thread accepted and held.
     #[arg(
         long,
         env = "IDEMPOTENCY_PROXY_MAX_CONNECTIONS",
