@@ -112,13 +112,20 @@ impl IdempotencyLayer {
         self.config(|c| c.fail_open = fail_open)
     }
 
-    /// How requests are assigned to scopes (default: the `Authorization` header).
+    /// How requests are assigned to scopes (default: the `Authorization` header, and the global
+    /// scope for a request without one).
+    ///
+    /// A request whose scope the extractor answers [`Scope::Unknown`](crate::Scope::Unknown) is
+    /// refused with 500 `scope-unavailable`: the handler does not run and the store is not
+    /// asked. When the scope comes from an authentication layer, that layer must run before
+    /// this one; see [`scope`](crate::scope) for the order in axum.
     pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
         let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
         self.config(|c| c.scope = scope)
     }
 
-    /// The scope is the values of these headers (the proxy's `--scope-header`).
+    /// The scope is the values of these headers (the proxy's `--scope-header`). A request with
+    /// none of them is in the global scope; see [`HeaderScope`] to refuse it instead.
     pub fn with_scope_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.with_scope(HeaderScope::new(names))
     }
@@ -220,10 +227,12 @@ impl IdempotencyLayer {
     /// store sees instead of the raw key, for tools and tests that inspect a store.
     ///
     /// `key` is the key as the layer reads it (after unquoting an sf-string `Idempotency-Key`);
-    /// it is not validated here. `scope` is what the layer's [`ScopeExtractor`] returns for the
-    /// request, `None` for the global scope; see [`storage_key_for_request`] to apply the
-    /// layer's own extractor. The namespace and the key secret of this layer are taken into
-    /// account.
+    /// it is not validated here. `scope` is the caller's bytes of [`Scope::Caller`], `None` for
+    /// [`Scope::Global`]; see [`storage_key_for_request`] to apply the layer's own extractor.
+    /// The namespace and the key secret of this layer are taken into account.
+    ///
+    /// [`Scope::Caller`]: crate::Scope::Caller
+    /// [`Scope::Global`]: crate::Scope::Global
     ///
     /// [`storage_key_for_request`]: IdempotencyLayer::storage_key_for_request
     pub fn storage_key_for(&self, scope: Option<&[u8]>, key: &str) -> StorageKey {
@@ -237,10 +246,14 @@ impl IdempotencyLayer {
     }
 
     /// The [`StorageKey`] of `key` for a request with these parts, scoped by this layer's
-    /// [`ScopeExtractor`] (by default its `Authorization` header).
-    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> StorageKey {
+    /// [`ScopeExtractor`] (by default its `Authorization` header), or `None` when the extractor
+    /// cannot tell the request's scope ([`Scope::Unknown`](crate::Scope::Unknown)): the layer
+    /// refuses such a request, so no record of it exists.
+    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> Option<StorageKey> {
         let scope = self.config.scope.scope(parts);
-        self.storage_key_for(scope.as_deref(), key)
+        scope
+            .storage()
+            .map(|scope| self.storage_key_for(scope, key))
     }
 
     /// The store this layer uses.

@@ -26,7 +26,13 @@
 //! Requests without a key pass through, unless [keys are required](IdempotencyLayer::with_require_key).
 //!
 //! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the
-//! `Authorization` header, so one caller can never replay another's response. The store sees
+//! `Authorization` header (anonymous callers share the global scope), so one caller can never
+//! replay another's response. A [custom extractor](IdempotencyLayer::with_scope) answers a
+//! caller's scope, the global scope on purpose, or [`Scope::Unknown`]: a request whose caller
+//! cannot be told (say, the authentication layer runs after this one, see [`scope`]) is a 500
+//! `scope-unavailable`, counted as
+//! [`Event::ScopeUnavailable`](metrics::Event::ScopeUnavailable); the handler does not run, and
+//! the request is never put in the global scope. The store sees
 //! only a SHA-256 of (namespace, scope, key), or an HMAC-SHA256 with a
 //! [server secret](IdempotencyLayer::with_key_secret), so that a reader of the store cannot test
 //! guesses of keys. Each record carries a fingerprint of the request
@@ -64,7 +70,8 @@
 //! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
 //! request untracked instead), 500 a stored record that cannot be read (corrupt, or written by
 //! another tool: never replayed, never run again, never failed open; counted as
-//! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)).
+//! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)), 500 `scope-unavailable` a request
+//! whose scope the extractor cannot tell (never run, the store not asked).
 //!
 //! # Stores
 //!
@@ -112,7 +119,7 @@ pub use form::{idempotent_input, idempotent_key};
 pub use key::{IdempotencyKey, KeyError};
 pub use layer::IdempotencyLayer;
 pub use problem::Problem;
-pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
+pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;

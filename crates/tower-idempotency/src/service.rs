@@ -191,12 +191,19 @@ where
         Err(e) => return Ok(bad_key(e)),
     };
 
-    let skey = storage_key(
-        config.key_secret.as_ref(),
-        &config.namespace,
-        config.scope.scope(&parts).as_deref(),
-        key.as_str().as_bytes(),
-    );
+    let skey = {
+        // An unknown scope is refused, never taken for the global one.
+        let scope = config.scope.scope(&parts);
+        match scope.storage() {
+            Some(scope) => storage_key(
+                config.key_secret.as_ref(),
+                &config.namespace,
+                scope,
+                key.as_str().as_bytes(),
+            ),
+            None => return Ok(scope_unavailable(&parts)),
+        }
+    };
     let query = query_without_key(parts.uri.query().unwrap_or(""), FORM_FIELD);
     let content_type = parts
         .headers
@@ -407,6 +414,18 @@ pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
             let secs = value.trim().trim_matches('"').parse::<u64>().ok()?;
             Some(Duration::from_secs(secs))
         })
+}
+
+/// The answer to a keyed request whose scope the extractor cannot tell: a counted 500 problem,
+/// logged at error, the handler not run and the store not asked.
+fn scope_unavailable<B>(parts: &Parts) -> Res<B> {
+    record(Event::ScopeUnavailable);
+    tracing::error!(
+        method = %parts.method,
+        path = parts.uri.path(),
+        "the scope extractor cannot tell who sent a keyed request (does the authentication layer run after the idempotency layer?); refusing it"
+    );
+    problem(Problem::ScopeUnavailable)
 }
 
 /// The answer to a record that cannot be read: a counted 500 problem, the handler not run and

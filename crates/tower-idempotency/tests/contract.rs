@@ -5,6 +5,8 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
+mod events;
+mod recording;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -22,8 +24,11 @@ use common::{
 use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
 use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::metrics::Event;
 use tower_idempotency::store::{Begin, LeaseToken, StorageKey};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, OnConflict, Store, StoreError};
+use tower_idempotency::{
+    HeaderScope, IdempotencyLayer, MemoryStore, OnConflict, Scope, Store, StoreError,
+};
 
 fn layer() -> IdempotencyLayer {
     IdempotencyLayer::new(MemoryStore::default())
@@ -784,6 +789,153 @@ async fn scope_headers_and_global_scope_are_configurable() {
     let first = send(post("one")).await;
     assert_replay_of(&send(post("two")).await, &first);
     assert_eq!(count.get(), 1);
+}
+
+/// Who the authentication middleware says the caller is.
+#[derive(Clone)]
+struct UserId(u64);
+
+/// An authentication middleware: `X-Api-Key` names the user, who goes into the request's
+/// extensions; any other request is a 401.
+async fn authenticate(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, StatusCode> {
+    let user = match req.headers().get("x-api-key").map(|v| v.as_bytes()) {
+        Some(b"alice-secret") => UserId(1),
+        Some(b"bob-secret") => UserId(2),
+        _ => return Err(StatusCode::UNAUTHORIZED),
+    };
+    req.extensions_mut().insert(user);
+    Ok(next.run(req).await)
+}
+
+/// The scope is the user the authentication middleware found; without one it is unknown.
+fn user_scope(parts: &http::request::Parts) -> Scope {
+    parts
+        .extensions
+        .get::<UserId>()
+        .map_or(Scope::Unknown, |user| Scope::caller(user.0.to_be_bytes()))
+}
+
+/// Answers with the caller's user id and the execution number.
+fn user_app() -> (Router, Counter) {
+    let count = Counter::default();
+    let c = count.clone();
+    let router = Router::new().route(
+        "/orders",
+        post(move |req: axum::extract::Request| {
+            let c = c.clone();
+            async move {
+                let n = c.hit();
+                let user = req.extensions().get::<UserId>().map_or(0, |u| u.0);
+                (
+                    StatusCode::CREATED,
+                    format!("exec-{n} receipt of user {user}"),
+                )
+            }
+        }),
+    );
+    (router, count)
+}
+
+#[tokio::test]
+async fn a_scope_from_an_auth_layer_that_runs_first_keeps_users_apart() {
+    let (router, count) = user_app();
+    // The layer added last runs first: authentication, then idempotency.
+    let app = router
+        .layer(layer().with_scope(user_scope))
+        .layer(axum::middleware::from_fn(authenticate));
+    let srv = serve(app).await;
+    let c = client();
+    let post = |api_key: &'static str| {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "same-key")
+            .header("X-Api-Key", api_key)
+            .body("same body")
+    };
+    let alice = send(post("alice-secret")).await;
+    assert_fresh(&alice, 1);
+    assert!(alice.text().ends_with("user 1"), "{}", alice.text());
+    // Bob sends Alice's key and body: he runs a request of his own, never gets her receipt.
+    let bob = send(post("bob-secret")).await;
+    assert_fresh(&bob, 2);
+    assert!(bob.text().ends_with("user 2"), "{}", bob.text());
+    assert_replay_of(&send(post("alice-secret")).await, &alice);
+    assert_replay_of(&send(post("bob-secret")).await, &bob);
+    assert_eq!(count.get(), 2);
+}
+
+#[tokio::test]
+async fn an_auth_layer_that_runs_after_the_layer_is_a_500_scope_unavailable_not_a_leak() {
+    let events = events::Events::default();
+    let _local = metrics::set_default_local_recorder(&events);
+    let store = recording::RecordingStore::default();
+    let (router, count) = user_app();
+    // The wrong order: idempotency runs first, before any user is known.
+    let app = router
+        .layer(axum::middleware::from_fn(authenticate))
+        .layer(IdempotencyLayer::new(store.clone()).with_scope(user_scope));
+    let srv = serve(app).await;
+    let c = client();
+    let post = |api_key: &'static str| {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "same-key")
+            .header("X-Api-Key", api_key)
+            .body("same body")
+    };
+    for api_key in ["alice-secret", "bob-secret", "alice-secret"] {
+        let reply = send(post(api_key)).await;
+        let json = assert_problem(&reply, 500, "scope-unavailable");
+        assert!(!json.to_string().contains("receipt"), "{json}");
+    }
+    assert_eq!(count.get(), 0, "the handler never ran");
+    assert_eq!(store.total_calls(), 0, "the store was never asked");
+    assert_eq!(events.get(Event::ScopeUnavailable), 3);
+    // Requests without a key are not tracked, so their scope does not matter.
+    let keyless = send(c.post(srv.url("/orders")).header("X-Api-Key", "bob-secret")).await;
+    assert_fresh(&keyless, 1);
+}
+
+#[tokio::test]
+async fn header_scopes_without_their_headers_are_global_or_refused_as_configured() {
+    // The default: a caller without Authorization is anonymous, in the global scope.
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    let anonymous = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "anon")
+            .body("x")
+    };
+    let first = send(anonymous()).await;
+    assert_fresh(&first, 1);
+    assert_replay_of(&send(anonymous()).await, &first);
+    assert_eq!(count.get(), 1);
+
+    // A header an authentication gateway always sets: a request without it is refused.
+    let gateway =
+        HeaderScope::new([http::HeaderName::from_static("x-user-id")]).unknown_when_absent();
+    let (app, count) = counting_app(layer().with_scope(gateway));
+    let srv = serve(app).await;
+    let post = |user: Option<&'static str>| {
+        let req = c
+            .post(srv.url("/orders"))
+            .header("Idempotency-Key", "gw")
+            .header("Authorization", "Bearer shared")
+            .body("x");
+        match user {
+            Some(u) => req.header("X-User-Id", u),
+            None => req,
+        }
+    };
+    assert_problem(&send(post(None)).await, 500, "scope-unavailable");
+    let one = send(post(Some("1"))).await;
+    assert_fresh(&one, 1);
+    assert_fresh(&send(post(Some("2"))).await, 2);
+    assert_replay_of(&send(post(Some("1"))).await, &one);
+    assert_problem(&send(post(None)).await, 500, "scope-unavailable");
+    assert_eq!(count.get(), 2);
 }
 
 /// A real store that keeps everything it was given, over a [`MemoryStore`].
