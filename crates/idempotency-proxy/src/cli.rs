@@ -142,6 +142,20 @@ pub(crate) struct Args {
     )]
     pub(crate) scope_header: Vec<HeaderName>,
 
+    /// A request header that is part of the fingerprint, beside the method, path, query,
+    /// Content-Type, Content-Encoding and body: the same key sent with another value of it is a
+    /// 422, not a replay. For headers that change what a request does, such as
+    /// X-HTTP-Method-Override. Repeat the flag (or comma-separate in the environment) for
+    /// several headers. None by default. Idempotency-Key and X-Idempotent-Key are refused.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = parse_fingerprint_header
+    )]
+    pub(crate) fingerprint_header: Vec<HeaderName>,
+
     /// A server secret: storage keys become an HMAC-SHA256 of (scope, key) keyed with it instead
     /// of a plain SHA-256, so that whoever can read the store cannot test guesses of keys or
     /// scopes. Every proxy sharing a store must use the same secret; setting or changing it
@@ -501,6 +515,22 @@ fn parse_header_name(s: &str) -> Result<HeaderName, String> {
         .map_err(|_| format!("`{}` is not a valid header name", s.trim()))
 }
 
+/// A header name that may be fingerprinted: any but the headers that carry the key.
+fn parse_fingerprint_header(s: &str) -> Result<HeaderName, String> {
+    let name = parse_header_name(s)?;
+    let key_headers = [
+        &tower_idempotency::extract::IDEMPOTENCY_KEY,
+        &tower_idempotency::extract::X_IDEMPOTENT_KEY,
+    ];
+    if key_headers.contains(&&name) {
+        return Err(format!(
+            "`{}` carries the idempotency key and cannot be a fingerprint header",
+            s.trim()
+        ));
+    }
+    Ok(name)
+}
+
 /// A clap error as one line, without the usage block that follows it.
 pub(crate) fn one_line(err: &clap::Error) -> String {
     let rendered = err.render().to_string();
@@ -526,6 +556,33 @@ mod tests {
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn fingerprint_headers() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
+            args.extend_from_slice(extra);
+            Args::try_parse_from(args)
+        };
+        assert!(parse(&[]).unwrap().fingerprint_header.is_empty());
+        let a = parse(&[
+            "--fingerprint-header",
+            "X-HTTP-Method-Override",
+            "--fingerprint-header",
+            "x-variant",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.fingerprint_header,
+            ["x-http-method-override", "x-variant"]
+        );
+        for key in ["Idempotency-Key", "x-idempotent-key"] {
+            let e = parse(&["--fingerprint-header", key]).unwrap_err();
+            let line = one_line(&e);
+            assert!(line.contains("--fingerprint-header"), "{line}");
+            assert!(line.contains("idempotency key"), "{line}");
+        }
     }
 
     #[test]

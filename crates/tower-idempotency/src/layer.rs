@@ -8,8 +8,8 @@ use http::{HeaderName, Method, StatusCode};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::config::{Config, KeySecret, OnConflict};
-use crate::extract::KeySources;
+use crate::config::{Config, ConfigError, KeySecret, OnConflict};
+use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
 use crate::service::{Idempotency, storage_key};
 use crate::store::{StorageKey, Store};
@@ -152,6 +152,36 @@ impl IdempotencyLayer {
         self.config(|c| c.max_response_body = bytes)
     }
 
+    /// Request headers that are part of the fingerprint, beside method, path, query, content
+    /// type, `Content-Encoding` (always) and body (default: none; the proxy's
+    /// `--fingerprint-header`). A header such as `X-HTTP-Method-Override` changes what a request
+    /// does, so the same key with another value of it is a 422, not a replay. Each header counts
+    /// with every value it carries, in order, and only when the request carries it. Replaces
+    /// the headers named before.
+    ///
+    /// Name only headers a client sends the same on every retry of a request. Changing the list
+    /// changes the fingerprint of the requests that carry the headers: within the TTL, a
+    /// duplicate of such a request completed before the change gets 422, and does not run.
+    ///
+    /// Refused with [`ConfigError::KeyHeaderInFingerprint`] when a name is `Idempotency-Key` or
+    /// `X-Idempotent-Key`: the key names the record already, and browsers send an
+    /// `Idempotency-Key` of their own that changes on every click.
+    pub fn with_fingerprint_headers(
+        self,
+        names: impl IntoIterator<Item = HeaderName>,
+    ) -> Result<Self, ConfigError> {
+        let mut headers: Vec<HeaderName> = Vec::new();
+        for name in names {
+            if name == IDEMPOTENCY_KEY || name == X_IDEMPOTENT_KEY {
+                return Err(ConfigError::KeyHeaderInFingerprint(name));
+            }
+            if name != http::header::CONTENT_ENCODING && !headers.contains(&name) {
+                headers.push(name);
+            }
+        }
+        Ok(self.config(|c| c.fingerprint_headers = headers))
+    }
+
     /// Which statuses are stored for replay. Others release the lease so a retry runs again.
     /// Default: [`default_storable`](crate::default_storable).
     pub fn with_storable(
@@ -267,5 +297,20 @@ impl<S> Layer<S> for IdempotencyLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::new(inner, self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    #[test]
+    fn fingerprint_headers_are_named_once() {
+        let over = HeaderName::from_static("x-http-method-override");
+        let layer = IdempotencyLayer::new(MemoryStore::default())
+            .with_fingerprint_headers([over.clone(), http::header::CONTENT_ENCODING, over.clone()])
+            .unwrap();
+        assert_eq!(layer.config.fingerprint_headers, [over]);
     }
 }

@@ -35,9 +35,14 @@
 //! the request is never put in the global scope. The store sees
 //! only a SHA-256 of (namespace, scope, key), or an HMAC-SHA256 with a
 //! [server secret](IdempotencyLayer::with_key_secret), so that a reader of the store cannot test
-//! guesses of keys. Each record carries a fingerprint of the request
-//! (method, path, query without the key, content type, body): reusing a key for another request
-//! is a 422 and does not run the handler.
+//! guesses of keys. Each record carries a [fingerprint](fingerprint::Fingerprint) of the request
+//! (method, path, query without the key, content type, `Content-Encoding`, the
+//! [fingerprint headers](IdempotencyLayer::with_fingerprint_headers) configured, body): reusing
+//! a key for another request is a 422 and does not run the handler. Requests without
+//! `Content-Encoding` or fingerprint headers keep the fingerprint earlier versions gave them; a
+//! duplicate of a request that carries one, whose original was stored by a version where it did
+//! not count (or before the header was configured), gets 422 within the record's TTL, and does
+//! not run.
 //!
 //! **Lifecycle.** The first request takes a lease (30 s, renewed every 10 s while it runs),
 //! runs the handler in its own task, then stores the response for 240 s. Duplicates that arrive
@@ -64,7 +69,8 @@
 //! handler that must never run twice should also be idempotent in its own data.
 //!
 //! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key (or a
-//! tracked request whose multipart form does not parse, or whose body cannot be read), 409 in
+//! tracked request whose multipart form does not parse or has no boundary, or whose body cannot
+//! be read), 409 in
 //! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 502 outcome
 //! unknown, 504 still running past the caller timeout (with `Retry-After`), 503 store
 //! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
@@ -112,7 +118,7 @@ pub mod store;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
-pub use config::{OnConflict, default_storable};
+pub use config::{ConfigError, OnConflict, default_storable};
 pub use extensions::{OutcomeUnknown, Tracked};
 pub use extract::{KeySource, KeySources};
 pub use form::{idempotent_input, idempotent_key};

@@ -210,23 +210,27 @@ where
         .get(CONTENT_TYPE)
         .map_or(&[][..], |v| v.as_bytes());
     let canonical = if is_multipart(content_type) {
-        Box::pin(canonical_multipart(content_type, &body)).await
+        match Box::pin(canonical_multipart(content_type, &body)).await {
+            Some(fields) => Some(fields),
+            // A key may hide past the damage, and the body cannot be fingerprinted as a form:
+            // its raw bytes under a multipart content type (one without a boundary) could pass
+            // for another request's fields.
+            None => return Ok(problem(Problem::MalformedForm)),
+        }
     } else {
         None
     };
-    if canonical.is_none() && matches!(form, Some(FormKind::Multipart { .. })) {
-        // A key may hide past the damage, and the body cannot be fingerprinted as a form.
-        return Ok(problem(Problem::MalformedForm));
-    }
     let (content_type, fp_body) = match &canonical {
         Some(fields) => (MULTIPART_FORM_DATA, &fields[..]),
         None => (content_type, &body[..]),
     };
-    let fingerprint = Fingerprint::compute(
+    let fingerprint = Fingerprint::compute_with_headers(
         parts.method.as_str().as_bytes(),
         parts.uri.path().as_bytes(),
         query.as_bytes(),
         content_type,
+        &parts.headers,
+        &config.fingerprint_headers,
         fp_body,
     );
 

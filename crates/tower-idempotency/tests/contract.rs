@@ -27,7 +27,7 @@ use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::metrics::Event;
 use tower_idempotency::store::{Begin, LeaseToken, StorageKey};
 use tower_idempotency::{
-    HeaderScope, IdempotencyLayer, MemoryStore, OnConflict, Scope, Store, StoreError,
+    ConfigError, HeaderScope, IdempotencyLayer, MemoryStore, OnConflict, Scope, Store, StoreError,
 };
 
 fn layer() -> IdempotencyLayer {
@@ -727,6 +727,140 @@ async fn fingerprint_mismatch_while_in_flight_is_422() {
     gate.open();
     assert_fresh(&first.await.unwrap(), 1);
     assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn fingerprint_covers_content_encoding() {
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    // The same bytes mean another body under another encoding.
+    let post = |encoding: Option<&'static str>| {
+        let req = c
+            .post(srv.url("/orders"))
+            .header("Idempotency-Key", "enc")
+            .header("Content-Type", "application/json")
+            .body(&b"\x1f\x8b\x08\x00same bytes"[..]);
+        match encoding {
+            Some(e) => req.header("Content-Encoding", e),
+            None => req,
+        }
+    };
+    let gzip = send(post(Some("gzip"))).await;
+    assert_fresh(&gzip, 1);
+    for other in [None, Some("br"), Some("gzip, gzip")] {
+        assert_problem(&send(post(other)).await, 422, "key-reused");
+    }
+    assert_replay_of(&send(post(Some("gzip"))).await, &gzip);
+    assert_eq!(count.get(), 1);
+
+    // Without Content-Encoding the fingerprint is what it always was.
+    let plain = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "plain")
+            .body("x")
+    };
+    let first = send(plain()).await;
+    assert_fresh(&first, 2);
+    assert_replay_of(&send(plain()).await, &first);
+    assert_eq!(count.get(), 2);
+}
+
+#[tokio::test]
+async fn fingerprint_headers_are_configurable_and_never_the_key_headers() {
+    let over = http::HeaderName::from_static("x-http-method-override");
+    let (app, count) = counting_app(layer().with_fingerprint_headers([over.clone()]).unwrap());
+    let srv = serve(app).await;
+    let c = client();
+    let post = |method: Option<&'static str>| {
+        let req = c
+            .post(srv.url("/orders"))
+            .header("Idempotency-Key", "override")
+            .body("x");
+        match method {
+            Some(m) => req.header("X-HTTP-Method-Override", m),
+            None => req,
+        }
+    };
+    let put = send(post(Some("PUT"))).await;
+    assert_fresh(&put, 1);
+    // The same key asking for a delete is another request, not a replay of the put.
+    assert_problem(&send(post(Some("DELETE"))).await, 422, "key-reused");
+    assert_problem(&send(post(None)).await, 422, "key-reused");
+    assert_replay_of(&send(post(Some("PUT"))).await, &put);
+    assert_eq!(count.get(), 1);
+    // Headers not named do not count.
+    let other = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "unnamed")
+            .body("x")
+    };
+    let first = send(other().header("X-Other", "1")).await;
+    assert_fresh(&first, 2);
+    assert_replay_of(&send(other().header("X-Other", "2")).await, &first);
+
+    // The headers that carry the key are refused at configuration.
+    for name in ["idempotency-key", "x-idempotent-key"] {
+        let name = http::HeaderName::from_static(name);
+        let refused = layer().with_fingerprint_headers([over.clone(), name.clone()]);
+        assert_eq!(
+            refused.err(),
+            Some(ConfigError::KeyHeaderInFingerprint(name))
+        );
+    }
+}
+
+/// The fingerprinted form of a multipart body of text fields: the fields, length-prefixed.
+fn canonical_text_fields(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut put = |part: &[u8]| {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    };
+    put(b"multipart fields v1");
+    for (name, value) in fields {
+        put(b"1");
+        put(name.as_bytes());
+        put(b"0"); // no file name
+        put(b"0"); // no content type
+        put(value.as_bytes());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_multipart_body_without_a_boundary_is_400_and_never_passes_for_a_parsed_one() {
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    let form = c
+        .post(srv.url("/orders"))
+        .header("Idempotency-Key", "mp")
+        .header("Content-Type", "multipart/form-data; boundary=XYZ")
+        .body("--XYZ\r\nContent-Disposition: form-data; name=\"item\"\r\n\r\nbook\r\n--XYZ--\r\n");
+    let first = send(form).await;
+    assert_fresh(&first, 1);
+    // Without a boundary the body cannot be parsed. Its raw bytes, made to look like the
+    // fields of the form above, must not replay it (nor run).
+    let forged = c
+        .post(srv.url("/orders"))
+        .header("Idempotency-Key", "mp")
+        .header("Content-Type", "multipart/form-data")
+        .body(canonical_text_fields(&[("item", "book")]));
+    assert_problem(&send(forged).await, 400, "form-malformed");
+    let plain = c
+        .post(srv.url("/orders"))
+        .header("Idempotency-Key", "mp-2")
+        .header("Content-Type", "multipart/form-data")
+        .body("item=book");
+    assert_problem(&send(plain).await, 400, "form-malformed");
+    assert_eq!(count.get(), 1);
+    // Without a key, the handler judges it.
+    let keyless = c
+        .post(srv.url("/orders"))
+        .header("Content-Type", "multipart/form-data")
+        .body("item=book");
+    assert_fresh(&send(keyless).await, 2);
 }
 
 #[tokio::test]
