@@ -192,13 +192,14 @@ pub(crate) struct Args {
     pub(crate) max_request_body: usize,
 
     /// The largest response kept for replay. A larger one still reaches its caller in full;
-    /// duplicates then get a 409 instead of running again.
+    /// duplicates then get a 409 instead of running again. At most 4294967295 bytes (4 GiB less
+    /// one byte), the longest body a stored record holds.
     #[arg(
         long,
         env = "IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY",
         value_name = "BYTES",
         default_value = "1MiB",
-        value_parser = parse_size
+        value_parser = parse_response_size
     )]
     pub(crate) max_response_body: usize,
 
@@ -502,6 +503,18 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| "size too large".to_owned())
 }
 
+/// A size no larger than the longest body a stored record holds.
+fn parse_response_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n > tower_idempotency::record::MAX_BODY_LEN {
+        return Err(format!(
+            "at most {} bytes (4 GiB less one byte): a stored record holds no longer body",
+            tower_idempotency::record::MAX_BODY_LEN
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_method(s: &str) -> Result<Method, String> {
     let s = s.trim().to_ascii_uppercase();
     if s.is_empty() {
@@ -556,6 +569,10 @@ mod tests {
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999").is_err());
+        assert_eq!(parse_response_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_response_size("4294967295"), Ok(u32::MAX as usize));
+        assert!(parse_response_size("4GiB").is_err());
+        assert!(parse_response_size("5GiB").is_err());
     }
 
     #[test]

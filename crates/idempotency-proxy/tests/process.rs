@@ -80,8 +80,26 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
     );
     drop(shared);
     fails_with_one_line(&["--upstream", up, "--workers", "0"], &[], "--workers");
-    // The headers that carry the key cannot be fingerprinted.
+    // A record holds a body of at most 4 GiB less one byte: a larger replay limit would store
+    // responses no duplicate could read back.
     let any_port = ["--listen", "127.0.0.1:0"];
+    for size in ["5GiB", "4GiB", "4294967296"] {
+        fails_with_one_line(
+            &[
+                &["--upstream", up, "--max-response-body", size][..],
+                &any_port,
+            ]
+            .concat(),
+            &[],
+            "--max-response-body",
+        );
+    }
+    fails_with_one_line(
+        &[&["--upstream", up][..], &any_port].concat(),
+        &[("IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY", "5GiB")],
+        "--max-response-body",
+    );
+    // The headers that carry the key cannot be fingerprinted.
     fails_with_one_line(
         &[
             &["--upstream", up, "--fingerprint-header", "Idempotency-Key"][..],
@@ -145,6 +163,7 @@ fn help_explains_every_flag() {
         "IDEMPOTENCY_PROXY_UPSTREAM",
         "IDEMPOTENCY_PROXY_KEY_SECRET",
         "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+        "4294967295",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}");
     }

@@ -10,6 +10,7 @@ use tower::Layer;
 
 use crate::config::{Config, ConfigError, KeySecret, OnConflict};
 use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
+use crate::record::MAX_BODY_LEN;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
 use crate::service::{Idempotency, storage_key};
 use crate::store::{StorageKey, Store};
@@ -148,8 +149,12 @@ impl IdempotencyLayer {
 
     /// The largest response kept for replay (default 1 MiB). A larger response still reaches
     /// its caller in full; duplicates then get a 409 instead of a replay.
+    ///
+    /// Held to [`record::MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) (4 GiB less one byte),
+    /// the longest body a record can hold: a larger limit would keep responses that no
+    /// duplicate could read back.
     pub fn with_max_response_body(self, bytes: usize) -> Self {
-        self.config(|c| c.max_response_body = bytes)
+        self.config(|c| c.max_response_body = bytes.min(MAX_BODY_LEN))
     }
 
     /// Request headers that are part of the fingerprint, beside method, path, query, content
@@ -304,6 +309,15 @@ impl<S> Layer<S> for IdempotencyLayer {
 mod tests {
     use super::*;
     use crate::MemoryStore;
+
+    #[test]
+    fn the_response_limit_is_held_to_what_a_record_holds() {
+        let layer = IdempotencyLayer::new(MemoryStore::default());
+        let huge = layer.clone().with_max_response_body(usize::MAX);
+        assert_eq!(huge.config.max_response_body, MAX_BODY_LEN);
+        let small = layer.with_max_response_body(1024);
+        assert_eq!(small.config.max_response_body, 1024);
+    }
 
     #[test]
     fn fingerprint_headers_are_named_once() {

@@ -60,9 +60,11 @@
 //! [`OutcomeUnknown`], or the response body fails after its status), duplicates get 502
 //! `outcome-unknown` for the TTL and the handler never runs again for the key. A response larger
 //! than the replay limit reaches its caller in full; duplicates then get a 409 instead of
-//! running the handler twice. A completion or release that fails for want of the store is
-//! written again in the background until it lands; [`IdempotencyLayer::drain`] waits for that
-//! work on shutdown.
+//! running the handler twice. So does a response the [record format](record) cannot hold (more
+//! than 65 535 headers, a header value or a body over 4 GiB; counted as
+//! [`Event::Unstorable`](metrics::Event::Unstorable)): it is never stored cut to fit. A
+//! completion or release that fails for want of the store is written again in the background
+//! until it lands; [`IdempotencyLayer::drain`] waits for that work on shutdown.
 //!
 //! **Crashes.** If a process dies while a handler runs, its lease expires after the lock TTL and
 //! the next attempt runs the handler again. After a crash the promise is at-least-once: a

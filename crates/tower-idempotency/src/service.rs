@@ -33,7 +33,7 @@ use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
 use crate::metrics::{Event, record};
 use crate::problem::Problem;
-use crate::record::{Record, Unreplayable};
+use crate::record::{EncodeError, Record, Unreplayable};
 use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
 use tokio_util::task::TaskTracker;
 
@@ -502,13 +502,38 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// The record of a response kept for replay. Its headers are the end-to-end ones except
-/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one).
-fn storable_record(fingerprint: &Fingerprint, parts: &http::response::Parts, body: &[u8]) -> Bytes {
+/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one). A response the
+/// record format cannot hold (too many headers, a header or the body too long) is an error, and
+/// never written in part.
+fn storable_record(
+    fingerprint: &Fingerprint,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Result<Bytes, EncodeError> {
     let named = connection_named(&parts.headers);
     let keep = |name: &HeaderName| {
         name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
     };
     crate::record::encode(fingerprint, Ok((parts.status, &parts.headers, body)), keep)
+}
+
+/// The record of a response to keep for replay or, when the format cannot hold it, a counted
+/// record that says it cannot be replayed: duplicates get 409, and nothing runs twice.
+fn owner_record(
+    key: &StorageKey,
+    fingerprint: Fingerprint,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Bytes {
+    storable_record(&fingerprint, parts, body).unwrap_or_else(|e| {
+        record(Event::Unstorable);
+        tracing::warn!(?key, error = %e, "response cannot be kept for replay; duplicates will get 409");
+        Record {
+            fingerprint,
+            response: Err(Unreplayable::TooLarge),
+        }
+        .encode()
+    })
 }
 
 /// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
@@ -800,9 +825,8 @@ where
             unstored(Ok(problem(Problem::OutcomeUnknown)))
         }
         Ok(Outcome::Store(parts, body)) => {
-            let stored = lease
-                .complete(storable_record(&fingerprint, &parts, &body), config.ttl)
-                .await;
+            let record_ = owner_record(&lease.key, fingerprint, &parts, &body);
+            let stored = lease.complete(record_, config.ttl).await;
             Owned {
                 answer: Ok(Response::from_parts(parts, IdempotencyBody::full(body))),
                 stored,
@@ -961,7 +985,8 @@ mod tests {
         h.append("x-keep", HeaderValue::from_static("b"));
         let (mut parts, ()) = Response::new(()).into_parts();
         parts.headers = h;
-        let record_ = Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body"));
+        let record_ =
+            Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body").unwrap());
         let kept = record_.unwrap().response.unwrap();
         assert_eq!(kept.headers.len(), 2);
         assert_eq!(kept.headers.get_all("x-keep").iter().count(), 2);

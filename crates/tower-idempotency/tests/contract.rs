@@ -1845,6 +1845,81 @@ async fn large_response_reaches_the_first_caller_and_duplicates_get_409() {
     assert_eq!(count.get(), 1);
 }
 
+/// One raw HTTP/1.1 exchange, for responses with more headers than an HTTP client reads: the
+/// status and every header line of the answer, and its body.
+async fn raw_post(addr: std::net::SocketAddr, path: &str, key: &str) -> (u16, Vec<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nIdempotency-Key: {key}\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, lines.map(str::to_owned).collect(), body.to_owned())
+}
+
+#[tokio::test]
+async fn a_response_with_more_headers_than_a_record_holds_is_not_replayable_never_cut() {
+    // A record counts headers in 16 bits.
+    const HEADERS: usize = 70_000;
+    let events = events::Events::default();
+    let _local = metrics::set_default_local_recorder(&events);
+    let count = Counter::default();
+    let c = count.clone();
+    let app = Router::new()
+        .route(
+            "/many",
+            post(move || {
+                let c = c.clone();
+                async move {
+                    let n = c.hit();
+                    let mut res = http::Response::new(Body::from(format!("exec-{n}")));
+                    *res.status_mut() = StatusCode::CREATED;
+                    for _ in 0..HEADERS {
+                        res.headers_mut()
+                            .append("x-many", HeaderValue::from_static("1"));
+                    }
+                    res
+                }
+            }),
+        )
+        .layer(layer());
+    let srv = serve(app).await;
+
+    let (status, headers, body) = raw_post(srv.addr, "/many", "many").await;
+    assert_eq!(status, 201);
+    assert_eq!(body, "exec-1");
+    let many = headers.iter().filter(|h| h.as_str() == "x-many: 1").count();
+    assert_eq!(many, HEADERS, "the first caller gets every header");
+
+    for _ in 0..2 {
+        let (status, headers, body) = raw_post(srv.addr, "/many", "many").await;
+        assert_eq!(
+            status, 409,
+            "a duplicate is refused, not replayed without headers: {body}"
+        );
+        assert!(
+            headers
+                .iter()
+                .any(|h| h.as_str() == "content-type: application/problem+json"),
+            "{headers:?}"
+        );
+        assert!(body.contains("response-not-replayable"), "{body}");
+        assert!(!headers.iter().any(|h| h.starts_with("x-many")));
+    }
+    assert_eq!(count.get(), 1, "nothing runs twice");
+    assert_eq!(events.get(Event::Unstorable), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3.7 - 3.10 Disconnects, panics, crashes, lost leases
 // ---------------------------------------------------------------------------------------------
