@@ -53,19 +53,8 @@ pub(crate) struct Args {
     #[arg(long, env = "IDEMPOTENCY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
     pub(crate) admin_listen: Option<SocketAddr>,
 
-    /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
-    /// `rediss://...` (TLS), or `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
-    /// over TLS). Proxies that share a Redis share their records. A password goes in the URL
-    /// (`redis://:PASSWORD@HOST:PORT`) and is never logged.
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_STORE",
-        value_name = "STORE",
-        default_value = "memory",
-        hide_env_values = true,
-        value_parser = StoreSpec::parse
-    )]
-    pub(crate) store: StoreSpec,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
 
     /// How long a completed response is kept for replay.
     #[arg(
@@ -399,6 +388,50 @@ impl fmt::Display for Upstream {
     }
 }
 
+/// `--store` and the options of a Redis store.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct StoreArgs {
+    /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
+    /// `rediss://...` (TLS), or `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
+    /// over TLS). Proxies that share a Redis share their records. A password goes in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`) and is never logged.
+    #[arg(
+        long = "store",
+        id = "store",
+        env = "IDEMPOTENCY_PROXY_STORE",
+        value_name = "STORE",
+        default_value = "memory",
+        hide_env_values = true,
+        value_parser = StoreSpec::parse
+    )]
+    pub(crate) spec: StoreSpec,
+
+    /// With a Redis store: how many replicas must acknowledge each new lease and each stored
+    /// response (`WAIT`, 250 ms at most) before the proxy goes on, so that a failover to one of
+    /// them keeps it. A lease too few replicas acknowledged is refused (503); a response is
+    /// kept all the same, logged and counted as `not_replicated`. 0 (the default) waits for no
+    /// replica: Redis replicates asynchronously, and a master that dies can take its latest
+    /// writes with it.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub(crate) redis_replica_acks: u32,
+}
+
+/// The store as it may be logged: without user name or password.
+impl fmt::Display for StoreArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.spec, f)?;
+        if self.redis_replica_acks > 0 {
+            write!(f, " (replica acks: {})", self.redis_replica_acks)?;
+        }
+        Ok(())
+    }
+}
+
 /// `--store`.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum StoreSpec {
@@ -655,6 +688,8 @@ mod tests {
         assert_eq!(a.max_request_body, 1 << 20);
         assert_eq!(a.upstream_deadline, Duration::from_secs(600));
         assert!(a.validate().is_ok());
+        assert_eq!(a.store.spec, StoreSpec::Memory);
+        assert_eq!(a.store.redis_replica_acks, 0);
         let a = Args::try_parse_from([
             "idempotency-proxy",
             "--upstream",
@@ -667,6 +702,21 @@ mod tests {
         .unwrap();
         let e = a.validate().unwrap_err();
         assert!(e.contains("--upstream-deadline"), "{e}");
+        let a = Args::try_parse_from([
+            "idempotency-proxy",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--store",
+            "redis+cluster://u:secret@a:1,b:2",
+            "--redis-replica-acks",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(a.store.redis_replica_acks, 1);
+        assert_eq!(
+            a.store.to_string(),
+            "redis+cluster://***@a:1,b:2 (replica acks: 1)"
+        );
         let e = Args::try_parse_from(["idempotency-proxy"]).unwrap_err();
         let line = one_line(&e);
         assert!(line.contains("--upstream"), "{line}");

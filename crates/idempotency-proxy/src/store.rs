@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_idempotency::store::RedisStore;
 use tower_idempotency::{MemoryStore, Store};
 
-use crate::cli::StoreSpec;
+use crate::cli::{StoreArgs, StoreSpec};
 
 /// How long the start-up check and `/healthz` wait for the store.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -16,11 +16,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the store and checks that it answers. The error is one line for the operator, and
 /// never shows a password.
-pub(crate) async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, String> {
+pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
+    let spec = &args.spec;
     let store: Arc<dyn Store> = match spec {
+        StoreSpec::Memory if args.redis_replica_acks > 0 => {
+            return Err("--redis-replica-acks needs a Redis store (--store redis://...)".into());
+        }
         StoreSpec::Memory => Arc::new(MemoryStore::default()),
         StoreSpec::Redis(url) => {
-            match tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect(url)).await {
+            let connect = RedisStore::builder(url.as_str())
+                .with_replica_acks(args.redis_replica_acks)
+                .connect();
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(store)) => Arc::new(store),
                 Ok(Err(e)) => {
                     return Err(format!("--store {spec}: cannot connect: {}", one_line(&e)));

@@ -118,6 +118,16 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
         "--fingerprint-header",
     );
     fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "1"],
+        &[],
+        "--redis-replica-acks",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "some"],
+        &[],
+        "--redis-replica-acks",
+    );
+    fails_with_one_line(
         &["--upstream", up, "--upstream-deadline", "0s"],
         &[],
         "--upstream-deadline",
@@ -160,7 +170,9 @@ fn help_explains_every_flag() {
         "--log-format",
         "--key-secret",
         "--key-secret-file",
+        "--redis-replica-acks",
         "IDEMPOTENCY_PROXY_UPSTREAM",
+        "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         "IDEMPOTENCY_PROXY_KEY_SECRET",
         "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
         "4294967295",

@@ -61,6 +61,9 @@ pub enum Event {
     /// A response was stored as not replayable because the record format cannot hold it (too
     /// many headers, or a header or body too long): duplicates get 409, nothing runs twice.
     Unstorable,
+    /// A completed record was stored, but fewer replicas acknowledged it in time than the
+    /// store requires (`RedisStoreBuilder::with_replica_acks`): a failover now could lose it.
+    NotReplicated,
 }
 
 /// The counter's name.
@@ -118,6 +121,7 @@ events! {
     BodyTimeout => "body_timeout",
     Overloaded => "overloaded",
     Unstorable => "unstorable",
+    NotReplicated => "not_replicated",
 }
 
 static METADATA: Metadata<'static> =
@@ -134,7 +138,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 20);
+        assert_eq!(Event::ALL.len(), 21);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);
