@@ -116,6 +116,10 @@ async fn run(args: Args) -> ExitCode {
         .with_max_request_body(args.max_request_body)
         .with_max_response_body(args.max_response_body)
         .with_caller_timeout(args.upstream_timeout);
+    let layer = match layer.with_fingerprint_headers(args.fingerprint_header.iter().cloned()) {
+        Ok(layer) => layer,
+        Err(e) => return config_error(&format!("--fingerprint-header: {e}")),
+    };
     let layer = match args.key_secret() {
         Some(secret) => layer.with_key_secret(secret.bytes()),
         None => layer,
