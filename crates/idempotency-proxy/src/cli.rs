@@ -133,6 +133,20 @@ pub(crate) struct Args {
     )]
     pub(crate) scope_header: Vec<HeaderName>,
 
+    /// A request header that is part of the fingerprint, beside the method, path, query,
+    /// Content-Type, Content-Encoding and body: the same key sent with another value of it is a
+    /// 422, not a replay. For headers that change what a request does, such as
+    /// X-HTTP-Method-Override. Repeat the flag (or comma-separate in the environment) for
+    /// several headers. None by default. Idempotency-Key and X-Idempotent-Key are refused.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = parse_fingerprint_header
+    )]
+    pub(crate) fingerprint_header: Vec<HeaderName>,
+
     /// A server secret: storage keys become an HMAC-SHA256 of (scope, key) keyed with it instead
     /// of a plain SHA-256, so that whoever can read the store cannot test guesses of keys or
     /// scopes. Every proxy sharing a store must use the same secret; setting or changing it
@@ -196,13 +210,14 @@ pub(crate) struct Args {
     pub(crate) max_request_body: usize,
 
     /// The largest response kept for replay. A larger one still reaches its caller in full;
-    /// duplicates then get a 409 instead of running again.
+    /// duplicates then get a 409 instead of running again. At most 4294967295 bytes (4 GiB less
+    /// one byte), the longest body a stored record holds.
     #[arg(
         long,
         env = "IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY",
         value_name = "BYTES",
         default_value = "1MiB",
-        value_parser = parse_size
+        value_parser = parse_response_size
     )]
     pub(crate) max_response_body: usize,
 
@@ -661,6 +676,18 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| "size too large".to_owned())
 }
 
+/// A size no larger than the longest body a stored record holds.
+fn parse_response_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n > tower_idempotency::record::MAX_BODY_LEN {
+        return Err(format!(
+            "at most {} bytes (4 GiB less one byte): a stored record holds no longer body",
+            tower_idempotency::record::MAX_BODY_LEN
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_method(s: &str) -> Result<Method, String> {
     let s = s.trim().to_ascii_uppercase();
     if s.is_empty() {
@@ -672,6 +699,22 @@ fn parse_method(s: &str) -> Result<Method, String> {
 fn parse_header_name(s: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(s.trim().as_bytes())
         .map_err(|_| format!("`{}` is not a valid header name", s.trim()))
+}
+
+/// A header name that may be fingerprinted: any but the headers that carry the key.
+fn parse_fingerprint_header(s: &str) -> Result<HeaderName, String> {
+    let name = parse_header_name(s)?;
+    let key_headers = [
+        &tower_idempotency::extract::IDEMPOTENCY_KEY,
+        &tower_idempotency::extract::X_IDEMPOTENT_KEY,
+    ];
+    if key_headers.contains(&&name) {
+        return Err(format!(
+            "`{}` carries the idempotency key and cannot be a fingerprint header",
+            s.trim()
+        ));
+    }
+    Ok(name)
 }
 
 /// A clap error as one line, without the usage block that follows it.
@@ -699,6 +742,37 @@ mod tests {
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999").is_err());
+        assert_eq!(parse_response_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_response_size("4294967295"), Ok(u32::MAX as usize));
+        assert!(parse_response_size("4GiB").is_err());
+        assert!(parse_response_size("5GiB").is_err());
+    }
+
+    #[test]
+    fn fingerprint_headers() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
+            args.extend_from_slice(extra);
+            Args::try_parse_from(args)
+        };
+        assert!(parse(&[]).unwrap().fingerprint_header.is_empty());
+        let a = parse(&[
+            "--fingerprint-header",
+            "X-HTTP-Method-Override",
+            "--fingerprint-header",
+            "x-variant",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.fingerprint_header,
+            ["x-http-method-override", "x-variant"]
+        );
+        for key in ["Idempotency-Key", "x-idempotent-key"] {
+            let e = parse(&["--fingerprint-header", key]).unwrap_err();
+            let line = one_line(&e);
+            assert!(line.contains("--fingerprint-header"), "{line}");
+            assert!(line.contains("idempotency key"), "{line}");
+        }
     }
 
     #[test]

@@ -124,6 +124,10 @@ async fn run(args: Args) -> ExitCode {
             let release = cli::ReleaseStatus::new(&args.release_status);
             move |status| !release.releases(status)
         });
+    let layer = match layer.with_fingerprint_headers(args.fingerprint_header.iter().cloned()) {
+        Ok(layer) => layer,
+        Err(e) => return config_error(&format!("--fingerprint-header: {e}")),
+    };
     let layer = match args.key_secret() {
         Some(secret) => layer.with_key_secret(secret.bytes()),
         None => layer,

@@ -80,6 +80,43 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
     );
     drop(shared);
     fails_with_one_line(&["--upstream", up, "--workers", "0"], &[], "--workers");
+    // A record holds a body of at most 4 GiB less one byte: a larger replay limit would store
+    // responses no duplicate could read back.
+    let any_port = ["--listen", "127.0.0.1:0"];
+    for size in ["5GiB", "4GiB", "4294967296"] {
+        fails_with_one_line(
+            &[
+                &["--upstream", up, "--max-response-body", size][..],
+                &any_port,
+            ]
+            .concat(),
+            &[],
+            "--max-response-body",
+        );
+    }
+    fails_with_one_line(
+        &[&["--upstream", up][..], &any_port].concat(),
+        &[("IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY", "5GiB")],
+        "--max-response-body",
+    );
+    // The headers that carry the key cannot be fingerprinted.
+    fails_with_one_line(
+        &[
+            &["--upstream", up, "--fingerprint-header", "Idempotency-Key"][..],
+            &any_port,
+        ]
+        .concat(),
+        &[],
+        "--fingerprint-header",
+    );
+    fails_with_one_line(
+        &[&["--upstream", up][..], &any_port].concat(),
+        &[(
+            "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+            "X-HTTP-Method-Override,X-Idempotent-Key",
+        )],
+        "--fingerprint-header",
+    );
     fails_with_one_line(
         &["--upstream", up, "--release-status", "5xx,6xx"],
         &[],
@@ -155,6 +192,7 @@ fn help_explains_every_flag() {
         "--require-key",
         "--fail-open",
         "--scope-header",
+        "--fingerprint-header",
         "--max-request-body",
         "--max-response-body",
         "--upstream-timeout",
@@ -177,6 +215,8 @@ fn help_explains_every_flag() {
         "IDEMPOTENCY_PROXY_RELEASE_STATUS",
         "IDEMPOTENCY_PROXY_MAX_CONNECTIONS",
         "IDEMPOTENCY_PROXY_TRUST_FORWARDED",
+        "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+        "4294967295",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}");
     }
@@ -199,6 +239,10 @@ async fn the_environment_configures_every_flag() {
             "X-Tenant,X-User".to_owned(),
         ),
         ("IDEMPOTENCY_PROXY_MAX_REQUEST_BODY", "16".to_owned()),
+        (
+            "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+            "X-HTTP-Method-Override,X-Variant".to_owned(),
+        ),
         ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "5s".to_owned()),
         ("IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE", "20s".to_owned()),
         ("IDEMPOTENCY_PROXY_LOG_FORMAT", "json".to_owned()),
@@ -345,6 +389,22 @@ async fn the_environment_configures_every_flag() {
         assert_eq!(res.status(), 201);
     }
     assert_eq!(up.hits("/orders"), 2);
+
+    // The fingerprint headers: the same key with another value of either is a 422.
+    let fingerprinted = |name: &'static str, value: &'static str| {
+        c.post(proxy.url("/orders"))
+            .header("Idempotency-Key", format!("fp-{name}"))
+            .header("x-tenant", "t1")
+            .header(name, value)
+            .send()
+    };
+    for name in ["X-HTTP-Method-Override", "X-Variant"] {
+        assert_eq!(fingerprinted(name, "a").await.unwrap().status(), 201);
+        let replay = fingerprinted(name, "a").await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(fingerprinted(name, "b").await.unwrap().status(), 422);
+    }
+    assert_eq!(up.hits("/orders"), 4);
 
     // The admin endpoints listen where the environment said; logs are JSON lines.
     let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();

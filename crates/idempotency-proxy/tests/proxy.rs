@@ -47,6 +47,7 @@ on_every_store!(
     scopes_limits_and_required_keys_follow_the_flags,
     a_duplicate_waits_at_most_the_wait_timeout,
     keys_in_form_fields_are_tracked_and_bad_keys_refused,
+    fingerprint_headers_follow_the_flag_and_content_encoding_always_counts,
 );
 
 const KEY: &str = "Idempotency-Key";
@@ -584,4 +585,51 @@ async fn keys_in_form_fields_are_tracked_and_bad_keys_refused(store: Backend) {
         .unwrap();
     assert_eq!(spaced.status(), 400);
     assert_eq!(up.hits("/orders"), 1);
+}
+
+async fn fingerprint_headers_follow_the_flag_and_content_encoding_always_counts(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store
+        .proxy(
+            &up.url(),
+            &["--fingerprint-header", "X-HTTP-Method-Override"],
+        )
+        .await;
+    let c = client();
+    let post = |key: &'static str, header: Option<(&'static str, &'static str)>| {
+        let req = c
+            .post(proxy.url("/orders"))
+            .header(KEY, key)
+            .body("same bytes");
+        match header {
+            Some((name, value)) => req.header(name, value),
+            None => req,
+        }
+        .send()
+    };
+    // The same key and body, asking for a delete instead of an update: refused, never upstream.
+    let put = Some(("X-HTTP-Method-Override", "PUT"));
+    assert_eq!(post("override", put).await.unwrap().status(), 201);
+    let delete = post("override", Some(("X-HTTP-Method-Override", "DELETE")))
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 422);
+    assert!(is_problem(&delete));
+    assert_eq!(post("override", None).await.unwrap().status(), 422);
+    let again = post("override", put).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 1);
+
+    // Content-Encoding counts without a flag: the same bytes, encoded otherwise, are another
+    // body.
+    let gzip = Some(("Content-Encoding", "gzip"));
+    assert_eq!(post("encoded", gzip).await.unwrap().status(), 201);
+    assert_eq!(post("encoded", None).await.unwrap().status(), 422);
+    let br = post("encoded", Some(("Content-Encoding", "br")))
+        .await
+        .unwrap();
+    assert_eq!(br.status(), 422);
+    let again = post("encoded", gzip).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 2);
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 
@@ -55,6 +55,30 @@ pub fn default_storable(status: StatusCode) -> bool {
 
 pub(crate) type Storable = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
 
+/// A configuration the layer refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A header that carries the idempotency key (`Idempotency-Key`, `X-Idempotent-Key`) was
+    /// named as a fingerprint header. The key already names the record; a browser that adds an
+    /// `Idempotency-Key` of its own beside the page's key sends a new one on every click, so a
+    /// fingerprint over it would make every duplicate a 422.
+    KeyHeaderInFingerprint(HeaderName),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::KeyHeaderInFingerprint(name) => write!(
+                f,
+                "`{name}` carries the idempotency key and cannot be a fingerprint header"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 /// HMAC-SHA256 keyed with the server secret, ready to be cloned for each storage key.
 #[derive(Clone)]
 pub(crate) struct KeySecret(pub(crate) Hmac<Sha256>);
@@ -78,6 +102,8 @@ pub(crate) struct Config {
     pub(crate) require_key: bool,
     pub(crate) fail_open: bool,
     pub(crate) scope: Arc<dyn ScopeExtractor>,
+    /// Request headers fingerprinted beside `Content-Encoding`, which always is.
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) storable: Storable,
@@ -115,6 +141,7 @@ impl Default for Config {
             require_key: false,
             fail_open: false,
             scope: Arc::new(HeaderScope::default()),
+            fingerprint_headers: Vec::new(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             storable: Arc::new(default_storable),
@@ -139,6 +166,7 @@ impl fmt::Debug for Config {
             .field("methods", &self.methods)
             .field("require_key", &self.require_key)
             .field("fail_open", &self.fail_open)
+            .field("fingerprint_headers", &self.fingerprint_headers)
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)
             .field("key_sources", &self.key_sources)

@@ -8,8 +8,9 @@ use http::{HeaderName, Method, StatusCode};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::config::{Config, InFlightLimit, KeySecret, OnConflict};
-use crate::extract::KeySources;
+use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, OnConflict};
+use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
+use crate::record::MAX_BODY_LEN;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
 use crate::service::{Idempotency, storage_key};
 use crate::store::{StorageKey, Store};
@@ -112,13 +113,20 @@ impl IdempotencyLayer {
         self.config(|c| c.fail_open = fail_open)
     }
 
-    /// How requests are assigned to scopes (default: the `Authorization` header).
+    /// How requests are assigned to scopes (default: the `Authorization` header, and the global
+    /// scope for a request without one).
+    ///
+    /// A request whose scope the extractor answers [`Scope::Unknown`](crate::Scope::Unknown) is
+    /// refused with 500 `scope-unavailable`: the handler does not run and the store is not
+    /// asked. When the scope comes from an authentication layer, that layer must run before
+    /// this one; see [`scope`](crate::scope) for the order in axum.
     pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
         let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
         self.config(|c| c.scope = scope)
     }
 
-    /// The scope is the values of these headers (the proxy's `--scope-header`).
+    /// The scope is the values of these headers (the proxy's `--scope-header`). A request with
+    /// none of them is in the global scope; see [`HeaderScope`] to refuse it instead.
     pub fn with_scope_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.with_scope(HeaderScope::new(names))
     }
@@ -141,8 +149,42 @@ impl IdempotencyLayer {
 
     /// The largest response kept for replay (default 1 MiB). A larger response still reaches
     /// its caller in full; duplicates then get a 409 instead of a replay.
+    ///
+    /// Held to [`record::MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) (4 GiB less one byte),
+    /// the longest body a record can hold: a larger limit would keep responses that no
+    /// duplicate could read back.
     pub fn with_max_response_body(self, bytes: usize) -> Self {
-        self.config(|c| c.max_response_body = bytes)
+        self.config(|c| c.max_response_body = bytes.min(MAX_BODY_LEN))
+    }
+
+    /// Request headers that are part of the fingerprint, beside method, path, query, content
+    /// type, `Content-Encoding` (always) and body (default: none; the proxy's
+    /// `--fingerprint-header`). A header such as `X-HTTP-Method-Override` changes what a request
+    /// does, so the same key with another value of it is a 422, not a replay. Each header counts
+    /// with every value it carries, in order, and only when the request carries it. Replaces
+    /// the headers named before.
+    ///
+    /// Name only headers a client sends the same on every retry of a request. Changing the list
+    /// changes the fingerprint of the requests that carry the headers: within the TTL, a
+    /// duplicate of such a request completed before the change gets 422, and does not run.
+    ///
+    /// Refused with [`ConfigError::KeyHeaderInFingerprint`] when a name is `Idempotency-Key` or
+    /// `X-Idempotent-Key`: the key names the record already, and browsers send an
+    /// `Idempotency-Key` of their own that changes on every click.
+    pub fn with_fingerprint_headers(
+        self,
+        names: impl IntoIterator<Item = HeaderName>,
+    ) -> Result<Self, ConfigError> {
+        let mut headers: Vec<HeaderName> = Vec::new();
+        for name in names {
+            if name == IDEMPOTENCY_KEY || name == X_IDEMPOTENT_KEY {
+                return Err(ConfigError::KeyHeaderInFingerprint(name));
+            }
+            if name != http::header::CONTENT_ENCODING && !headers.contains(&name) {
+                headers.push(name);
+            }
+        }
+        Ok(self.config(|c| c.fingerprint_headers = headers))
     }
 
     /// Which statuses are stored for replay. Others release the lease so a retry runs again.
@@ -261,10 +303,12 @@ impl IdempotencyLayer {
     /// store sees instead of the raw key, for tools and tests that inspect a store.
     ///
     /// `key` is the key as the layer reads it (after unquoting an sf-string `Idempotency-Key`);
-    /// it is not validated here. `scope` is what the layer's [`ScopeExtractor`] returns for the
-    /// request, `None` for the global scope; see [`storage_key_for_request`] to apply the
-    /// layer's own extractor. The namespace and the key secret of this layer are taken into
-    /// account.
+    /// it is not validated here. `scope` is the caller's bytes of [`Scope::Caller`], `None` for
+    /// [`Scope::Global`]; see [`storage_key_for_request`] to apply the layer's own extractor.
+    /// The namespace and the key secret of this layer are taken into account.
+    ///
+    /// [`Scope::Caller`]: crate::Scope::Caller
+    /// [`Scope::Global`]: crate::Scope::Global
     ///
     /// [`storage_key_for_request`]: IdempotencyLayer::storage_key_for_request
     pub fn storage_key_for(&self, scope: Option<&[u8]>, key: &str) -> StorageKey {
@@ -278,10 +322,14 @@ impl IdempotencyLayer {
     }
 
     /// The [`StorageKey`] of `key` for a request with these parts, scoped by this layer's
-    /// [`ScopeExtractor`] (by default its `Authorization` header).
-    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> StorageKey {
+    /// [`ScopeExtractor`] (by default its `Authorization` header), or `None` when the extractor
+    /// cannot tell the request's scope ([`Scope::Unknown`](crate::Scope::Unknown)): the layer
+    /// refuses such a request, so no record of it exists.
+    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> Option<StorageKey> {
         let scope = self.config.scope.scope(parts);
-        self.storage_key_for(scope.as_deref(), key)
+        scope
+            .storage()
+            .map(|scope| self.storage_key_for(scope, key))
     }
 
     /// The store this layer uses.
@@ -295,5 +343,29 @@ impl<S> Layer<S> for IdempotencyLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::new(inner, self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    #[test]
+    fn the_response_limit_is_held_to_what_a_record_holds() {
+        let layer = IdempotencyLayer::new(MemoryStore::default());
+        let huge = layer.clone().with_max_response_body(usize::MAX);
+        assert_eq!(huge.config.max_response_body, MAX_BODY_LEN);
+        let small = layer.with_max_response_body(1024);
+        assert_eq!(small.config.max_response_body, 1024);
+    }
+
+    #[test]
+    fn fingerprint_headers_are_named_once() {
+        let over = HeaderName::from_static("x-http-method-override");
+        let layer = IdempotencyLayer::new(MemoryStore::default())
+            .with_fingerprint_headers([over.clone(), http::header::CONTENT_ENCODING, over.clone()])
+            .unwrap();
+        assert_eq!(layer.config.fingerprint_headers, [over]);
     }
 }

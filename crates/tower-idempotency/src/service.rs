@@ -33,7 +33,7 @@ use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
 use crate::metrics::{Event, record};
 use crate::problem::Problem;
-use crate::record::{Record, Unreplayable};
+use crate::record::{EncodeError, Record, Unreplayable};
 use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
 use tokio_util::task::TaskTracker;
 
@@ -197,35 +197,46 @@ where
         Err(e) => return Ok(bad_key(e)),
     };
 
-    let skey = storage_key(
-        config.key_secret.as_ref(),
-        &config.namespace,
-        config.scope.scope(&parts).as_deref(),
-        key.as_str().as_bytes(),
-    );
+    let skey = {
+        // An unknown scope is refused, never taken for the global one.
+        let scope = config.scope.scope(&parts);
+        match scope.storage() {
+            Some(scope) => storage_key(
+                config.key_secret.as_ref(),
+                &config.namespace,
+                scope,
+                key.as_str().as_bytes(),
+            ),
+            None => return Ok(scope_unavailable(&parts)),
+        }
+    };
     let query = query_without_key(parts.uri.query().unwrap_or(""), FORM_FIELD);
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
         .map_or(&[][..], |v| v.as_bytes());
     let canonical = if is_multipart(content_type) {
-        Box::pin(canonical_multipart(content_type, &body)).await
+        match Box::pin(canonical_multipart(content_type, &body)).await {
+            Some(fields) => Some(fields),
+            // A key may hide past the damage, and the body cannot be fingerprinted as a form:
+            // its raw bytes under a multipart content type (one without a boundary) could pass
+            // for another request's fields.
+            None => return Ok(problem(Problem::MalformedForm)),
+        }
     } else {
         None
     };
-    if canonical.is_none() && matches!(form, Some(FormKind::Multipart { .. })) {
-        // A key may hide past the damage, and the body cannot be fingerprinted as a form.
-        return Ok(problem(Problem::MalformedForm));
-    }
     let (content_type, fp_body) = match &canonical {
         Some(fields) => (MULTIPART_FORM_DATA, &fields[..]),
         None => (content_type, &body[..]),
     };
-    let fingerprint = Fingerprint::compute(
+    let fingerprint = Fingerprint::compute_with_headers(
         parts.method.as_str().as_bytes(),
         parts.uri.path().as_bytes(),
         query.as_bytes(),
         content_type,
+        &parts.headers,
+        &config.fingerprint_headers,
         fp_body,
     );
 
@@ -449,6 +460,18 @@ pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
         })
 }
 
+/// The answer to a keyed request whose scope the extractor cannot tell: a counted 500 problem,
+/// logged at error, the handler not run and the store not asked.
+fn scope_unavailable<B>(parts: &Parts) -> Res<B> {
+    record(Event::ScopeUnavailable);
+    tracing::error!(
+        method = %parts.method,
+        path = parts.uri.path(),
+        "the scope extractor cannot tell who sent a keyed request (does the authentication layer run after the idempotency layer?); refusing it"
+    );
+    problem(Problem::ScopeUnavailable)
+}
+
 /// The answer to a record that cannot be read: a counted 500 problem, the handler not run and
 /// nothing of the record replayed.
 fn corrupt_record<B>(key: &StorageKey, why: &dyn std::fmt::Display) -> Res<B> {
@@ -519,13 +542,38 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// The record of a response kept for replay. Its headers are the end-to-end ones except
-/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one).
-fn storable_record(fingerprint: &Fingerprint, parts: &http::response::Parts, body: &[u8]) -> Bytes {
+/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one). A response the
+/// record format cannot hold (too many headers, a header or the body too long) is an error, and
+/// never written in part.
+fn storable_record(
+    fingerprint: &Fingerprint,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Result<Bytes, EncodeError> {
     let named = connection_named(&parts.headers);
     let keep = |name: &HeaderName| {
         name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
     };
     crate::record::encode(fingerprint, Ok((parts.status, &parts.headers, body)), keep)
+}
+
+/// The record of a response to keep for replay or, when the format cannot hold it, a counted
+/// record that says it cannot be replayed: duplicates get 409, and nothing runs twice.
+fn owner_record(
+    key: &StorageKey,
+    fingerprint: Fingerprint,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Bytes {
+    storable_record(&fingerprint, parts, body).unwrap_or_else(|e| {
+        record(Event::Unstorable);
+        tracing::warn!(?key, error = %e, "response cannot be kept for replay; duplicates will get 409");
+        Record {
+            fingerprint,
+            response: Err(Unreplayable::TooLarge),
+        }
+        .encode()
+    })
 }
 
 /// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
@@ -819,9 +867,8 @@ where
             unstored(Ok(problem(Problem::OutcomeUnknown)))
         }
         Ok(Outcome::Store(parts, body)) => {
-            let stored = lease
-                .complete(storable_record(&fingerprint, &parts, &body), config.ttl)
-                .await;
+            let record_ = owner_record(&lease.key, fingerprint, &parts, &body);
+            let stored = lease.complete(record_, config.ttl).await;
             Owned {
                 answer: Ok(Response::from_parts(parts, IdempotencyBody::full(body))),
                 stored,
@@ -980,7 +1027,8 @@ mod tests {
         h.append("x-keep", HeaderValue::from_static("b"));
         let (mut parts, ()) = Response::new(()).into_parts();
         parts.headers = h;
-        let record_ = Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body"));
+        let record_ =
+            Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body").unwrap());
         let kept = record_.unwrap().response.unwrap();
         assert_eq!(kept.headers.len(), 2);
         assert_eq!(kept.headers.get_all("x-keep").iter().count(), 2);
