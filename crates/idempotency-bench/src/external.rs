@@ -59,6 +59,11 @@ async fn spawn(mut cmd: Command, addr: SocketAddr) -> Result<Proc, String> {
 
 /// A redis-server on a free port, without persistence.
 pub(crate) async fn redis() -> Result<Proc, String> {
+    redis_with(&[]).await
+}
+
+/// A redis-server on a free port, without persistence, with extra arguments.
+async fn redis_with(extra: &[&str]) -> Result<Proc, String> {
     let addr = free_addr();
     let mut cmd = Command::new("redis-server");
     cmd.args([
@@ -71,7 +76,44 @@ pub(crate) async fn redis() -> Result<Proc, String> {
         "--appendonly",
         "no",
     ]);
+    cmd.args(extra);
     spawn(cmd, addr).await
+}
+
+/// A redis-server primary and a replica of it, each on a free port without persistence, once
+/// the replica is in sync.
+pub(crate) async fn redis_with_replica() -> Result<(Proc, Proc), String> {
+    let primary = redis_with(&["--repl-diskless-sync-delay", "0"]).await?;
+    let port = primary.addr.port().to_string();
+    // The replica loads its first sync from the socket, leaving no dump file behind.
+    let replica = redis_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-load",
+        "on-empty-db",
+    ])
+    .await?;
+    let replica_port = replica.addr.port().to_string();
+    for _ in 0..400 {
+        let info = Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &replica_port,
+                "INFO",
+                "replication",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if info.contains("master_link_status:up") {
+            return Ok((primary, replica));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    Err("the replica did not sync with its primary".into())
 }
 
 /// Where the workspace's release binaries are: next to this one.

@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release -p idempotency-bench            # about five minutes; writes BENCHMARKS.md
 //! cargo run --release -p idempotency-bench -- --duration 1s --rounds 1 --out /tmp/b.md
+//! cargo run --release -p idempotency-bench -- replica-acks   # that group alone, printed
 //! ```
 
 mod external;
@@ -90,7 +91,12 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long)]
         listen: SocketAddr,
+        /// With a Redis URL: replicas that must acknowledge each lease and record.
+        #[arg(long, default_value_t = 0)]
+        replica_acks: u32,
     },
+    /// Measure the replica-acks group alone (a Redis primary with one replica) and print it.
+    ReplicaAcks,
 }
 
 /// One row of the table.
@@ -166,10 +172,15 @@ async fn wait_up(addr: SocketAddr) -> bool {
 }
 
 async fn serve(app: &str) -> Served {
+    serve_with(app, 0).await
+}
+
+async fn serve_with(app: &str, replica_acks: u32) -> Served {
     let addr = free_addr();
     let exe = std::env::current_exe().expect("current exe");
     let child = Command::new(exe)
         .args(["serve", "--app", app, "--listen", &addr.to_string()])
+        .args(["--replica-acks", &replica_acks.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -326,6 +337,49 @@ async fn layer_vs_bare(
         rows.push(row(name, target(layered.addr, shape), Some(0)));
     }
     compare(report, group, rows, args).await;
+}
+
+/// The layer on a Redis primary with one replica, without and with `with_replica_acks(1)`: what
+/// a `WAIT` for the replica after each new lease and each record costs.
+async fn replica_acks(report: &mut Report, args: &Args) {
+    const G: &str = "6. RedisStore, primary + 1 replica";
+    let pair = match external::redis_with_replica().await {
+        Ok(pair) => pair,
+        Err(e) => {
+            report
+                .notes
+                .push(format!("Replica-ack rows not measured: {e}"));
+            return;
+        }
+    };
+    let url = format!("redis://{}", pair.0.addr);
+    let plain = serve_with(&url, 0).await;
+    let acked = serve_with(&url, 1).await;
+    warm_replays(plain.addr, KeyHeader::Draft).await;
+    warm_replays(acked.addr, KeyHeader::Draft).await;
+    let rows = vec![
+        row(
+            "layer, fresh keys, no replica acks (baseline)",
+            target(plain.addr, Shape::Fresh),
+            None,
+        ),
+        row(
+            "layer, fresh keys, replica acks 1",
+            target(acked.addr, Shape::Fresh),
+            Some(0),
+        ),
+        row(
+            "layer, replays, no replica acks (baseline)",
+            target(plain.addr, Shape::Replay),
+            None,
+        ),
+        row(
+            "layer, replays, replica acks 1",
+            target(acked.addr, Shape::Replay),
+            Some(2),
+        ),
+    ];
+    compare(report, G, rows, args).await;
 }
 
 async fn proxies(
@@ -724,7 +778,24 @@ fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match &args.command {
-        Some(Cmd::Serve { app, listen }) => return rt.block_on(server::serve(app, *listen)),
+        Some(Cmd::Serve {
+            app,
+            listen,
+            replica_acks,
+        }) => return rt.block_on(server::serve(app, *listen, *replica_acks)),
+        Some(Cmd::ReplicaAcks) => {
+            rt.block_on(async {
+                let mut report = Report {
+                    rows: Vec::new(),
+                    notes: Vec::new(),
+                };
+                replica_acks(&mut report, &args).await;
+                for note in &report.notes {
+                    println!("{note}");
+                }
+            });
+            return;
+        }
         Some(Cmd::Load { addr, shape }) => {
             let shape = match shape.as_str() {
                 "fresh" => Shape::Fresh,
@@ -825,6 +896,8 @@ fn main() {
                 proxies(&mut report, &args, &redis, &scratch).await;
                 seed(&mut report, &args, &redis, &scratch).await;
                 fan_in_redis(&mut report, &redis).await;
+                drop(redis);
+                replica_acks(&mut report, &args).await;
             }
             Err(e) => report.notes.push(format!("Redis rows not measured: {e}")),
         }

@@ -54,13 +54,15 @@ pub(crate) async fn large_upstream(body: usize) -> SocketAddr {
     addr
 }
 
-/// Serves the benchmark app: `bare`, `memory`, or a Redis URL.
-pub(crate) async fn serve(kind: &str, listen: SocketAddr) {
+/// Serves the benchmark app: `bare`, `memory`, or a Redis URL (its leases and records
+/// acknowledged by `replica_acks` replicas).
+pub(crate) async fn serve(kind: &str, listen: SocketAddr, replica_acks: u32) {
     let app = match kind {
         "bare" => app(),
         "memory" => app().layer(IdempotencyLayer::new(MemoryStore::default())),
         url if url.starts_with("redis") => {
-            match tower_idempotency::RedisStore::connect(url).await {
+            let store = tower_idempotency::RedisStore::builder(url).with_replica_acks(replica_acks);
+            match store.connect().await {
                 Ok(store) => app().layer(IdempotencyLayer::new(store)),
                 Err(e) => {
                     eprintln!("idempotency-bench: {url}: {e}");

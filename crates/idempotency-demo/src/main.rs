@@ -45,6 +45,11 @@ struct Args {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     store_max_records: u64,
+    /// A namespace for this shop's idempotency records. Shops (or other services) that share a
+    /// Redis need one each, or the same key sent to two of them runs on one only and the other
+    /// replays its answer; instances of one shop share theirs. Empty by default.
+    #[arg(long, env = "IDEMPOTENCY_DEMO_NAMESPACE", default_value = "")]
+    namespace: String,
     /// How long placing an order takes, to make overlapping duplicates easy to see.
     #[arg(long, env = "IDEMPOTENCY_DEMO_WORK", default_value = "200ms", value_parser = humantime::parse_duration)]
     work: Duration,
@@ -80,6 +85,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let layer = layer.with_namespace(args.namespace);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -39,13 +39,20 @@ async fn start_demo() -> Demo {
 }
 
 async fn start_demo_with(store: &str) -> Demo {
-    start_demo_args(&["--store", store]).await
+    start_demo_in(store, &[]).await
 }
 
-async fn start_demo_args(extra: &[&str]) -> Demo {
+async fn start_demo_in(store: &str, extra: &[&str]) -> Demo {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_idempotency-demo"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--work", "300ms"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--work",
+            "300ms",
+            "--store",
+            store,
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -346,7 +353,11 @@ async fn two_instances_sharing_a_redis_create_one_order() {
 /// made room, so its retry places a new order.
 #[tokio::test]
 async fn the_memory_store_keeps_to_the_bounds_the_flags_give() {
-    let demo = start_demo_args(&["--store-max-records", "2", "--store-max-bytes", "1MiB"]).await;
+    let demo = start_demo_in(
+        "memory",
+        &["--store-max-records", "2", "--store-max-bytes", "1MiB"],
+    )
+    .await;
     let client = reqwest::Client::new();
     let place = |key: &'static str| {
         client
@@ -364,4 +375,39 @@ async fn the_memory_store_keeps_to_the_bounds_the_flags_give() {
     assert_eq!(first.status(), 201);
     assert!(first.headers().get("idempotent-replayed").is_none());
     assert_eq!(orders(&client, &demo).await.len(), 4);
+}
+
+#[tokio::test]
+async fn shops_with_their_own_namespace_on_one_redis_never_share_an_order() {
+    let redis = support::RedisServer::start();
+    let url = redis.url();
+    let (tea, mugs) = tokio::join!(
+        start_demo_in(&url, &["--namespace", "tea-shop"]),
+        start_demo_in(&url, &["--namespace", "mug-shop"])
+    );
+    let client = reqwest::Client::new();
+    let place = |demo: &Demo| {
+        client
+            .post(format!("{}/api/orders", demo.base))
+            .header("Idempotency-Key", "\"same-key\"")
+            .json(&serde_json::json!({"product": "Teapot", "quantity": 1}))
+            .send()
+    };
+    for demo in [&tea, &mugs] {
+        let res = place(demo).await.unwrap();
+        assert_eq!(res.status(), 201);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+        let again = place(demo).await.unwrap();
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(
+        orders(&client, &tea).await.len(),
+        1,
+        "the tea shop placed its order"
+    );
+    assert_eq!(
+        orders(&client, &mugs).await.len(),
+        1,
+        "the mug shop placed its own"
+    );
 }

@@ -14,7 +14,9 @@ A reverse proxy that gives any HTTP service idempotency keys.
 A POST, PUT, PATCH or DELETE that carries a key (the `Idempotency-Key` header, `X-Idempotent-Key`,
 or an `__idempotent_key` query parameter or form field) reaches the upstream once; every duplicate,
 simultaneous or later, gets the stored response with `Idempotent-Replayed: true`. Requests without
-a key, and other methods, stream through untouched.
+a key, and other methods, stream through untouched. A request path with a `.` or `..` segment
+(percent-encoded or not, or with backslashes for slashes) is refused with 400. An HTTP/2
+connection may have 100 streams open at once.
 
 Every flag can also be set through the environment as IDEMPOTENCY_PROXY_<FLAG>, for example
 IDEMPOTENCY_PROXY_UPSTREAM=http://127.0.0.1:5000. Durations read like `500ms`, `2s`, `5m`; sizes are
@@ -53,43 +55,8 @@ pub(crate) struct Args {
     #[arg(long, env = "IDEMPOTENCY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
     pub(crate) admin_listen: Option<SocketAddr>,
 
-    /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
-    /// `rediss://...` (TLS), or `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
-    /// over TLS). Proxies that share a Redis share their records. A password goes in the URL
-    /// (`redis://:PASSWORD@HOST:PORT`) and is never logged.
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_STORE",
-        value_name = "STORE",
-        default_value = "memory",
-        hide_env_values = true,
-        value_parser = StoreSpec::parse
-    )]
-    pub(crate) store: StoreSpec,
-
-    /// The most bytes the memory store holds: stored responses with their headers, and a few
-    /// hundred bytes for each key. When it is full, the oldest stored responses make room (a
-    /// retry of one runs again); when requests in flight fill it, a new key gets 503. A response
-    /// too large to fit is kept as not replayable: its duplicates get 409. For `--store memory`
-    /// only [default: 256MiB]
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_STORE_MAX_BYTES",
-        value_name = "BYTES",
-        value_parser = positive_size
-    )]
-    pub(crate) store_max_bytes: Option<usize>,
-
-    /// The most records the memory store holds, stored responses and requests in flight, with
-    /// the same rules as --store-max-bytes: whichever bound is reached first applies. For
-    /// `--store memory` only [default: 100000]
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_STORE_MAX_RECORDS",
-        value_name = "N",
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
-    pub(crate) store_max_records: Option<u64>,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
 
     /// How long a completed response is kept for replay.
     #[arg(
@@ -166,6 +133,20 @@ pub(crate) struct Args {
     )]
     pub(crate) scope_header: Vec<HeaderName>,
 
+    /// A request header that is part of the fingerprint, beside the method, path, query,
+    /// Content-Type, Content-Encoding and body: the same key sent with another value of it is a
+    /// 422, not a replay. For headers that change what a request does, such as
+    /// X-HTTP-Method-Override. Repeat the flag (or comma-separate in the environment) for
+    /// several headers. None by default. Idempotency-Key and X-Idempotent-Key are refused.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = parse_fingerprint_header
+    )]
+    pub(crate) fingerprint_header: Vec<HeaderName>,
+
     /// A server secret: storage keys become an HMAC-SHA256 of (scope, key) keyed with it instead
     /// of a plain SHA-256, so that whoever can read the store cannot test guesses of keys or
     /// scopes. Every proxy sharing a store must use the same secret; setting or changing it
@@ -190,6 +171,33 @@ pub(crate) struct Args {
     )]
     pub(crate) key_secret_file: Option<Secret>,
 
+    /// A namespace mixed into every storage key. Services that share a store (one Redis for
+    /// several proxies in front of different services) must each have their own: records of
+    /// different namespaces never meet, so the same path and key sent to two services run on
+    /// both. Proxies in front of one service share a namespace. Empty by default.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_NAMESPACE",
+        value_name = "NAME",
+        default_value = ""
+    )]
+    pub(crate) namespace: String,
+
+    /// The statuses that free a key, so that a retry with it runs again: status codes and
+    /// classes such as `5xx`, comma-separated. Every other answer of the upstream is stored and
+    /// replayed. `408,409,425,429` stores 5xx answers too (as Stripe does once an endpoint
+    /// started). Whatever the list, the proxy's own 502 for an upstream it could not connect
+    /// to always frees the key, and a request whose outcome is unknown never runs again.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_RELEASE_STATUS",
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "5xx,408,409,425,429",
+        value_parser = StatusItem::parse
+    )]
+    pub(crate) release_status: Vec<StatusItem>,
+
     /// The largest body a tracked request may carry; larger is a 413. Untracked requests
     /// stream and have no limit.
     #[arg(
@@ -202,13 +210,14 @@ pub(crate) struct Args {
     pub(crate) max_request_body: usize,
 
     /// The largest response kept for replay. A larger one still reaches its caller in full;
-    /// duplicates then get a 409 instead of running again.
+    /// duplicates then get a 409 instead of running again. At most 4294967295 bytes (4 GiB less
+    /// one byte), the longest body a stored record holds.
     #[arg(
         long,
         env = "IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY",
         value_name = "BYTES",
         default_value = "1MiB",
-        value_parser = parse_size
+        value_parser = parse_response_size
     )]
     pub(crate) max_response_body: usize,
 
@@ -238,6 +247,63 @@ pub(crate) struct Args {
         value_parser = positive_duration
     )]
     pub(crate) upstream_deadline: Duration,
+
+    /// How long a client has to send a request's head (request line and headers), counted from
+    /// when its connection opens or its previous request ends. Past it the connection is
+    /// closed: this also closes connections left idle, over HTTP/1.1 and HTTP/2 alike.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_CLIENT_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
+    pub(crate) client_header_timeout: Duration,
+
+    /// How long the body of a keyed request may take to arrive in full, from the end of its
+    /// head. Past it the caller gets 408 `body-timeout`: the upstream never sees the request
+    /// and the key stays free for a retry. Requests without a key stream to the upstream and are
+    /// not timed by it (see --upstream-timeout).
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_CLIENT_BODY_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
+    pub(crate) client_body_timeout: Duration,
+
+    /// The most client connections served at once, over all worker threads. Past it, new
+    /// connections wait, unread, until one closes: in the listen backlog, and at most one per
+    /// worker thread accepted and held.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value = "10000",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) max_connections: u32,
+
+    /// The most keyed requests running upstream at once, over all worker threads. Past it a
+    /// keyed request gets 503 `too-many-in-flight` with `Retry-After`, before anything is
+    /// taken: the key stays free. Requests without a key are not counted.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value = "4096",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) max_in_flight: u32,
+
+    /// Trust the `Forwarded`, `X-Forwarded-*` and `X-Real-IP` headers clients send, because
+    /// every client is a proxy of yours (a load balancer terminating TLS): the proxy appends
+    /// its hop to `Forwarded` and `X-Forwarded-For` and keeps the rest, so an
+    /// `X-Forwarded-Proto: https` reaches the upstream as it came. Without it those headers are
+    /// dropped and written anew from the connection: anyone could forge them.
+    #[arg(long, env = "IDEMPOTENCY_PROXY_TRUST_FORWARDED")]
+    pub(crate) trust_forwarded: bool,
 
     /// How long a shutdown waits for requests in flight before exiting anyway (exit code 1).
     #[arg(
@@ -305,19 +371,6 @@ impl fmt::Debug for Secret {
 impl Args {
     /// Checks what no single flag's parser can: flags that must agree with each other.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.store != StoreSpec::Memory {
-            let memory_only = [
-                ("--store-max-bytes", self.store_max_bytes.is_some()),
-                ("--store-max-records", self.store_max_records.is_some()),
-            ];
-            if let Some((flag, _)) = memory_only.iter().find(|(_, set)| *set) {
-                return Err(format!(
-                    "{flag} bounds the memory store; a Redis store is bounded by its own \
-                     maxmemory (--store {})",
-                    self.store
-                ));
-            }
-        }
         if self.upstream_timeout > self.upstream_deadline {
             return Err(format!(
                 "--upstream-timeout ({}) must not be longer than --upstream-deadline ({})",
@@ -331,6 +384,60 @@ impl Args {
     /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
     pub(crate) fn key_secret(&self) -> Option<&Secret> {
         self.key_secret.as_ref().or(self.key_secret_file.as_ref())
+    }
+}
+
+/// An item of `--release-status`: a status code, or a class of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusItem {
+    /// One status code, 100 to 599.
+    Code(u16),
+    /// A class: `5xx` is 5.
+    Class(u8),
+}
+
+impl StatusItem {
+    fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let usage =
+            || format!("`{t}` is neither a status code (100 to 599) nor a class such as 5xx");
+        let bytes = t.as_bytes();
+        match bytes {
+            [class @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => Ok(Self::Class(class - b'0')),
+            [b'1'..=b'5', b'0'..=b'9', b'0'..=b'9'] => {
+                t.parse().map(Self::Code).map_err(|_| usage())
+            }
+            _ => Err(usage()),
+        }
+    }
+}
+
+/// The statuses of `--release-status`, looked up in one step.
+#[derive(Clone)]
+pub(crate) struct ReleaseStatus(Vec<bool>);
+
+impl ReleaseStatus {
+    /// The set of `items`.
+    pub(crate) fn new(items: &[StatusItem]) -> Self {
+        let mut set = vec![false; 600];
+        for item in items {
+            match *item {
+                StatusItem::Code(code) => set[usize::from(code)] = true,
+                StatusItem::Class(class) => {
+                    let first = usize::from(class) * 100;
+                    set[first..first + 100].fill(true);
+                }
+            }
+        }
+        Self(set)
+    }
+
+    /// Whether `status` frees its key. A status past 599, which no list can name, does.
+    pub(crate) fn releases(&self, status: http::StatusCode) -> bool {
+        self.0
+            .get(usize::from(status.as_u16()))
+            .copied()
+            .unwrap_or(true)
     }
 }
 
@@ -418,6 +525,74 @@ impl Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// `--store` and the options of a Redis store.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct StoreArgs {
+    /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
+    /// `rediss://...` (TLS), or `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
+    /// over TLS). Proxies that share a Redis share their records. A password goes in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`) and is never logged.
+    #[arg(
+        long = "store",
+        id = "store",
+        env = "IDEMPOTENCY_PROXY_STORE",
+        value_name = "STORE",
+        default_value = "memory",
+        hide_env_values = true,
+        value_parser = StoreSpec::parse
+    )]
+    pub(crate) spec: StoreSpec,
+
+    /// With a Redis store: how many replicas must acknowledge each new lease and each stored
+    /// response (`WAIT`, 250 ms at most) before the proxy goes on, so that a failover to one of
+    /// them keeps it. A lease too few replicas acknowledged is refused (503); a response is
+    /// kept all the same, logged and counted as `not_replicated`. 0 (the default) waits for no
+    /// replica: Redis replicates asynchronously, and a master that dies can take its latest
+    /// writes with it.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub(crate) redis_replica_acks: u32,
+
+    /// The most bytes the memory store holds: stored responses with their headers, and a few
+    /// hundred bytes for each key. When it is full, the oldest stored responses make room (a
+    /// retry of one runs again); when requests in flight fill it, a new key gets 503. A response
+    /// too large to fit is kept as not replayable: its duplicates get 409. For `--store memory`
+    /// only [default: 256MiB]
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_STORE_MAX_BYTES",
+        value_name = "BYTES",
+        value_parser = positive_size
+    )]
+    pub(crate) store_max_bytes: Option<usize>,
+
+    /// The most records the memory store holds, stored responses and requests in flight, with
+    /// the same rules as --store-max-bytes: whichever bound is reached first applies. For
+    /// `--store memory` only [default: 100000]
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_STORE_MAX_RECORDS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub(crate) store_max_records: Option<u64>,
+}
+
+/// The store as it may be logged: without user name or password.
+impl fmt::Display for StoreArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.spec, f)?;
+        if self.redis_replica_acks > 0 {
+            write!(f, " (replica acks: {})", self.redis_replica_acks)?;
+        }
+        Ok(())
     }
 }
 
@@ -533,6 +708,18 @@ fn positive_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A size no larger than the longest body a stored record holds.
+fn parse_response_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n > tower_idempotency::record::MAX_BODY_LEN {
+        return Err(format!(
+            "at most {} bytes (4 GiB less one byte): a stored record holds no longer body",
+            tower_idempotency::record::MAX_BODY_LEN
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_method(s: &str) -> Result<Method, String> {
     let s = s.trim().to_ascii_uppercase();
     if s.is_empty() {
@@ -544,6 +731,22 @@ fn parse_method(s: &str) -> Result<Method, String> {
 fn parse_header_name(s: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(s.trim().as_bytes())
         .map_err(|_| format!("`{}` is not a valid header name", s.trim()))
+}
+
+/// A header name that may be fingerprinted: any but the headers that carry the key.
+fn parse_fingerprint_header(s: &str) -> Result<HeaderName, String> {
+    let name = parse_header_name(s)?;
+    let key_headers = [
+        &tower_idempotency::extract::IDEMPOTENCY_KEY,
+        &tower_idempotency::extract::X_IDEMPOTENT_KEY,
+    ];
+    if key_headers.contains(&&name) {
+        return Err(format!(
+            "`{}` carries the idempotency key and cannot be a fingerprint header",
+            s.trim()
+        ));
+    }
+    Ok(name)
 }
 
 /// A clap error as one line, without the usage block that follows it.
@@ -571,6 +774,37 @@ mod tests {
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999").is_err());
+        assert_eq!(parse_response_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_response_size("4294967295"), Ok(u32::MAX as usize));
+        assert!(parse_response_size("4GiB").is_err());
+        assert!(parse_response_size("5GiB").is_err());
+    }
+
+    #[test]
+    fn fingerprint_headers() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
+            args.extend_from_slice(extra);
+            Args::try_parse_from(args)
+        };
+        assert!(parse(&[]).unwrap().fingerprint_header.is_empty());
+        let a = parse(&[
+            "--fingerprint-header",
+            "X-HTTP-Method-Override",
+            "--fingerprint-header",
+            "x-variant",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.fingerprint_header,
+            ["x-http-method-override", "x-variant"]
+        );
+        for key in ["Idempotency-Key", "x-idempotent-key"] {
+            let e = parse(&["--fingerprint-header", key]).unwrap_err();
+            let line = one_line(&e);
+            assert!(line.contains("--fingerprint-header"), "{line}");
+            assert!(line.contains("idempotency key"), "{line}");
+        }
     }
 
     #[test]
@@ -626,6 +860,8 @@ mod tests {
         assert_eq!(a.max_request_body, 1 << 20);
         assert_eq!(a.upstream_deadline, Duration::from_secs(600));
         assert!(a.validate().is_ok());
+        assert_eq!(a.store.spec, StoreSpec::Memory);
+        assert_eq!(a.store.redis_replica_acks, 0);
         let a = Args::try_parse_from([
             "idempotency-proxy",
             "--upstream",
@@ -638,6 +874,21 @@ mod tests {
         .unwrap();
         let e = a.validate().unwrap_err();
         assert!(e.contains("--upstream-deadline"), "{e}");
+        let a = Args::try_parse_from([
+            "idempotency-proxy",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--store",
+            "redis+cluster://u:secret@a:1,b:2",
+            "--redis-replica-acks",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(a.store.redis_replica_acks, 1);
+        assert_eq!(
+            a.store.to_string(),
+            "redis+cluster://***@a:1,b:2 (replica acks: 1)"
+        );
         let e = Args::try_parse_from(["idempotency-proxy"]).unwrap_err();
         let line = one_line(&e);
         assert!(line.contains("--upstream"), "{line}");
@@ -661,20 +912,16 @@ mod tests {
             Args::try_parse_from(args)
         };
         let a = parse(&[]).unwrap();
-        assert_eq!((a.store_max_bytes, a.store_max_records), (None, None));
+        assert_eq!(
+            (a.store.store_max_bytes, a.store.store_max_records),
+            (None, None)
+        );
         let a = parse(&["--store-max-bytes", "2MiB", "--store-max-records", "500"]).unwrap();
-        assert_eq!(a.store_max_bytes, Some(2 << 20));
-        assert_eq!(a.store_max_records, Some(500));
-        assert!(a.validate().is_ok());
+        assert_eq!(a.store.store_max_bytes, Some(2 << 20));
+        assert_eq!(a.store.store_max_records, Some(500));
         assert!(parse(&["--store-max-bytes", "0"]).is_err());
         assert!(parse(&["--store-max-bytes", "2MB"]).is_err());
         assert!(parse(&["--store-max-records", "0"]).is_err());
-        let a = parse(&["--store", "redis://h:6379", "--store-max-bytes", "1GiB"]).unwrap();
-        let e = a.validate().unwrap_err();
-        assert!(e.contains("--store-max-bytes"), "{e}");
-        let a = parse(&["--store", "redis://h:6379", "--store-max-records", "5"]).unwrap();
-        let e = a.validate().unwrap_err();
-        assert!(e.contains("--store-max-records"), "{e}");
     }
 
     #[test]
@@ -714,6 +961,44 @@ mod tests {
             one_line(&e)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn release_statuses() {
+        use http::StatusCode;
+        let parse = |list: &str| {
+            Args::try_parse_from([
+                "idempotency-proxy",
+                "--upstream",
+                "http://h:1",
+                "--release-status",
+                list,
+            ])
+            .map(|a| ReleaseStatus::new(&a.release_status))
+        };
+        let default = Args::try_parse_from(["idempotency-proxy", "--upstream", "http://h:1"])
+            .map(|a| ReleaseStatus::new(&a.release_status))
+            .unwrap();
+        for code in 100..1000u16 {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(
+                default.releases(status),
+                !tower_idempotency::default_storable(status),
+                "the default list is the library's default, {code}"
+            );
+        }
+        let stripe = parse("408,409,425,429").unwrap();
+        assert!(!stripe.releases(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(stripe.releases(StatusCode::TOO_MANY_REQUESTS));
+        assert!(!stripe.releases(StatusCode::NOT_FOUND));
+        let classes = parse("4XX, 503").unwrap();
+        assert!(classes.releases(StatusCode::NOT_FOUND));
+        assert!(classes.releases(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!classes.releases(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(!classes.releases(StatusCode::CREATED));
+        for bad in ["6xx", "99", "600", "5x", "abc", "", "50O", "0xx"] {
+            assert!(parse(bad).is_err(), "{bad:?} is refused");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod telemetry;
 
 use cli::{Args, ConflictMode};
 use proxy::{InFlight, Proxy};
-use server::Drained;
+use server::{ClientLimits, Drained};
 
 /// Exit code for a configuration error.
 const CONFIG_ERROR: u8 = 2;
@@ -82,7 +82,7 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = match store::open(&args).await {
+    let store = match store::open(&args.store).await {
         Ok(store) => store,
         Err(e) => return config_error(&e),
     };
@@ -115,12 +115,29 @@ async fn run(args: Args) -> ExitCode {
         .with_scope_headers(args.scope_header.iter().cloned())
         .with_max_request_body(args.max_request_body)
         .with_max_response_body(args.max_response_body)
-        .with_caller_timeout(args.upstream_timeout);
+        .with_caller_timeout(args.upstream_timeout)
+        .with_namespace(args.namespace.clone())
+        .with_request_body_timeout(args.client_body_timeout)
+        // One bound for the process: every worker's clone of the layer shares it.
+        .with_max_in_flight(args.max_in_flight as usize)
+        .with_storable({
+            let release = cli::ReleaseStatus::new(&args.release_status);
+            move |status| !release.releases(status)
+        });
+    let layer = match layer.with_fingerprint_headers(args.fingerprint_header.iter().cloned()) {
+        Ok(layer) => layer,
+        Err(e) => return config_error(&format!("--fingerprint-header: {e}")),
+    };
     let layer = match args.key_secret() {
         Some(secret) => layer.with_key_secret(secret.bytes()),
         None => layer,
     };
     let in_flight = Arc::new(InFlight::default());
+    // One bound on client connections for the process, shared by every worker's accept loop.
+    let limits = ClientLimits {
+        header_timeout: args.client_header_timeout,
+        connections: Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize)),
+    };
 
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin_listener.map(|listener| {
@@ -175,6 +192,8 @@ async fn run(args: Args) -> ExitCode {
             upstream_timeout: args.upstream_timeout,
             upstream_deadline: args.upstream_deadline,
             in_flight: in_flight.clone(),
+            trust_forwarded: args.trust_forwarded,
+            limits: limits.clone(),
             stopping: stopping.clone(),
             released: released.clone(),
             grace: args.shutdown_timeout,
@@ -194,7 +213,11 @@ async fn run(args: Args) -> ExitCode {
         upstream = %args.upstream,
         store = %args.store,
         key_secret = args.key_secret().is_some(),
+        namespace = %args.namespace,
         workers,
+        max_connections = args.max_connections,
+        max_in_flight = args.max_in_flight,
+        trust_forwarded = args.trust_forwarded,
         "idempotency-proxy ready"
     );
     let signal = shutdown.await;
@@ -287,6 +310,8 @@ struct Worker {
     upstream_timeout: std::time::Duration,
     upstream_deadline: std::time::Duration,
     in_flight: Arc<InFlight>,
+    trust_forwarded: bool,
+    limits: ClientLimits,
     stopping: tokio::sync::watch::Receiver<bool>,
     released: tokio::sync::watch::Receiver<bool>,
     grace: std::time::Duration,
@@ -331,6 +356,7 @@ impl Worker {
             self.upstream_timeout,
             self.upstream_deadline,
             self.in_flight.clone(),
+            self.trust_forwarded,
         ));
         let mut stopping = self.stopping;
         let stop = async move {
@@ -341,6 +367,7 @@ impl Worker {
             stack,
             &self.layer,
             self.in_flight,
+            self.limits,
             stop,
             self.grace,
         )

@@ -32,7 +32,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tower::Service;
 use tower_idempotency::service::strip_hop_by_hop;
-use tower_idempotency::{IdempotencyBody, OutcomeUnknown, Problem, Tracked};
+use tower_idempotency::{IdempotencyBody, NotRun, OutcomeUnknown, Problem, Tracked};
 
 use crate::cli::Upstream;
 
@@ -52,6 +52,7 @@ pub(crate) struct ClientAddr(pub(crate) SocketAddr);
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Histogram of the time until the upstream answered (or failed), by outcome.
 pub(crate) const UPSTREAM_DURATION: &str = "idempotency_proxy_upstream_duration_seconds";
@@ -106,16 +107,21 @@ struct Inner {
     /// How long a tracked request may take, head and body.
     deadline: Duration,
     in_flight: Arc<InFlight>,
+    /// Whether the forwarding headers clients send come from proxies of the operator's.
+    trust_forwarded: bool,
 }
 
 impl Proxy {
     /// A proxy to `upstream` that waits at most `timeout` for the response head of an untracked
-    /// request, and at most `deadline` for the whole response to a tracked one.
+    /// request, and at most `deadline` for the whole response to a tracked one. With
+    /// `trust_forwarded`, the forwarding headers clients send are kept and appended to;
+    /// without, they are written anew.
     pub(crate) fn new(
         upstream: Upstream,
         timeout: Duration,
         deadline: Duration,
         in_flight: Arc<InFlight>,
+        trust_forwarded: bool,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -132,6 +138,7 @@ impl Proxy {
                 timeout,
                 deadline,
                 in_flight,
+                trust_forwarded,
             }),
         }
     }
@@ -177,20 +184,8 @@ impl Inner {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
         parts.headers.remove(EXPECT);
-        if let Some(ClientAddr(peer)) = parts.extensions.get::<ClientAddr>().copied() {
-            append_forwarded_for(&mut parts.headers, peer);
-        }
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        match host {
-            Some(host) => {
-                parts.headers.insert(X_FORWARDED_HOST.clone(), host);
-            }
-            None => {
-                parts.headers.remove(&X_FORWARDED_HOST);
-            }
-        }
+        let peer = parts.extensions.get::<ClientAddr>().map(|a| a.0);
+        forwarding_headers(&mut parts.headers, peer, host, self.trust_forwarded);
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
@@ -228,14 +223,17 @@ impl Inner {
                     error = %error_chain(&e),
                     "could not connect to the upstream"
                 );
-                problem(
+                let mut res = problem(
                     StatusCode::BAD_GATEWAY,
                     "upstream-unavailable",
                     "Upstream unavailable",
                     "The proxy could not connect to the upstream service, so the request never \
                      reached it. It was not stored and may be retried with the same key."
                         .into(),
-                )
+                );
+                // Never stored, whatever --release-status says: the request did not run.
+                res.extensions_mut().insert(NotRun);
+                res
             }
             Ok(Err(e)) => {
                 upstream_duration(Outcome::Error).record(elapsed);
@@ -258,7 +256,10 @@ impl Inner {
                     deadline = ?self.deadline,
                     "the upstream did not answer a keyed request by its deadline; its outcome is unknown"
                 );
-                outcome_unknown(true, "")
+                outcome_unknown(
+                    tracked,
+                    "The upstream did not answer by its deadline: the request may have run.",
+                )
             }
             Err(_) => {
                 upstream_duration(Outcome::Timeout).record(elapsed);
@@ -308,6 +309,98 @@ fn upstream_duration(outcome: Outcome) -> metrics::Histogram {
         ];
     }
     HANDLES.with(|h| h[outcome as usize].clone())
+}
+
+/// Writes the forwarding headers for this hop: `Forwarded` (RFC 7239), `X-Forwarded-For`,
+/// `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Real-IP`.
+///
+/// Without `trust`, whatever the client sent under those names, and under any other
+/// `X-Forwarded-*`, is dropped and written anew from the connection: the caller's address, the
+/// `Host` it asked for, and `http`. With `trust`, the client is a proxy of the operator's: this
+/// hop is appended to `Forwarded` and `X-Forwarded-For`, and the other headers it sent are kept
+/// (an `X-Forwarded-Proto: https` from a front proxy that terminated TLS stays `https`), filled
+/// in from the connection only where it sent none.
+fn forwarding_headers(
+    headers: &mut HeaderMap,
+    peer: Option<SocketAddr>,
+    host: Option<HeaderValue>,
+    trust: bool,
+) {
+    if !trust {
+        let forged: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-forwarded-"))
+            .cloned()
+            .collect();
+        for name in forged {
+            headers.remove(name);
+        }
+        headers.remove(http::header::FORWARDED);
+        headers.remove(&X_REAL_IP);
+    }
+    if let Some(element) = forwarded_element(peer, host.as_ref()) {
+        // The elements of earlier hops (only with `trust`: otherwise there are none left) and
+        // then this one, as one list.
+        let mut list: Vec<&[u8]> = headers
+            .get_all(http::header::FORWARDED)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .filter(|v| !v.is_empty())
+            .collect();
+        list.push(element.as_bytes());
+        match HeaderValue::from_bytes(&list.join(&b", "[..])) {
+            Ok(v) => {
+                headers.insert(http::header::FORWARDED, v);
+            }
+            Err(_) => {
+                headers.insert(http::header::FORWARDED, element);
+            }
+        }
+    }
+    if let Some(peer) = peer {
+        if trust {
+            append_forwarded_for(headers, peer);
+        }
+        let ip = HeaderValue::try_from(peer.ip().to_string()).ok();
+        if let Some(ip) = ip {
+            if !trust {
+                headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+            }
+            if !headers.contains_key(&X_REAL_IP) {
+                headers.insert(X_REAL_IP.clone(), ip);
+            }
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+    {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+/// This hop's `Forwarded` element: `for=` the caller, `host=` the `Host` it asked for (left out
+/// if it cannot be quoted), `proto=http`.
+fn forwarded_element(peer: Option<SocketAddr>, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let mut parts = Vec::with_capacity(3);
+    if let Some(peer) = peer {
+        parts.push(match peer.ip() {
+            std::net::IpAddr::V4(ip) => format!("for={ip}"),
+            // An IPv6 address is bracketed and quoted (RFC 7239 section 6).
+            std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        });
+    }
+    let host = host.and_then(|h| h.to_str().ok()).filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
+    if let Some(host) = host {
+        parts.push(format!("host=\"{host}\""));
+    }
+    parts.push("proto=http".to_owned());
+    HeaderValue::try_from(parts.join(";")).ok()
 }
 
 /// Appends the caller's address to `X-Forwarded-For`, keeping the addresses already there.
@@ -415,7 +508,12 @@ where
 }
 
 /// An `application/problem+json` answer (RFC 9457) made by the proxy itself.
-fn problem(status: StatusCode, slug: &str, title: &str, detail: String) -> Response<ProxyBody> {
+pub(crate) fn problem(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: String,
+) -> Response<ProxyBody> {
     let doc = serde_json::json!({
         "type": format!("urn:idempotency-proxy:problem:{slug}"),
         "title": title,
@@ -471,5 +569,19 @@ mod tests {
         let mut h = HeaderMap::new();
         append_forwarded_for(&mut h, v6);
         assert_eq!(h[&X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn forwarded_elements_quote_what_they_must() {
+        let host = HeaderValue::from_static("shop.example:8080");
+        let v4: SocketAddr = "10.0.0.9:1234".parse().unwrap();
+        let e = forwarded_element(Some(v4), Some(&host)).unwrap();
+        assert_eq!(e, "for=10.0.0.9;host=\"shop.example:8080\";proto=http");
+        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        let e = forwarded_element(Some(v6), None).unwrap();
+        assert_eq!(e, "for=\"[2001:db8::1]\";proto=http");
+        let odd = HeaderValue::from_static("a\"b");
+        let e = forwarded_element(None, Some(&odd)).unwrap();
+        assert_eq!(e, "proto=http");
     }
 }

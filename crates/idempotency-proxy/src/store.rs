@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_idempotency::store::RedisStore;
 use tower_idempotency::{MemoryStore, Store};
 
-use crate::cli::{Args, StoreSpec};
+use crate::cli::{StoreArgs, StoreSpec};
 
 /// Gauges of what the memory store holds, set at each scrape of `/metrics`.
 const MEMORY_STORE_BYTES: &str = "idempotency_memory_store_bytes";
@@ -25,12 +25,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the store and checks that it answers. The error is one line for the operator, and
 /// never shows a password.
-pub(crate) async fn open(args: &Args) -> Result<Arc<dyn Store>, String> {
-    let spec = &args.store;
+pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
+    let spec = &args.spec;
     let store: Arc<dyn Store> = match spec {
+        StoreSpec::Memory if args.redis_replica_acks > 0 => {
+            return Err("--redis-replica-acks needs a Redis store (--store redis://...)".into());
+        }
         StoreSpec::Memory => Arc::new(memory(args)),
+        StoreSpec::Redis(_)
+            if args.store_max_bytes.is_some() || args.store_max_records.is_some() =>
+        {
+            let flag = match args.store_max_bytes {
+                Some(_) => "--store-max-bytes",
+                None => "--store-max-records",
+            };
+            return Err(format!(
+                "{flag} bounds the memory store; a Redis store is bounded by its own maxmemory \
+                 (--store {spec})"
+            ));
+        }
         StoreSpec::Redis(url) => {
-            match tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect(url)).await {
+            let connect = RedisStore::builder(url.as_str())
+                .with_replica_acks(args.redis_replica_acks)
+                .connect();
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(store)) => Arc::new(store),
                 Ok(Err(e)) => {
                     return Err(format!("--store {spec}: cannot connect: {}", one_line(&e)));
@@ -51,7 +69,7 @@ pub(crate) async fn open(args: &Args) -> Result<Arc<dyn Store>, String> {
 }
 
 /// The memory store, bounded by `--store-max-bytes` and `--store-max-records`.
-fn memory(args: &Args) -> MemoryStore {
+fn memory(args: &StoreArgs) -> MemoryStore {
     let mut builder = MemoryStore::builder();
     if let Some(max_bytes) = args.store_max_bytes {
         builder = builder.with_max_bytes(max_bytes);

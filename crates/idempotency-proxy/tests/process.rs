@@ -96,6 +96,83 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
     );
     drop(shared);
     fails_with_one_line(&["--upstream", up, "--workers", "0"], &[], "--workers");
+    // A record holds a body of at most 4 GiB less one byte: a larger replay limit would store
+    // responses no duplicate could read back.
+    let any_port = ["--listen", "127.0.0.1:0"];
+    for size in ["5GiB", "4GiB", "4294967296"] {
+        fails_with_one_line(
+            &[
+                &["--upstream", up, "--max-response-body", size][..],
+                &any_port,
+            ]
+            .concat(),
+            &[],
+            "--max-response-body",
+        );
+    }
+    fails_with_one_line(
+        &[&["--upstream", up][..], &any_port].concat(),
+        &[("IDEMPOTENCY_PROXY_MAX_RESPONSE_BODY", "5GiB")],
+        "--max-response-body",
+    );
+    // The headers that carry the key cannot be fingerprinted.
+    fails_with_one_line(
+        &[
+            &["--upstream", up, "--fingerprint-header", "Idempotency-Key"][..],
+            &any_port,
+        ]
+        .concat(),
+        &[],
+        "--fingerprint-header",
+    );
+    fails_with_one_line(
+        &[&["--upstream", up][..], &any_port].concat(),
+        &[(
+            "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+            "X-HTTP-Method-Override,X-Idempotent-Key",
+        )],
+        "--fingerprint-header",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--release-status", "5xx,6xx"],
+        &[],
+        "--release-status",
+    );
+    fails_with_one_line(
+        &["--upstream", up],
+        &[("IDEMPOTENCY_PROXY_RELEASE_STATUS", "server errors")],
+        "--release-status",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--max-connections", "0"],
+        &[],
+        "--max-connections",
+    );
+    fails_with_one_line(
+        &["--upstream", up],
+        &[("IDEMPOTENCY_PROXY_MAX_IN_FLIGHT", "lots")],
+        "--max-in-flight",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--client-header-timeout", "0s"],
+        &[],
+        "--client-header-timeout",
+    );
+    fails_with_one_line(
+        &["--upstream", up],
+        &[("IDEMPOTENCY_PROXY_CLIENT_BODY_TIMEOUT", "slow")],
+        "--client-body-timeout",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "1"],
+        &[],
+        "--redis-replica-acks",
+    );
+    fails_with_one_line(
+        &["--upstream", up, "--redis-replica-acks", "some"],
+        &[],
+        "--redis-replica-acks",
+    );
     fails_with_one_line(
         &["--upstream", up, "--upstream-deadline", "0s"],
         &[],
@@ -133,6 +210,7 @@ fn help_explains_every_flag() {
         "--require-key",
         "--fail-open",
         "--scope-header",
+        "--fingerprint-header",
         "--max-request-body",
         "--max-response-body",
         "--upstream-timeout",
@@ -140,8 +218,23 @@ fn help_explains_every_flag() {
         "--log-format",
         "--key-secret",
         "--key-secret-file",
+        "--namespace",
+        "--release-status",
+        "--client-header-timeout",
+        "--client-body-timeout",
+        "--max-connections",
+        "--max-in-flight",
+        "--trust-forwarded",
+        "--redis-replica-acks",
         "IDEMPOTENCY_PROXY_UPSTREAM",
+        "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         "IDEMPOTENCY_PROXY_KEY_SECRET",
+        "IDEMPOTENCY_PROXY_NAMESPACE",
+        "IDEMPOTENCY_PROXY_RELEASE_STATUS",
+        "IDEMPOTENCY_PROXY_MAX_CONNECTIONS",
+        "IDEMPOTENCY_PROXY_TRUST_FORWARDED",
+        "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+        "4294967295",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}");
     }
@@ -164,11 +257,25 @@ async fn the_environment_configures_every_flag() {
             "X-Tenant,X-User".to_owned(),
         ),
         ("IDEMPOTENCY_PROXY_MAX_REQUEST_BODY", "16".to_owned()),
+        (
+            "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
+            "X-HTTP-Method-Override,X-Variant".to_owned(),
+        ),
         ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "5s".to_owned()),
         ("IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE", "20s".to_owned()),
         ("IDEMPOTENCY_PROXY_LOG_FORMAT", "json".to_owned()),
         ("IDEMPOTENCY_PROXY_STORE_MAX_BYTES", "3MiB".to_owned()),
         ("IDEMPOTENCY_PROXY_STORE_MAX_RECORDS", "777".to_owned()),
+        ("IDEMPOTENCY_PROXY_NAMESPACE", "env-shop".to_owned()),
+        (
+            "IDEMPOTENCY_PROXY_RELEASE_STATUS",
+            "408,409,425,429".to_owned(),
+        ),
+        ("IDEMPOTENCY_PROXY_CLIENT_HEADER_TIMEOUT", "2s".to_owned()),
+        ("IDEMPOTENCY_PROXY_CLIENT_BODY_TIMEOUT", "300ms".to_owned()),
+        ("IDEMPOTENCY_PROXY_MAX_CONNECTIONS", "1000".to_owned()),
+        ("IDEMPOTENCY_PROXY_MAX_IN_FLIGHT", "2".to_owned()),
+        ("IDEMPOTENCY_PROXY_TRUST_FORWARDED", "true".to_owned()),
     ];
     let proxy = Proxy::spawn(Vec::new(), &env, addr, admin).await;
     let c = client();
@@ -220,8 +327,74 @@ async fn the_environment_configures_every_flag() {
         .unwrap();
     assert_eq!(dup.status(), 409);
     assert!(dup.headers().contains_key("retry-after"));
+
+    // max-in-flight 2: with a second keyed request running, a third key is refused, 503.
+    let c2 = c.clone();
+    let s2 = slow.clone();
+    let second = tokio::spawn(async move {
+        c2.post(s2)
+            .header("Idempotency-Key", "busy-2")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    while up.hits("/slow") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let third = c
+        .post(proxy.url("/orders"))
+        .header("Idempotency-Key", "busy-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), 503);
+    assert!(third.headers().contains_key("retry-after"));
     assert_eq!(first.await.unwrap(), 200);
-    assert_eq!(up.hits("/slow"), 1);
+    assert_eq!(second.await.unwrap(), 200);
+    assert_eq!(up.hits("/slow"), 2);
+    assert_eq!(up.hits("/orders"), 1);
+
+    // release-status without 5xx: an upstream 500 is stored and replayed.
+    for n in 0..2 {
+        let failed = c
+            .post(proxy.url("/fail"))
+            .header("Idempotency-Key", "failing")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(failed.status(), 500);
+        assert_eq!(failed.headers().contains_key("idempotent-replayed"), n == 1);
+    }
+    assert_eq!(up.hits("/fail"), 1);
+
+    // trust-forwarded: a front proxy's https is kept.
+    let seen: serde_json::Value = c
+        .get(proxy.url("/echo"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["x-forwarded-proto"][0], "https");
+
+    // client-body-timeout: a keyed body that stalls is a 408.
+    let stalled = common::raw_request(
+        addr,
+        b"POST /orders HTTP/1.1\r\nHost: proxy\r\nIdempotency-Key: stalled\r\nContent-Length: 10\r\n\r\nabc",
+        None,
+    )
+    .await;
+    assert_eq!(stalled.status, 408);
+    // client-header-timeout: a connection that sends nothing is closed.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    common::closed_by_proxy(&mut silent).await;
 
     // The scope is X-Tenant and X-User; Authorization no longer separates callers.
     for auth in ["Bearer a", "Bearer b"] {
@@ -237,6 +410,22 @@ async fn the_environment_configures_every_flag() {
     }
     assert_eq!(up.hits("/orders"), 2);
 
+    // The fingerprint headers: the same key with another value of either is a 422.
+    let fingerprinted = |name: &'static str, value: &'static str| {
+        c.post(proxy.url("/orders"))
+            .header("Idempotency-Key", format!("fp-{name}"))
+            .header("x-tenant", "t1")
+            .header(name, value)
+            .send()
+    };
+    for name in ["X-HTTP-Method-Override", "X-Variant"] {
+        assert_eq!(fingerprinted(name, "a").await.unwrap().status(), 201);
+        let replay = fingerprinted(name, "a").await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(fingerprinted(name, "b").await.unwrap().status(), 422);
+    }
+    assert_eq!(up.hits("/orders"), 4);
+
     // The admin endpoints listen where the environment said; logs are JSON lines.
     let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -249,10 +438,20 @@ async fn the_environment_configures_every_flag() {
     assert_eq!(max_records, Some(777.0));
     let logs = proxy.logs();
     assert!(!logs.is_empty());
+    let mut ready = None;
     for line in logs.lines() {
-        serde_json::from_str::<serde_json::Value>(line)
+        let line = serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if line["message"] == "idempotency-proxy ready" {
+            ready = Some(line);
+        }
     }
+    // What the ready line says of the limits and the namespace.
+    let ready = ready.unwrap_or_else(|| panic!("no ready line: {logs}"));
+    assert_eq!(ready["namespace"], "env-shop", "{ready}");
+    assert_eq!(ready["max_connections"], 1000, "{ready}");
+    assert_eq!(ready["max_in_flight"], 2, "{ready}");
+    assert_eq!(ready["trust_forwarded"], true, "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

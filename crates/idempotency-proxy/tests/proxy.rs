@@ -47,6 +47,7 @@ on_every_store!(
     scopes_limits_and_required_keys_follow_the_flags,
     a_duplicate_waits_at_most_the_wait_timeout,
     keys_in_form_fields_are_tracked_and_bad_keys_refused,
+    fingerprint_headers_follow_the_flag_and_content_encoding_always_counts,
 );
 
 const KEY: &str = "Idempotency-Key";
@@ -436,7 +437,8 @@ async fn forwarded_headers_are_added_and_hop_by_hop_headers_stripped(store: Back
         .unwrap();
     assert_eq!(res.status(), 200);
     let seen: serde_json::Value = res.json().await.unwrap();
-    assert_eq!(seen["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
+    // A client's own X-Forwarded-For is not trusted: the proxy writes the caller's address.
+    assert_eq!(seen["x-forwarded-for"][0], "127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"][0], "http");
     assert_eq!(seen["x-forwarded-host"][0], proxy.addr.to_string());
     assert_eq!(seen["host"][0], up.addr.to_string());
@@ -583,6 +585,53 @@ async fn keys_in_form_fields_are_tracked_and_bad_keys_refused(store: Backend) {
         .unwrap();
     assert_eq!(spaced.status(), 400);
     assert_eq!(up.hits("/orders"), 1);
+}
+
+async fn fingerprint_headers_follow_the_flag_and_content_encoding_always_counts(store: Backend) {
+    let up = Upstream::start().await;
+    let proxy = store
+        .proxy(
+            &up.url(),
+            &["--fingerprint-header", "X-HTTP-Method-Override"],
+        )
+        .await;
+    let c = client();
+    let post = |key: &'static str, header: Option<(&'static str, &'static str)>| {
+        let req = c
+            .post(proxy.url("/orders"))
+            .header(KEY, key)
+            .body("same bytes");
+        match header {
+            Some((name, value)) => req.header(name, value),
+            None => req,
+        }
+        .send()
+    };
+    // The same key and body, asking for a delete instead of an update: refused, never upstream.
+    let put = Some(("X-HTTP-Method-Override", "PUT"));
+    assert_eq!(post("override", put).await.unwrap().status(), 201);
+    let delete = post("override", Some(("X-HTTP-Method-Override", "DELETE")))
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 422);
+    assert!(is_problem(&delete));
+    assert_eq!(post("override", None).await.unwrap().status(), 422);
+    let again = post("override", put).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 1);
+
+    // Content-Encoding counts without a flag: the same bytes, encoded otherwise, are another
+    // body.
+    let gzip = Some(("Content-Encoding", "gzip"));
+    assert_eq!(post("encoded", gzip).await.unwrap().status(), 201);
+    assert_eq!(post("encoded", None).await.unwrap().status(), 422);
+    let br = post("encoded", Some(("Content-Encoding", "br")))
+        .await
+        .unwrap();
+    assert_eq!(br.status(), 422);
+    let again = post("encoded", gzip).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(up.hits("/orders"), 2);
 }
 
 /// Keyed requests for 200 KiB responses through a proxy whose memory store may hold 2 MiB: the

@@ -251,3 +251,82 @@ async fn redis_down_fails_closed_or_open_and_healthz_says_so() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `--redis-replica-acks` (or `IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS`): on a primary with one
+/// replica, a new request's lease and its stored response are each acknowledged with a `WAIT`,
+/// and are on the replica once the proxy answers. Asking for more replicas than there are
+/// refuses new requests (503) without reaching the upstream; a replay still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_acks_are_asked_for_through_the_flag_and_the_environment() {
+    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let up = Upstream::start().await;
+    let (addr, admin) = (common::free_addr(), common::free_addr());
+    let args = ["--upstream", &up.url(), "--listen", &addr.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--admin-listen".to_owned(), admin.to_string()])
+        .collect();
+    let acked = Proxy::spawn(
+        args,
+        &[
+            ("IDEMPOTENCY_PROXY_STORE", primary.url()),
+            ("IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS", "1".to_owned()),
+        ],
+        addr,
+        admin,
+    )
+    .await;
+    let c = client();
+    let post = |proxy: &Proxy, key: &str| {
+        c.post(proxy.url("/orders"))
+            .header("Idempotency-Key", key)
+            .body("one teapot")
+            .send()
+    };
+    let waits = |server: &RedisServer| server.command_calls().get("wait").copied().unwrap_or(0);
+
+    let before = waits(&primary);
+    let first = post(&acked, "acked").await.unwrap();
+    assert!(first.status().is_success(), "{}", first.status());
+    let body = first.text().await.unwrap();
+    assert_eq!(
+        waits(&primary) - before,
+        2,
+        "one WAIT for the lease, one for the record"
+    );
+    assert_eq!(up.hits("/orders"), 1);
+    let on_replica = replica.cli(&["KEYS", "*"]);
+    assert_eq!(
+        on_replica.lines().count(),
+        1,
+        "the record is on the replica: {on_replica}"
+    );
+    let again = post(&acked, "acked").await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.text().await.unwrap(), body);
+
+    let strict = Proxy::start(
+        &up.url(),
+        &["--store", &primary.url(), "--redis-replica-acks", "2"],
+    )
+    .await;
+    let refused = post(&strict, "strict").await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        up.hits("/orders"),
+        1,
+        "a lease not acknowledged runs nothing"
+    );
+    let replayed = post(&strict, "acked").await.unwrap();
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    assert_eq!(replayed.text().await.unwrap(), body);
+}

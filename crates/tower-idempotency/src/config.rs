@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
 use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 use crate::extract::KeySources;
 use crate::scope::{HeaderScope, ScopeExtractor};
@@ -54,6 +55,30 @@ pub fn default_storable(status: StatusCode) -> bool {
 
 pub(crate) type Storable = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
 
+/// A configuration the layer refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A header that carries the idempotency key (`Idempotency-Key`, `X-Idempotent-Key`) was
+    /// named as a fingerprint header. The key already names the record; a browser that adds an
+    /// `Idempotency-Key` of its own beside the page's key sends a new one on every click, so a
+    /// fingerprint over it would make every duplicate a 422.
+    KeyHeaderInFingerprint(HeaderName),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::KeyHeaderInFingerprint(name) => write!(
+                f,
+                "`{name}` carries the idempotency key and cannot be a fingerprint header"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 /// HMAC-SHA256 keyed with the server secret, ready to be cloned for each storage key.
 #[derive(Clone)]
 pub(crate) struct KeySecret(pub(crate) Hmac<Sha256>);
@@ -77,6 +102,8 @@ pub(crate) struct Config {
     pub(crate) require_key: bool,
     pub(crate) fail_open: bool,
     pub(crate) scope: Arc<dyn ScopeExtractor>,
+    /// Request headers fingerprinted beside `Content-Encoding`, which always is.
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) storable: Storable,
@@ -88,6 +115,19 @@ pub(crate) struct Config {
     pub(crate) caller_timeout: Option<Duration>,
     /// The server secret: storage keys are HMACs instead of plain hashes when it is set.
     pub(crate) key_secret: Option<KeySecret>,
+    /// How long a body the layer reads in full may take to arrive; `None`: as long as it takes.
+    pub(crate) request_body_timeout: Option<Duration>,
+    /// The bound on tracked requests running at once, shared by every clone of the layer;
+    /// `None`: no bound.
+    pub(crate) in_flight: Option<InFlightLimit>,
+}
+
+/// The bound of [`with_max_in_flight`](crate::IdempotencyLayer::with_max_in_flight): a
+/// semaphore shared by every clone of the layer, and its size.
+#[derive(Clone)]
+pub(crate) struct InFlightLimit {
+    pub(crate) max: usize,
+    pub(crate) permits: Arc<Semaphore>,
 }
 
 impl Default for Config {
@@ -101,6 +141,7 @@ impl Default for Config {
             require_key: false,
             fail_open: false,
             scope: Arc::new(HeaderScope::default()),
+            fingerprint_headers: Vec::new(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             storable: Arc::new(default_storable),
@@ -109,6 +150,8 @@ impl Default for Config {
             retry_after: Duration::from_secs(1),
             caller_timeout: None,
             key_secret: None,
+            request_body_timeout: None,
+            in_flight: None,
         }
     }
 }
@@ -123,11 +166,14 @@ impl fmt::Debug for Config {
             .field("methods", &self.methods)
             .field("require_key", &self.require_key)
             .field("fail_open", &self.fail_open)
+            .field("fingerprint_headers", &self.fingerprint_headers)
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)
             .field("key_sources", &self.key_sources)
             .field("namespace", &self.namespace)
             .field("caller_timeout", &self.caller_timeout)
+            .field("request_body_timeout", &self.request_body_timeout)
+            .field("max_in_flight", &self.in_flight.as_ref().map(|l| l.max))
             // Never the secret itself: only whether there is one.
             .field("key_secret", &self.key_secret.as_ref().map(|_| ".."))
             .finish_non_exhaustive()

@@ -31,3 +31,22 @@ pub struct Tracked;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutcomeUnknown;
+
+/// Put by the inner service in the extensions of a response to say that the request provably
+/// did not run: it never reached what acts on it (the proxy could not connect to the upstream,
+/// so the upstream never saw it).
+///
+/// The layer then releases the key whatever the status and whatever the
+/// [storable predicate](crate::IdempotencyLayer::with_storable) says, so that a retry with the
+/// same key runs. The first caller gets this response.
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use tower_idempotency::NotRun;
+///
+/// let mut res = Response::new(());
+/// *res.status_mut() = StatusCode::BAD_GATEWAY;
+/// res.extensions_mut().insert(NotRun);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NotRun;

@@ -4,22 +4,35 @@ use std::convert::Infallible;
 use std::fmt;
 
 use bytes::Bytes;
+use http::header::CONTENT_ENCODING;
+use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 /// A SHA-256 digest of what makes a request that request: method, path, query (without the
-/// `__idempotent_key` parameter), content type and body. A `multipart/form-data` body counts by
-/// its fields, not its raw bytes, so the boundary a client draws does not matter.
+/// `__idempotent_key` parameter), content type, body, and the values of `Content-Encoding` and
+/// of any [fingerprint headers] configured. A `multipart/form-data` body counts by its fields,
+/// not its raw bytes, so the boundary a client draws does not matter.
 ///
 /// Each part is length-prefixed, and the digest starts with a version tag, so no two different
 /// requests share a fingerprint by shifting bytes between parts, and a future change of the
 /// recipe cannot collide with today's.
+///
+/// Headers come after the body, each one only when the request carries it: its name, the
+/// number of its values, then each value, all length-prefixed. A request without
+/// `Content-Encoding` and without any fingerprint header therefore has the fingerprint it had
+/// before headers counted, and records stored by earlier versions still match it. A request
+/// that carries one does not match a record stored before it counted: within the record's TTL,
+/// such a duplicate gets 422 and does not run (see the crate docs).
+///
+/// [fingerprint headers]: crate::IdempotencyLayer::with_fingerprint_headers
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
 
 const VERSION: &[u8] = b"tower-idempotency fingerprint v1";
 
 impl Fingerprint {
-    /// Computes the fingerprint of a request from its parts.
+    /// Computes the fingerprint of a request without `Content-Encoding` and without fingerprint
+    /// headers, from its parts.
     pub fn compute(
         method: &[u8],
         path: &[u8],
@@ -27,10 +40,50 @@ impl Fingerprint {
         content_type: &[u8],
         body: &[u8],
     ) -> Self {
-        let mut h = Sha256::new();
-        for part in [VERSION, method, path, query, content_type, body] {
+        Self::compute_with_headers(
+            method,
+            path,
+            query,
+            content_type,
+            &HeaderMap::new(),
+            &[],
+            body,
+        )
+    }
+
+    /// Computes the fingerprint of a request from its parts, its `Content-Encoding` and the
+    /// headers named in `extra`, read from `headers` (every value, in order). `extra` is taken as
+    /// it is: `Content-Encoding` counts once whether or not it is named there.
+    pub fn compute_with_headers(
+        method: &[u8],
+        path: &[u8],
+        query: &[u8],
+        content_type: &[u8],
+        headers: &HeaderMap,
+        extra: &[HeaderName],
+        body: &[u8],
+    ) -> Self {
+        fn put(h: &mut Sha256, part: &[u8]) {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
+        }
+        let mut h = Sha256::new();
+        for part in [VERSION, method, path, query, content_type, body] {
+            put(&mut h, part);
+        }
+        let names = std::iter::once(&CONTENT_ENCODING)
+            .chain(extra.iter().filter(|n| **n != CONTENT_ENCODING));
+        for name in names {
+            let values = headers.get_all(name);
+            let count = values.iter().count();
+            if count == 0 {
+                continue;
+            }
+            put(&mut h, name.as_str().as_bytes());
+            put(&mut h, &(count as u64).to_be_bytes());
+            for value in values {
+                put(&mut h, value.as_bytes());
+            }
         }
         Self(h.finalize().into())
     }
@@ -126,6 +179,92 @@ mod tests {
         let a = Fingerprint::compute(b"POST", b"/ab", b"", b"", b"c");
         let b = Fingerprint::compute(b"POST", b"/a", b"", b"", b"bc");
         assert_ne!(a, b);
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn with(h: &HeaderMap, extra: &[HeaderName], body: &[u8]) -> Fingerprint {
+        Fingerprint::compute_with_headers(b"POST", b"/o", b"", b"text/plain", h, extra, body)
+    }
+
+    /// The digest of a request without `Content-Encoding` or fingerprint headers is pinned: a
+    /// record stored by an earlier version still matches its duplicate.
+    #[test]
+    fn a_request_without_headers_keeps_its_fingerprint() {
+        let mut h = Sha256::new();
+        for part in [VERSION, b"POST", b"/o", b"a=1", b"text/plain", b"body"] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let expected = Fingerprint(h.finalize().into());
+        assert_eq!(
+            Fingerprint::compute(b"POST", b"/o", b"a=1", b"text/plain", b"body"),
+            expected
+        );
+        let unrelated = headers(&[("x-other", "1"), ("accept-encoding", "gzip")]);
+        let extra = [HeaderName::from_static("x-http-method-override")];
+        assert_eq!(
+            Fingerprint::compute_with_headers(
+                b"POST",
+                b"/o",
+                b"a=1",
+                b"text/plain",
+                &unrelated,
+                &extra,
+                b"body"
+            ),
+            expected
+        );
+    }
+
+    #[test]
+    fn content_encoding_and_named_headers_count() {
+        let none = HeaderMap::new();
+        let plain = with(&none, &[], b"x");
+        let gzip = with(&headers(&[("content-encoding", "gzip")]), &[], b"x");
+        assert_ne!(plain, gzip);
+        assert_ne!(
+            gzip,
+            with(&headers(&[("content-encoding", "br")]), &[], b"x")
+        );
+        // Repeated values count one by one, in order.
+        let two = headers(&[("content-encoding", "gzip"), ("content-encoding", "br")]);
+        let swapped = headers(&[("content-encoding", "br"), ("content-encoding", "gzip")]);
+        let joined = headers(&[("content-encoding", "gzip, br")]);
+        assert_ne!(with(&two, &[], b"x"), with(&swapped, &[], b"x"));
+        assert_ne!(with(&two, &[], b"x"), with(&joined, &[], b"x"));
+        // Naming Content-Encoding again changes nothing.
+        assert_eq!(
+            gzip,
+            with(
+                &headers(&[("content-encoding", "gzip")]),
+                &[CONTENT_ENCODING],
+                b"x"
+            )
+        );
+
+        let over = HeaderName::from_static("x-http-method-override");
+        let extra = [over.clone()];
+        let put = headers(&[("x-http-method-override", "PUT")]);
+        let delete = headers(&[("x-http-method-override", "DELETE")]);
+        assert_ne!(with(&put, &extra, b"x"), with(&delete, &extra, b"x"));
+        assert_ne!(with(&put, &extra, b"x"), with(&none, &extra, b"x"));
+        // Unnamed, the header does not count.
+        assert_eq!(with(&put, &[], b"x"), with(&delete, &[], b"x"));
+        // An empty value is a value.
+        let empty = headers(&[("x-http-method-override", "")]);
+        assert_ne!(with(&empty, &extra, b"x"), with(&none, &extra, b"x"));
+        // Header bytes cannot pass for body bytes.
+        assert_ne!(
+            gzip,
+            with(&none, &[], b"x\0\0\0\0\0\0\0\x10content-encoding")
+        );
     }
 
     #[tokio::test]

@@ -8,8 +8,9 @@ use http::{HeaderName, Method, StatusCode};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::config::{Config, KeySecret, OnConflict};
-use crate::extract::KeySources;
+use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, OnConflict};
+use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
+use crate::record::MAX_BODY_LEN;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
 use crate::service::{Idempotency, storage_key};
 use crate::store::{StorageKey, Store};
@@ -112,13 +113,20 @@ impl IdempotencyLayer {
         self.config(|c| c.fail_open = fail_open)
     }
 
-    /// How requests are assigned to scopes (default: the `Authorization` header).
+    /// How requests are assigned to scopes (default: the `Authorization` header, and the global
+    /// scope for a request without one).
+    ///
+    /// A request whose scope the extractor answers [`Scope::Unknown`](crate::Scope::Unknown) is
+    /// refused with 500 `scope-unavailable`: the handler does not run and the store is not
+    /// asked. When the scope comes from an authentication layer, that layer must run before
+    /// this one; see [`scope`](crate::scope) for the order in axum.
     pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
         let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
         self.config(|c| c.scope = scope)
     }
 
-    /// The scope is the values of these headers (the proxy's `--scope-header`).
+    /// The scope is the values of these headers (the proxy's `--scope-header`). A request with
+    /// none of them is in the global scope; see [`HeaderScope`] to refuse it instead.
     pub fn with_scope_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.with_scope(HeaderScope::new(names))
     }
@@ -141,8 +149,42 @@ impl IdempotencyLayer {
 
     /// The largest response kept for replay (default 1 MiB). A larger response still reaches
     /// its caller in full; duplicates then get a 409 instead of a replay.
+    ///
+    /// Held to [`record::MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) (4 GiB less one byte),
+    /// the longest body a record can hold: a larger limit would keep responses that no
+    /// duplicate could read back.
     pub fn with_max_response_body(self, bytes: usize) -> Self {
-        self.config(|c| c.max_response_body = bytes)
+        self.config(|c| c.max_response_body = bytes.min(MAX_BODY_LEN))
+    }
+
+    /// Request headers that are part of the fingerprint, beside method, path, query, content
+    /// type, `Content-Encoding` (always) and body (default: none; the proxy's
+    /// `--fingerprint-header`). A header such as `X-HTTP-Method-Override` changes what a request
+    /// does, so the same key with another value of it is a 422, not a replay. Each header counts
+    /// with every value it carries, in order, and only when the request carries it. Replaces
+    /// the headers named before.
+    ///
+    /// Name only headers a client sends the same on every retry of a request. Changing the list
+    /// changes the fingerprint of the requests that carry the headers: within the TTL, a
+    /// duplicate of such a request completed before the change gets 422, and does not run.
+    ///
+    /// Refused with [`ConfigError::KeyHeaderInFingerprint`] when a name is `Idempotency-Key` or
+    /// `X-Idempotent-Key`: the key names the record already, and browsers send an
+    /// `Idempotency-Key` of their own that changes on every click.
+    pub fn with_fingerprint_headers(
+        self,
+        names: impl IntoIterator<Item = HeaderName>,
+    ) -> Result<Self, ConfigError> {
+        let mut headers: Vec<HeaderName> = Vec::new();
+        for name in names {
+            if name == IDEMPOTENCY_KEY || name == X_IDEMPOTENT_KEY {
+                return Err(ConfigError::KeyHeaderInFingerprint(name));
+            }
+            if name != http::header::CONTENT_ENCODING && !headers.contains(&name) {
+                headers.push(name);
+            }
+        }
+        Ok(self.config(|c| c.fingerprint_headers = headers))
     }
 
     /// Which statuses are stored for replay. Others release the lease so a retry runs again.
@@ -180,6 +222,47 @@ impl IdempotencyLayer {
     /// a caller that disconnects); this option only gives that caller an answer that says so.
     pub fn with_caller_timeout(self, timeout: Duration) -> Self {
         self.config(|c| c.caller_timeout = Some(timeout))
+    }
+
+    /// How long a body the layer reads in full may take to arrive, from the moment the layer
+    /// starts reading it (default: as long as it takes; the proxy's `--client-body-timeout`,
+    /// 30 s there).
+    ///
+    /// The layer reads the body of a tracked request in full, to fingerprint it, before it
+    /// touches the store; so does it for a covered form body, to look for its key. A body that
+    /// has not arrived in full by then is answered 408
+    /// [`body-timeout`](crate::Problem::BodyTimeout) and counted as
+    /// [`BodyTimeout`](crate::metrics::Event::BodyTimeout): the handler does not run, no lease
+    /// is taken, and the key stays free for a retry. Bodies the layer does not read (requests
+    /// without a key, methods it does not cover) stream to the handler as they come and are not
+    /// timed by this option.
+    pub fn with_request_body_timeout(self, timeout: Duration) -> Self {
+        self.config(|c| c.request_body_timeout = Some(timeout))
+    }
+
+    /// At most `max` tracked requests run their handler at once (default: no bound; the
+    /// proxy's `--max-in-flight`, 4096 there). `max` is at least 1.
+    ///
+    /// Past the bound, a tracked request is answered 503
+    /// [`too-many-in-flight`](crate::Problem::Overloaded) with `Retry-After`, counted as
+    /// [`Overloaded`](crate::metrics::Event::Overloaded), before the store is asked for
+    /// anything: no lease is taken and the key stays free for a retry. The check comes before
+    /// each attempt to take the lease, so at the bound a duplicate (of a request in flight or
+    /// completed) gets the 503 too, and its retry waits or replays as usual. A request that
+    /// runs holds its place until
+    /// its outcome is stored or its lease released, including when its caller went away or
+    /// stopped waiting and the handler runs on in the background. Duplicates waiting for a
+    /// request in flight hold no place. Requests without a key are not counted.
+    ///
+    /// Every clone of this layer, and every service made from them, shares the bound; calling
+    /// this again starts a new one.
+    pub fn with_max_in_flight(self, max: usize) -> Self {
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let limit = InFlightLimit {
+            max,
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+        };
+        self.config(|c| c.in_flight = Some(limit))
     }
 
     /// Waits until no work is left in the background: every handler whose caller went away (a
@@ -220,10 +303,12 @@ impl IdempotencyLayer {
     /// store sees instead of the raw key, for tools and tests that inspect a store.
     ///
     /// `key` is the key as the layer reads it (after unquoting an sf-string `Idempotency-Key`);
-    /// it is not validated here. `scope` is what the layer's [`ScopeExtractor`] returns for the
-    /// request, `None` for the global scope; see [`storage_key_for_request`] to apply the
-    /// layer's own extractor. The namespace and the key secret of this layer are taken into
-    /// account.
+    /// it is not validated here. `scope` is the caller's bytes of [`Scope::Caller`], `None` for
+    /// [`Scope::Global`]; see [`storage_key_for_request`] to apply the layer's own extractor.
+    /// The namespace and the key secret of this layer are taken into account.
+    ///
+    /// [`Scope::Caller`]: crate::Scope::Caller
+    /// [`Scope::Global`]: crate::Scope::Global
     ///
     /// [`storage_key_for_request`]: IdempotencyLayer::storage_key_for_request
     pub fn storage_key_for(&self, scope: Option<&[u8]>, key: &str) -> StorageKey {
@@ -237,10 +322,14 @@ impl IdempotencyLayer {
     }
 
     /// The [`StorageKey`] of `key` for a request with these parts, scoped by this layer's
-    /// [`ScopeExtractor`] (by default its `Authorization` header).
-    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> StorageKey {
+    /// [`ScopeExtractor`] (by default its `Authorization` header), or `None` when the extractor
+    /// cannot tell the request's scope ([`Scope::Unknown`](crate::Scope::Unknown)): the layer
+    /// refuses such a request, so no record of it exists.
+    pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> Option<StorageKey> {
         let scope = self.config.scope.scope(parts);
-        self.storage_key_for(scope.as_deref(), key)
+        scope
+            .storage()
+            .map(|scope| self.storage_key_for(scope, key))
     }
 
     /// The store this layer uses.
@@ -254,5 +343,29 @@ impl<S> Layer<S> for IdempotencyLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::new(inner, self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    #[test]
+    fn the_response_limit_is_held_to_what_a_record_holds() {
+        let layer = IdempotencyLayer::new(MemoryStore::default());
+        let huge = layer.clone().with_max_response_body(usize::MAX);
+        assert_eq!(huge.config.max_response_body, MAX_BODY_LEN);
+        let small = layer.with_max_response_body(1024);
+        assert_eq!(small.config.max_response_body, 1024);
+    }
+
+    #[test]
+    fn fingerprint_headers_are_named_once() {
+        let over = HeaderName::from_static("x-http-method-override");
+        let layer = IdempotencyLayer::new(MemoryStore::default())
+            .with_fingerprint_headers([over.clone(), http::header::CONTENT_ENCODING, over.clone()])
+            .unwrap();
+        assert_eq!(layer.config.fingerprint_headers, [over]);
     }
 }

@@ -26,12 +26,23 @@
 //! Requests without a key pass through, unless [keys are required](IdempotencyLayer::with_require_key).
 //!
 //! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the
-//! `Authorization` header, so one caller can never replay another's response. The store sees
+//! `Authorization` header (anonymous callers share the global scope), so one caller can never
+//! replay another's response. A [custom extractor](IdempotencyLayer::with_scope) answers a
+//! caller's scope, the global scope on purpose, or [`Scope::Unknown`]: a request whose caller
+//! cannot be told (say, the authentication layer runs after this one, see [`scope`]) is a 500
+//! `scope-unavailable`, counted as
+//! [`Event::ScopeUnavailable`](metrics::Event::ScopeUnavailable); the handler does not run, and
+//! the request is never put in the global scope. The store sees
 //! only a SHA-256 of (namespace, scope, key), or an HMAC-SHA256 with a
 //! [server secret](IdempotencyLayer::with_key_secret), so that a reader of the store cannot test
-//! guesses of keys. Each record carries a fingerprint of the request
-//! (method, path, query without the key, content type, body): reusing a key for another request
-//! is a 422 and does not run the handler.
+//! guesses of keys. Each record carries a [fingerprint](fingerprint::Fingerprint) of the request
+//! (method, path, query without the key, content type, `Content-Encoding`, the
+//! [fingerprint headers](IdempotencyLayer::with_fingerprint_headers) configured, body): reusing
+//! a key for another request is a 422 and does not run the handler. Requests without
+//! `Content-Encoding` or fingerprint headers keep the fingerprint earlier versions gave them; a
+//! duplicate of a request that carries one, whose original was stored by a version where it did
+//! not count (or before the header was configured), gets 422 within the record's TTL, and does
+//! not run.
 //!
 //! **Lifecycle.** The first request takes a lease (30 s, renewed every 10 s while it runs),
 //! runs the handler in its own task, then stores the response for 240 s. Duplicates that arrive
@@ -40,8 +51,9 @@
 //! `Date` and hop-by-hop headers). `on_conflict = reject` answers them 409 at once instead, and a
 //! client can shorten its wait with `Prefer: wait=N`.
 //!
-//! Responses with a status of 500 or more, 408, 409, 425 or 429 are not stored: the lease is
-//! released so a retry runs again. So is a handler that panics (its caller gets a 500) or that
+//! Responses with a status of 500 or more, 408, 409, 425 or 429 are not stored
+//! ([configurable](IdempotencyLayer::with_storable)), nor is one its inner service marks
+//! [`NotRun`]: the lease is released so a retry runs again. So is a handler that panics (its caller gets a 500) or that
 //! fails. Nothing else frees a key while the handler may run: a caller that disconnects, that
 //! passes its [caller timeout](IdempotencyLayer::with_caller_timeout) (504 `still-running`), or
 //! that a timeout around the layer gives up on, does not cancel the handler; its outcome is
@@ -49,22 +61,29 @@
 //! [`OutcomeUnknown`], or the response body fails after its status), duplicates get 502
 //! `outcome-unknown` for the TTL and the handler never runs again for the key. A response larger
 //! than the replay limit reaches its caller in full; duplicates then get a 409 instead of
-//! running the handler twice. A completion or release that fails for want of the store is
-//! written again in the background until it lands; [`IdempotencyLayer::drain`] waits for that
-//! work on shutdown.
+//! running the handler twice. So does a response the [record format](record) cannot hold (more
+//! than 65 535 headers, a header value or a body over 4 GiB; counted as
+//! [`Event::Unstorable`](metrics::Event::Unstorable)): it is never stored cut to fit. A
+//! completion or release that fails for want of the store is written again in the background
+//! until it lands; [`IdempotencyLayer::drain`] waits for that work on shutdown.
 //!
 //! **Crashes.** If a process dies while a handler runs, its lease expires after the lock TTL and
 //! the next attempt runs the handler again. After a crash the promise is at-least-once: a
 //! handler that must never run twice should also be idempotent in its own data.
 //!
 //! **Errors** are `application/problem+json` (RFC 9457), see [`Problem`]: 400 bad key (or a
-//! tracked request whose multipart form does not parse, or whose body cannot be read), 409 in
+//! tracked request whose multipart form does not parse or has no boundary, or whose body cannot
+//! be read), 408 a tracked body that did not arrive within the
+//! [body timeout](IdempotencyLayer::with_request_body_timeout), 409 in
 //! flight or wait timeout (with `Retry-After`), 413 body too large, 422 key reused, 502 outcome
 //! unknown, 504 still running past the caller timeout (with `Retry-After`), 503 store
 //! unavailable or full (fail closed; [fail open](IdempotencyLayer::with_fail_open) runs the
-//! request untracked instead), 500 a stored record that cannot be read (corrupt, or written by
+//! request untracked instead) or too many tracked requests
+//! [in flight](IdempotencyLayer::with_max_in_flight) (with `Retry-After`; nothing taken), 500 a
+//! stored record that cannot be read (corrupt, or written by
 //! another tool: never replayed, never run again, never failed open; counted as
-//! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)).
+//! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)), 500 `scope-unavailable` a request
+//! whose scope the extractor cannot tell (never run, the store not asked).
 //!
 //! # Stores
 //!
@@ -105,14 +124,14 @@ pub mod store;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
-pub use config::{OnConflict, default_storable};
-pub use extensions::{OutcomeUnknown, Tracked};
+pub use config::{ConfigError, OnConflict, default_storable};
+pub use extensions::{NotRun, OutcomeUnknown, Tracked};
 pub use extract::{KeySource, KeySources};
 pub use form::{idempotent_input, idempotent_key};
 pub use key::{IdempotencyKey, KeyError};
 pub use layer::IdempotencyLayer;
 pub use problem::Problem;
-pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
+pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;

@@ -63,6 +63,9 @@ pub enum Event {
     /// `MemoryStore`'s bound on bytes beside the requests in flight: duplicates get 409, nothing
     /// runs twice.
     Unstorable,
+    /// A completed record was stored, but fewer replicas acknowledged it in time than the
+    /// store requires (`RedisStoreBuilder::with_replica_acks`): a failover now could lose it.
+    NotReplicated,
 }
 
 /// The counter's name.
@@ -120,6 +123,7 @@ events! {
     BodyTimeout => "body_timeout",
     Overloaded => "overloaded",
     Unstorable => "unstorable",
+    NotReplicated => "not_replicated",
 }
 
 static METADATA: Metadata<'static> =
@@ -136,7 +140,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 20);
+        assert_eq!(Event::ALL.len(), 21);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);

@@ -10,6 +10,16 @@
 //! ```
 //! All integers are big-endian. A decoder refuses unknown versions, truncated input and
 //! trailing bytes.
+//!
+//! The widths bound what a record holds: [`MAX_HEADERS`] headers, header names of
+//! [`MAX_HEADER_NAME_LEN`] bytes and values of [`MAX_HEADER_VALUE_LEN`], a body of
+//! [`MAX_BODY_LEN`]. A response past any bound is never cut to fit: [`Record::try_encode`]
+//! refuses it, and the layer stores it as not replayable instead ([`Unreplayable::TooLarge`],
+//! counted as [`Event::Unstorable`](crate::metrics::Event::Unstorable)), so duplicates get 409
+//! and nothing runs twice. [`IdempotencyLayer::with_max_response_body`] holds its limit to
+//! [`MAX_BODY_LEN`].
+//!
+//! [`IdempotencyLayer::with_max_response_body`]: crate::IdempotencyLayer::with_max_response_body
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -17,6 +27,15 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use crate::fingerprint::Fingerprint;
 
 const VERSION: u8 = 1;
+
+/// The most headers a record holds (the count is 16 bits).
+pub const MAX_HEADERS: usize = u16::MAX as usize;
+/// The longest header name a record holds, in bytes (its length is 16 bits).
+pub const MAX_HEADER_NAME_LEN: usize = u16::MAX as usize;
+/// The longest header value a record holds, in bytes (its length is 32 bits).
+pub const MAX_HEADER_VALUE_LEN: usize = u32::MAX as usize;
+/// The longest body a record holds, in bytes (its length is 32 bits): 4 GiB less one byte.
+pub const MAX_BODY_LEN: usize = u32::MAX as usize;
 const FLAG_REPLAYABLE: u8 = 1;
 /// Set on a record that is not replayable because the request's outcome is unknown. A decoder
 /// that predates it reads such a record as too large to replay: never as a reason to run again.
@@ -66,9 +85,22 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// Why a response cannot be written in a record: it is past one of the format's bounds
+/// ([`MAX_HEADERS`], [`MAX_HEADER_NAME_LEN`], [`MAX_HEADER_VALUE_LEN`], [`MAX_BODY_LEN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeError(&'static str);
+
+impl std::fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "response cannot be stored: {}", self.0)
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
 impl Record {
-    /// Encodes the record.
-    pub fn encode(&self) -> Bytes {
+    /// Encodes the record, or says which bound of the format its response is past.
+    pub fn try_encode(&self) -> Result<Bytes, EncodeError> {
         encode(
             &self.fingerprint,
             self.response
@@ -77,6 +109,13 @@ impl Record {
                 .map_err(|why| *why),
             |_| true,
         )
+    }
+
+    /// Encodes the record. A response past a bound of the format (see [`Record::try_encode`])
+    /// is written as not replayable ([`Unreplayable::TooLarge`]), never cut to fit.
+    pub fn encode(&self) -> Bytes {
+        self.try_encode()
+            .unwrap_or_else(|_| not_replayable(&self.fingerprint, Unreplayable::TooLarge))
     }
 
     /// Decodes a record written by [`Record::encode`].
@@ -142,59 +181,73 @@ impl Record {
     }
 }
 
+/// The bytes of a record without a response to replay, which always fit.
+fn not_replayable(fingerprint: &Fingerprint, why: Unreplayable) -> Bytes {
+    let mut out = BytesMut::with_capacity(2 + 32 + 8);
+    out.put_u8(VERSION);
+    out.put_u8(flags(Err(why)));
+    out.put_slice(&fingerprint.0);
+    out.put_u16(0);
+    out.put_u16(0);
+    out.put_u32(0);
+    out.freeze()
+}
+
+fn flags(response: Result<(), Unreplayable>) -> u8 {
+    match response {
+        Ok(()) => FLAG_REPLAYABLE,
+        Err(Unreplayable::TooLarge) => 0,
+        Err(Unreplayable::OutcomeUnknown) => FLAG_OUTCOME_UNKNOWN,
+    }
+}
+
 /// Encodes a record from borrowed parts, keeping the headers `keep` accepts, so a response's
 /// headers are filtered as they are written, without a copy of the map. With every header kept,
-/// the bytes are those of [`Record::encode`].
+/// the bytes are those of [`Record::try_encode`]. A response past a bound of the format is
+/// refused whole, never written in part.
 pub(crate) fn encode(
     fingerprint: &Fingerprint,
     response: Result<(StatusCode, &HeaderMap, &[u8]), Unreplayable>,
     keep: impl Fn(&HeaderName) -> bool,
-) -> Bytes {
-    let size = 2
-        + 32
-        + 4
-        + response.as_ref().map_or(4, |(_, headers, body)| {
-            headers
-                .iter()
-                .filter(|(n, _)| keep(n))
-                .map(|(n, v)| 6 + n.as_str().len() + v.len())
-                .sum::<usize>()
-                + 4
-                + body.len()
-        });
+) -> Result<Bytes, EncodeError> {
+    let (status, headers, body) = match response {
+        Ok(parts) => parts,
+        Err(why) => return Ok(not_replayable(fingerprint, why)),
+    };
+    // Every bound is checked before a byte is written.
+    let mut count = 0usize;
+    let mut size = 2 + 32 + 4 + 4 + body.len();
+    for (name, value) in headers.iter().filter(|(n, _)| keep(n)) {
+        count += 1;
+        if name.as_str().len() > MAX_HEADER_NAME_LEN {
+            return Err(EncodeError("a header name is longer than 65535 bytes"));
+        }
+        if value.len() > MAX_HEADER_VALUE_LEN {
+            return Err(EncodeError("a header value is longer than 4 GiB"));
+        }
+        size += 6 + name.as_str().len() + value.len();
+    }
+    if count > MAX_HEADERS {
+        return Err(EncodeError("more than 65535 headers"));
+    }
+    if body.len() > MAX_BODY_LEN {
+        return Err(EncodeError("the body is longer than 4 GiB"));
+    }
     let mut out = BytesMut::with_capacity(size);
     out.put_u8(VERSION);
-    out.put_u8(match response {
-        Ok(_) => FLAG_REPLAYABLE,
-        Err(Unreplayable::TooLarge) => 0,
-        Err(Unreplayable::OutcomeUnknown) => FLAG_OUTCOME_UNKNOWN,
-    });
+    out.put_u8(flags(Ok(())));
     out.put_slice(&fingerprint.0);
-    match response {
-        Ok((status, headers, body)) => {
-            out.put_u16(status.as_u16());
-            let count_at = out.len();
-            out.put_u16(0);
-            let mut count: u16 = 0;
-            let kept = headers.iter().filter(|(n, _)| keep(n));
-            for (name, value) in kept.take(u16::MAX as usize) {
-                out.put_u16(name.as_str().len() as u16);
-                out.put_slice(name.as_str().as_bytes());
-                out.put_u32(value.len() as u32);
-                out.put_slice(value.as_bytes());
-                count += 1;
-            }
-            out[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
-            out.put_u32(body.len() as u32);
-            out.put_slice(body);
-        }
-        Err(_) => {
-            out.put_u16(0);
-            out.put_u16(0);
-            out.put_u32(0);
-        }
+    out.put_u16(status.as_u16());
+    out.put_u16(count as u16);
+    for (name, value) in headers.iter().filter(|(n, _)| keep(n)) {
+        out.put_u16(name.as_str().len() as u16);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
     }
-    out.freeze()
+    out.put_u32(body.len() as u32);
+    out.put_slice(body);
+    Ok(out.freeze())
 }
 
 #[cfg(test)]
@@ -263,6 +316,48 @@ mod tests {
         let rec = Record::decode(Bytes::from(bytes)).expect("65535 repeats of one header");
         let headers = &rec.response.expect("replayable").headers;
         assert_eq!(headers.len(), u16::MAX as usize);
+    }
+
+    #[test]
+    fn more_headers_than_the_format_holds_are_refused_not_cut() {
+        let mut headers = HeaderMap::new();
+        for _ in 0..MAX_HEADERS {
+            headers.append("x-many", HeaderValue::from_static("1"));
+        }
+        headers.append("x-other", HeaderValue::from_static("2"));
+        let mut rec = Record {
+            fingerprint: Fingerprint([5; 32]),
+            response: Ok(StoredResponse {
+                status: StatusCode::OK,
+                headers,
+                body: Bytes::from_static(b"b"),
+            }),
+        };
+        assert_eq!(
+            rec.try_encode(),
+            Err(EncodeError("more than 65535 headers"))
+        );
+        // `encode` writes it as not replayable, never as a response with headers missing.
+        let back = Record::decode(rec.encode()).unwrap();
+        assert_eq!(back.fingerprint, rec.fingerprint);
+        assert_eq!(back.response, Err(Unreplayable::TooLarge));
+        // The filter counts: the same response without one header fits, all of it.
+        if let Ok(response) = &mut rec.response {
+            response.headers.remove("x-other");
+        }
+        let back = Record::decode(rec.try_encode().unwrap()).unwrap();
+        assert_eq!(back, rec);
+        let Ok(response) = &rec.response else {
+            unreachable!()
+        };
+        let kept = encode(
+            &rec.fingerprint,
+            Ok((StatusCode::OK, &response.headers, b"b")),
+            |n| n != "x-many",
+        )
+        .unwrap();
+        let back = Record::decode(kept).unwrap().response.unwrap();
+        assert!(back.headers.is_empty());
     }
 
     #[test]

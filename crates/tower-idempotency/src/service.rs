@@ -23,7 +23,7 @@ use tower::Service;
 use crate::BoxError;
 use crate::body::IdempotencyBody;
 use crate::config::{Config, KeySecret, OnConflict};
-use crate::extensions::{OutcomeUnknown, Tracked};
+use crate::extensions::{NotRun, OutcomeUnknown, Tracked};
 use crate::extract::{self, FORM_FIELD, FormKind};
 use crate::fingerprint::{
     Fingerprint, MULTIPART_FORM_DATA, canonical_multipart, is_multipart, query_without_key,
@@ -33,7 +33,7 @@ use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
 use crate::metrics::{Event, record};
 use crate::problem::Problem;
-use crate::record::{Record, Unreplayable};
+use crate::record::{EncodeError, Record, Unreplayable};
 use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
 use tokio_util::task::TaskTracker;
 
@@ -175,7 +175,13 @@ where
     let (parts, body) = req.into_parts();
     // A form is read to look for its key, so a covered form body is held to the same limit as
     // a tracked one: a key past the limit must not let a large duplicate run again.
-    let body = read_request_body(body, &parts.headers, config.max_request_body).await;
+    let body = read_request_body(
+        body,
+        &parts.headers,
+        config.max_request_body,
+        config.request_body_timeout,
+    )
+    .await;
     let body = match body {
         Ok(body) => body,
         Err(p) => return Ok(problem(p)),
@@ -191,35 +197,46 @@ where
         Err(e) => return Ok(bad_key(e)),
     };
 
-    let skey = storage_key(
-        config.key_secret.as_ref(),
-        &config.namespace,
-        config.scope.scope(&parts).as_deref(),
-        key.as_str().as_bytes(),
-    );
+    let skey = {
+        // An unknown scope is refused, never taken for the global one.
+        let scope = config.scope.scope(&parts);
+        match scope.storage() {
+            Some(scope) => storage_key(
+                config.key_secret.as_ref(),
+                &config.namespace,
+                scope,
+                key.as_str().as_bytes(),
+            ),
+            None => return Ok(scope_unavailable(&parts)),
+        }
+    };
     let query = query_without_key(parts.uri.query().unwrap_or(""), FORM_FIELD);
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
         .map_or(&[][..], |v| v.as_bytes());
     let canonical = if is_multipart(content_type) {
-        Box::pin(canonical_multipart(content_type, &body)).await
+        match Box::pin(canonical_multipart(content_type, &body)).await {
+            Some(fields) => Some(fields),
+            // A key may hide past the damage, and the body cannot be fingerprinted as a form:
+            // its raw bytes under a multipart content type (one without a boundary) could pass
+            // for another request's fields.
+            None => return Ok(problem(Problem::MalformedForm)),
+        }
     } else {
         None
     };
-    if canonical.is_none() && matches!(form, Some(FormKind::Multipart { .. })) {
-        // A key may hide past the damage, and the body cannot be fingerprinted as a form.
-        return Ok(problem(Problem::MalformedForm));
-    }
     let (content_type, fp_body) = match &canonical {
         Some(fields) => (MULTIPART_FORM_DATA, &fields[..]),
         None => (content_type, &body[..]),
     };
-    let fingerprint = Fingerprint::compute(
+    let fingerprint = Fingerprint::compute_with_headers(
         parts.method.as_str().as_bytes(),
         parts.uri.path().as_bytes(),
         query.as_bytes(),
         content_type,
+        &parts.headers,
+        &config.fingerprint_headers,
         fp_body,
     );
 
@@ -236,6 +253,18 @@ where
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
     let mut waited = false;
     loop {
+        // Checked before the store is asked for anything: a request refused here takes nothing.
+        let permit = match &config.in_flight {
+            None => None,
+            Some(limit) => match limit.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    record(Event::Overloaded);
+                    let retry_after = config.retry_after;
+                    return Ok(problem(Problem::Overloaded { retry_after }));
+                }
+            },
+        };
         let begun = match (*layer.store)
             .begin(&skey, &fingerprint, config.lock_ttl)
             .await
@@ -246,6 +275,8 @@ where
         match begun {
             Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey)),
             Begin::InFlight { fingerprint: other } => {
+                // A duplicate that waits holds no place under the in-flight bound.
+                drop(permit);
                 if other != fingerprint {
                     record(Event::Mismatch);
                     return Ok(problem(Problem::FingerprintMismatch));
@@ -279,6 +310,7 @@ where
                     token,
                     lock_ttl: config.lock_ttl,
                     background: layer.background.clone(),
+                    _place: permit,
                 };
                 // A caller that goes away does not cancel the handler: the rest of the work
                 // moves to a task of its own, and its outcome is stored for the retry.
@@ -370,7 +402,14 @@ where
     Ok(problem(Problem::StoreUnavailable { retry_after }))
 }
 
-async fn read_request_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Problem>
+/// Reads a body the layer needs in full, within `limit` bytes and, if set, within `timeout`
+/// of the start of the read.
+async fn read_request_body<B>(
+    body: B,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Option<Duration>,
+) -> Result<Bytes, Problem>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -382,7 +421,19 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Problem::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    let read = Limited::new(body, limit).collect();
+    let read = match timeout {
+        None => read.await,
+        Some(timeout) => match tokio::time::timeout(timeout, read).await {
+            Ok(read) => read,
+            Err(_) => {
+                record(Event::BodyTimeout);
+                tracing::debug!(?timeout, "a tracked request's body did not arrive in time");
+                return Err(Problem::BodyTimeout);
+            }
+        },
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(Problem::BodyTooLarge { limit }),
         Err(e) => {
@@ -407,6 +458,18 @@ pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
             let secs = value.trim().trim_matches('"').parse::<u64>().ok()?;
             Some(Duration::from_secs(secs))
         })
+}
+
+/// The answer to a keyed request whose scope the extractor cannot tell: a counted 500 problem,
+/// logged at error, the handler not run and the store not asked.
+fn scope_unavailable<B>(parts: &Parts) -> Res<B> {
+    record(Event::ScopeUnavailable);
+    tracing::error!(
+        method = %parts.method,
+        path = parts.uri.path(),
+        "the scope extractor cannot tell who sent a keyed request (does the authentication layer run after the idempotency layer?); refusing it"
+    );
+    problem(Problem::ScopeUnavailable)
 }
 
 /// The answer to a record that cannot be read: a counted 500 problem, the handler not run and
@@ -479,13 +542,38 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// The record of a response kept for replay. Its headers are the end-to-end ones except
-/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one).
-fn storable_record(fingerprint: &Fingerprint, parts: &http::response::Parts, body: &[u8]) -> Bytes {
+/// Set-Cookie (another caller's session) and Date (a replay gets a fresh one). A response the
+/// record format cannot hold (too many headers, a header or the body too long) is an error, and
+/// never written in part.
+fn storable_record(
+    fingerprint: &Fingerprint,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Result<Bytes, EncodeError> {
     let named = connection_named(&parts.headers);
     let keep = |name: &HeaderName| {
         name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
     };
     crate::record::encode(fingerprint, Ok((parts.status, &parts.headers, body)), keep)
+}
+
+/// The record of a response to keep for replay or, when the format cannot hold it, a counted
+/// record that says it cannot be replayed: duplicates get 409, and nothing runs twice.
+fn owner_record(
+    key: &StorageKey,
+    fingerprint: Fingerprint,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Bytes {
+    storable_record(&fingerprint, parts, body).unwrap_or_else(|e| {
+        record(Event::Unstorable);
+        tracing::warn!(?key, error = %e, "response cannot be kept for replay; duplicates will get 409");
+        Record {
+            fingerprint,
+            response: Err(Unreplayable::TooLarge),
+        }
+        .encode()
+    })
 }
 
 /// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
@@ -496,6 +584,8 @@ struct Lease {
     token: LeaseToken,
     lock_ttl: Duration,
     background: TaskTracker,
+    /// The owner's place under the in-flight bound, given back when the lease ends.
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// An owner-checked write that ends a lease.
@@ -727,7 +817,7 @@ where
         if res.extensions().get::<OutcomeUnknown>().is_some() {
             return Outcome::Unknown(res);
         }
-        if !storable(res.status()) {
+        if res.extensions().get::<NotRun>().is_some() || !storable(res.status()) {
             return Outcome::Release(res);
         }
         let (parts, body) = res.into_parts();
@@ -777,9 +867,8 @@ where
             unstored(Ok(problem(Problem::OutcomeUnknown)))
         }
         Ok(Outcome::Store(parts, body)) => {
-            let stored = lease
-                .complete(storable_record(&fingerprint, &parts, &body), config.ttl)
-                .await;
+            let record_ = owner_record(&lease.key, fingerprint, &parts, &body);
+            let stored = lease.complete(record_, config.ttl).await;
             Owned {
                 answer: Ok(Response::from_parts(parts, IdempotencyBody::full(body))),
                 stored,
@@ -938,7 +1027,8 @@ mod tests {
         h.append("x-keep", HeaderValue::from_static("b"));
         let (mut parts, ()) = Response::new(()).into_parts();
         parts.headers = h;
-        let record_ = Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body"));
+        let record_ =
+            Record::decode(storable_record(&Fingerprint([1; 32]), &parts, b"body").unwrap());
         let kept = record_.unwrap().response.unwrap();
         assert_eq!(kept.headers.len(), 2);
         assert_eq!(kept.headers.get_all("x-keep").iter().count(), 2);

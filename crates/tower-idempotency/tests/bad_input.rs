@@ -491,6 +491,26 @@ fn rows() -> Vec<Row> {
             }),
             Problem(400, "form-malformed"),
         ),
+        row(
+            "multipart without a boundary, key in a header",
+            client(|c, u| {
+                c.post(u)
+                    .header("Idempotency-Key", "\"mp-5\"")
+                    .header("content-type", "multipart/form-data")
+                    .body("--XYZ\r\nContent-Disposition: form-data; name=\"item\"\r\n\r\nbook\r\n--XYZ--\r\n")
+            }),
+            Problem(400, "form-malformed"),
+        ),
+        row(
+            "multipart with an empty boundary, key in a header",
+            client(|c, u| {
+                c.post(u)
+                    .header("X-Idempotent-Key", "mp-6")
+                    .header("content-type", "multipart/form-data; boundary=")
+                    .body("item=book")
+            }),
+            Problem(400, "form-malformed"),
+        ),
         // ---- truncated bodies: Content-Length larger than what is sent
         row(
             "truncated body, then the client half-closes and reads",

@@ -5,6 +5,8 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
+mod events;
+mod recording;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use common::{
@@ -22,8 +25,11 @@ use common::{
 use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
 use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::metrics::Event;
 use tower_idempotency::store::{Begin, LeaseToken, StorageKey};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, OnConflict, Store, StoreError};
+use tower_idempotency::{
+    ConfigError, HeaderScope, IdempotencyLayer, MemoryStore, OnConflict, Scope, Store, StoreError,
+};
 
 fn layer() -> IdempotencyLayer {
     IdempotencyLayer::new(MemoryStore::default())
@@ -725,6 +731,140 @@ async fn fingerprint_mismatch_while_in_flight_is_422() {
 }
 
 #[tokio::test]
+async fn fingerprint_covers_content_encoding() {
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    // The same bytes mean another body under another encoding.
+    let post = |encoding: Option<&'static str>| {
+        let req = c
+            .post(srv.url("/orders"))
+            .header("Idempotency-Key", "enc")
+            .header("Content-Type", "application/json")
+            .body(&b"\x1f\x8b\x08\x00same bytes"[..]);
+        match encoding {
+            Some(e) => req.header("Content-Encoding", e),
+            None => req,
+        }
+    };
+    let gzip = send(post(Some("gzip"))).await;
+    assert_fresh(&gzip, 1);
+    for other in [None, Some("br"), Some("gzip, gzip")] {
+        assert_problem(&send(post(other)).await, 422, "key-reused");
+    }
+    assert_replay_of(&send(post(Some("gzip"))).await, &gzip);
+    assert_eq!(count.get(), 1);
+
+    // Without Content-Encoding the fingerprint is what it always was.
+    let plain = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "plain")
+            .body("x")
+    };
+    let first = send(plain()).await;
+    assert_fresh(&first, 2);
+    assert_replay_of(&send(plain()).await, &first);
+    assert_eq!(count.get(), 2);
+}
+
+#[tokio::test]
+async fn fingerprint_headers_are_configurable_and_never_the_key_headers() {
+    let over = http::HeaderName::from_static("x-http-method-override");
+    let (app, count) = counting_app(layer().with_fingerprint_headers([over.clone()]).unwrap());
+    let srv = serve(app).await;
+    let c = client();
+    let post = |method: Option<&'static str>| {
+        let req = c
+            .post(srv.url("/orders"))
+            .header("Idempotency-Key", "override")
+            .body("x");
+        match method {
+            Some(m) => req.header("X-HTTP-Method-Override", m),
+            None => req,
+        }
+    };
+    let put = send(post(Some("PUT"))).await;
+    assert_fresh(&put, 1);
+    // The same key asking for a delete is another request, not a replay of the put.
+    assert_problem(&send(post(Some("DELETE"))).await, 422, "key-reused");
+    assert_problem(&send(post(None)).await, 422, "key-reused");
+    assert_replay_of(&send(post(Some("PUT"))).await, &put);
+    assert_eq!(count.get(), 1);
+    // Headers not named do not count.
+    let other = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "unnamed")
+            .body("x")
+    };
+    let first = send(other().header("X-Other", "1")).await;
+    assert_fresh(&first, 2);
+    assert_replay_of(&send(other().header("X-Other", "2")).await, &first);
+
+    // The headers that carry the key are refused at configuration.
+    for name in ["idempotency-key", "x-idempotent-key"] {
+        let name = http::HeaderName::from_static(name);
+        let refused = layer().with_fingerprint_headers([over.clone(), name.clone()]);
+        assert_eq!(
+            refused.err(),
+            Some(ConfigError::KeyHeaderInFingerprint(name))
+        );
+    }
+}
+
+/// The fingerprinted form of a multipart body of text fields: the fields, length-prefixed.
+fn canonical_text_fields(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut put = |part: &[u8]| {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    };
+    put(b"multipart fields v1");
+    for (name, value) in fields {
+        put(b"1");
+        put(name.as_bytes());
+        put(b"0"); // no file name
+        put(b"0"); // no content type
+        put(value.as_bytes());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_multipart_body_without_a_boundary_is_400_and_never_passes_for_a_parsed_one() {
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    let form = c
+        .post(srv.url("/orders"))
+        .header("Idempotency-Key", "mp")
+        .header("Content-Type", "multipart/form-data; boundary=XYZ")
+        .body("--XYZ\r\nContent-Disposition: form-data; name=\"item\"\r\n\r\nbook\r\n--XYZ--\r\n");
+    let first = send(form).await;
+    assert_fresh(&first, 1);
+    // Without a boundary the body cannot be parsed. Its raw bytes, made to look like the
+    // fields of the form above, must not replay it (nor run).
+    let forged = c
+        .post(srv.url("/orders"))
+        .header("Idempotency-Key", "mp")
+        .header("Content-Type", "multipart/form-data")
+        .body(canonical_text_fields(&[("item", "book")]));
+    assert_problem(&send(forged).await, 400, "form-malformed");
+    let plain = c
+        .post(srv.url("/orders"))
+        .header("Idempotency-Key", "mp-2")
+        .header("Content-Type", "multipart/form-data")
+        .body("item=book");
+    assert_problem(&send(plain).await, 400, "form-malformed");
+    assert_eq!(count.get(), 1);
+    // Without a key, the handler judges it.
+    let keyless = c
+        .post(srv.url("/orders"))
+        .header("Content-Type", "multipart/form-data")
+        .body("item=book");
+    assert_fresh(&send(keyless).await, 2);
+}
+
+#[tokio::test]
 async fn scopes_are_separate_by_authorization() {
     let (app, count) = counting_app(layer());
     let srv = serve(app).await;
@@ -784,6 +924,153 @@ async fn scope_headers_and_global_scope_are_configurable() {
     let first = send(post("one")).await;
     assert_replay_of(&send(post("two")).await, &first);
     assert_eq!(count.get(), 1);
+}
+
+/// Who the authentication middleware says the caller is.
+#[derive(Clone)]
+struct UserId(u64);
+
+/// An authentication middleware: `X-Api-Key` names the user, who goes into the request's
+/// extensions; any other request is a 401.
+async fn authenticate(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, StatusCode> {
+    let user = match req.headers().get("x-api-key").map(|v| v.as_bytes()) {
+        Some(b"alice-secret") => UserId(1),
+        Some(b"bob-secret") => UserId(2),
+        _ => return Err(StatusCode::UNAUTHORIZED),
+    };
+    req.extensions_mut().insert(user);
+    Ok(next.run(req).await)
+}
+
+/// The scope is the user the authentication middleware found; without one it is unknown.
+fn user_scope(parts: &http::request::Parts) -> Scope {
+    parts
+        .extensions
+        .get::<UserId>()
+        .map_or(Scope::Unknown, |user| Scope::caller(user.0.to_be_bytes()))
+}
+
+/// Answers with the caller's user id and the execution number.
+fn user_app() -> (Router, Counter) {
+    let count = Counter::default();
+    let c = count.clone();
+    let router = Router::new().route(
+        "/orders",
+        post(move |req: axum::extract::Request| {
+            let c = c.clone();
+            async move {
+                let n = c.hit();
+                let user = req.extensions().get::<UserId>().map_or(0, |u| u.0);
+                (
+                    StatusCode::CREATED,
+                    format!("exec-{n} receipt of user {user}"),
+                )
+            }
+        }),
+    );
+    (router, count)
+}
+
+#[tokio::test]
+async fn a_scope_from_an_auth_layer_that_runs_first_keeps_users_apart() {
+    let (router, count) = user_app();
+    // The layer added last runs first: authentication, then idempotency.
+    let app = router
+        .layer(layer().with_scope(user_scope))
+        .layer(axum::middleware::from_fn(authenticate));
+    let srv = serve(app).await;
+    let c = client();
+    let post = |api_key: &'static str| {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "same-key")
+            .header("X-Api-Key", api_key)
+            .body("same body")
+    };
+    let alice = send(post("alice-secret")).await;
+    assert_fresh(&alice, 1);
+    assert!(alice.text().ends_with("user 1"), "{}", alice.text());
+    // Bob sends Alice's key and body: he runs a request of his own, never gets her receipt.
+    let bob = send(post("bob-secret")).await;
+    assert_fresh(&bob, 2);
+    assert!(bob.text().ends_with("user 2"), "{}", bob.text());
+    assert_replay_of(&send(post("alice-secret")).await, &alice);
+    assert_replay_of(&send(post("bob-secret")).await, &bob);
+    assert_eq!(count.get(), 2);
+}
+
+#[tokio::test]
+async fn an_auth_layer_that_runs_after_the_layer_is_a_500_scope_unavailable_not_a_leak() {
+    let events = events::Events::default();
+    let _local = metrics::set_default_local_recorder(&events);
+    let store = recording::RecordingStore::default();
+    let (router, count) = user_app();
+    // The wrong order: idempotency runs first, before any user is known.
+    let app = router
+        .layer(axum::middleware::from_fn(authenticate))
+        .layer(IdempotencyLayer::new(store.clone()).with_scope(user_scope));
+    let srv = serve(app).await;
+    let c = client();
+    let post = |api_key: &'static str| {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "same-key")
+            .header("X-Api-Key", api_key)
+            .body("same body")
+    };
+    for api_key in ["alice-secret", "bob-secret", "alice-secret"] {
+        let reply = send(post(api_key)).await;
+        let json = assert_problem(&reply, 500, "scope-unavailable");
+        assert!(!json.to_string().contains("receipt"), "{json}");
+    }
+    assert_eq!(count.get(), 0, "the handler never ran");
+    assert_eq!(store.total_calls(), 0, "the store was never asked");
+    assert_eq!(events.get(Event::ScopeUnavailable), 3);
+    // Requests without a key are not tracked, so their scope does not matter.
+    let keyless = send(c.post(srv.url("/orders")).header("X-Api-Key", "bob-secret")).await;
+    assert_fresh(&keyless, 1);
+}
+
+#[tokio::test]
+async fn header_scopes_without_their_headers_are_global_or_refused_as_configured() {
+    // The default: a caller without Authorization is anonymous, in the global scope.
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    let anonymous = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "anon")
+            .body("x")
+    };
+    let first = send(anonymous()).await;
+    assert_fresh(&first, 1);
+    assert_replay_of(&send(anonymous()).await, &first);
+    assert_eq!(count.get(), 1);
+
+    // A header an authentication gateway always sets: a request without it is refused.
+    let gateway =
+        HeaderScope::new([http::HeaderName::from_static("x-user-id")]).unknown_when_absent();
+    let (app, count) = counting_app(layer().with_scope(gateway));
+    let srv = serve(app).await;
+    let post = |user: Option<&'static str>| {
+        let req = c
+            .post(srv.url("/orders"))
+            .header("Idempotency-Key", "gw")
+            .header("Authorization", "Bearer shared")
+            .body("x");
+        match user {
+            Some(u) => req.header("X-User-Id", u),
+            None => req,
+        }
+    };
+    assert_problem(&send(post(None)).await, 500, "scope-unavailable");
+    let one = send(post(Some("1"))).await;
+    assert_fresh(&one, 1);
+    assert_fresh(&send(post(Some("2"))).await, 2);
+    assert_replay_of(&send(post(Some("1"))).await, &one);
+    assert_problem(&send(post(None)).await, 500, "scope-unavailable");
+    assert_eq!(count.get(), 2);
 }
 
 /// A real store that keeps everything it was given, over a [`MemoryStore`].
@@ -1137,6 +1424,51 @@ async fn storable_predicate_is_configurable() {
     let again = send(post()).await;
     assert!(!again.replayed());
     assert_eq!(count.get(), 2);
+}
+
+#[tokio::test]
+async fn a_response_marked_not_run_releases_the_key_whatever_the_predicate() {
+    let count = Counter::default();
+    let c = count.clone();
+    // Every status is storable here; only the mark frees the key.
+    let app = Router::new()
+        .route(
+            "/gateway/{mark}",
+            post(
+                move |axum::extract::Path(mark): axum::extract::Path<String>| async move {
+                    let n = c.hit();
+                    let mut res = (StatusCode::BAD_GATEWAY, format!("exec-{n}")).into_response();
+                    if mark == "not-run" {
+                        res.extensions_mut().insert(tower_idempotency::NotRun);
+                    }
+                    res
+                },
+            ),
+        )
+        .layer(quick_waits().with_storable(|_| true));
+    let srv = serve(app).await;
+    let c = client();
+    let post = |path: &str| c.post(srv.url(path)).header("Idempotency-Key", "gw");
+    for n in 1..=2 {
+        let r = send(post("/gateway/not-run")).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            r.text(),
+            format!("exec-{n}"),
+            "a request that did not run runs again"
+        );
+        assert!(!r.replayed());
+    }
+    // Unmarked, the same status is stored, as the predicate says.
+    let c2 = client();
+    let other = || {
+        c2.post(srv.url("/gateway/ran"))
+            .header("Idempotency-Key", "gw-ran")
+    };
+    let first = send(other()).await;
+    assert_eq!(first.text(), "exec-3");
+    assert_replay_of(&send(other()).await, &first);
+    assert_eq!(count.get(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1559,6 +1891,81 @@ async fn large_response_reaches_the_first_caller_and_duplicates_get_409() {
     assert_eq!(count.get(), 1);
 }
 
+/// One raw HTTP/1.1 exchange, for responses with more headers than an HTTP client reads: the
+/// status and every header line of the answer, and its body.
+async fn raw_post(addr: std::net::SocketAddr, path: &str, key: &str) -> (u16, Vec<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nIdempotency-Key: {key}\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, lines.map(str::to_owned).collect(), body.to_owned())
+}
+
+#[tokio::test]
+async fn a_response_with_more_headers_than_a_record_holds_is_not_replayable_never_cut() {
+    // A record counts headers in 16 bits.
+    const HEADERS: usize = 70_000;
+    let events = events::Events::default();
+    let _local = metrics::set_default_local_recorder(&events);
+    let count = Counter::default();
+    let c = count.clone();
+    let app = Router::new()
+        .route(
+            "/many",
+            post(move || {
+                let c = c.clone();
+                async move {
+                    let n = c.hit();
+                    let mut res = http::Response::new(Body::from(format!("exec-{n}")));
+                    *res.status_mut() = StatusCode::CREATED;
+                    for _ in 0..HEADERS {
+                        res.headers_mut()
+                            .append("x-many", HeaderValue::from_static("1"));
+                    }
+                    res
+                }
+            }),
+        )
+        .layer(layer());
+    let srv = serve(app).await;
+
+    let (status, headers, body) = raw_post(srv.addr, "/many", "many").await;
+    assert_eq!(status, 201);
+    assert_eq!(body, "exec-1");
+    let many = headers.iter().filter(|h| h.as_str() == "x-many: 1").count();
+    assert_eq!(many, HEADERS, "the first caller gets every header");
+
+    for _ in 0..2 {
+        let (status, headers, body) = raw_post(srv.addr, "/many", "many").await;
+        assert_eq!(
+            status, 409,
+            "a duplicate is refused, not replayed without headers: {body}"
+        );
+        assert!(
+            headers
+                .iter()
+                .any(|h| h.as_str() == "content-type: application/problem+json"),
+            "{headers:?}"
+        );
+        assert!(body.contains("response-not-replayable"), "{body}");
+        assert!(!headers.iter().any(|h| h.starts_with("x-many")));
+    }
+    assert_eq!(count.get(), 1, "nothing runs twice");
+    assert_eq!(events.get(Event::Unstorable), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3.7 - 3.10 Disconnects, panics, crashes, lost leases
 // ---------------------------------------------------------------------------------------------
@@ -1895,6 +2302,149 @@ async fn store_unavailable_with_fail_open_runs_untracked() {
             "the body reaches the handler whole"
         );
     }
+    assert_eq!(count.get(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow bodies and the bound on requests in flight
+// ---------------------------------------------------------------------------------------------
+
+/// A keyed POST of a 100-byte body to `/orders`, with `extra` headers.
+fn keyed_head(key: &str, extra: &str) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\nContent-Length: 100{extra}"
+    )
+}
+
+#[tokio::test]
+async fn a_tracked_body_that_does_not_arrive_in_time_is_408_and_takes_no_lease() {
+    // Reject mode: a lease left behind would answer the retry 409 at once.
+    let (app, count) = counting_app(
+        layer()
+            .with_request_body_timeout(Duration::from_millis(300))
+            .with_on_conflict(OnConflict::Reject),
+    );
+    let srv = serve(app).await;
+
+    // A body that stops after 10 of its 100 bytes.
+    let stalled =
+        common::slow_request(srv.addr, &keyed_head("\"slow\"", ""), b"0123456789", None).await;
+    assert_eq!(stalled.status, 408, "{stalled:?}");
+    assert!(stalled.problem_type().ends_with(":body-timeout"));
+    // A body that keeps coming, a byte at a time, but not in full in time.
+    let trickled = common::slow_request(
+        srv.addr,
+        &keyed_head("\"slow\"", ""),
+        b"",
+        Some(Duration::from_millis(50)),
+    )
+    .await;
+    assert_eq!(trickled.status, 408, "{trickled:?}");
+    // A form body read for its key is timed the same way.
+    let form = common::slow_request(
+        srv.addr,
+        "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100",
+        b"__idempotent_key=form-slow&a=",
+        None,
+    )
+    .await;
+    assert_eq!(form.status, 408, "{form:?}");
+    assert_eq!(count.get(), 0, "the handler never saw a late body");
+
+    // The key was never taken: the whole request runs, then replays.
+    let c = client();
+    let post = || {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", "\"slow\"")
+            .body("x".repeat(100))
+    };
+    let full = send(post()).await;
+    assert_fresh(&full, 1);
+    assert_replay_of(&send(post()).await, &full);
+    assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn the_body_timeout_leaves_untracked_streams_alone() {
+    let (app, count) = counting_app(layer().with_request_body_timeout(Duration::from_millis(100)));
+    let srv = serve(app).await;
+    // A keyless body that takes longer than the timeout streams to the handler whole.
+    let slow = common::slow_request(
+        srv.addr,
+        "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Length: 6",
+        b"",
+        Some(Duration::from_millis(50)),
+    )
+    .await;
+    assert_eq!(slow.status, 201, "{slow:?}");
+    assert_eq!(String::from_utf8_lossy(&slow.body), "exec-1 POST /orders 6");
+    assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn past_max_in_flight_a_tracked_request_is_503_and_takes_nothing() {
+    let gate = Gate::default();
+    // Reject mode: a lease left behind would answer the retry 409 at once.
+    let (app, count) = gated_app(
+        layer()
+            .with_max_in_flight(1)
+            .with_on_conflict(OnConflict::Reject),
+        gate.clone(),
+    );
+    let srv = serve(app).await;
+    let c = client();
+    let post = |key: &str| {
+        c.post(srv.url("/slow"))
+            .header("Idempotency-Key", key.to_owned())
+    };
+
+    let first = tokio::spawn(send(post("first")));
+    count.reached(1).await;
+    let refused = send(post("second")).await;
+    assert_problem(&refused, 503, "too-many-in-flight");
+    assert_retry_after(&refused);
+    assert_eq!(count.get(), 1, "a refused request does not run");
+    // Requests without a key are not counted against the bound.
+    let keyless = tokio::spawn(send(c.post(srv.url("/slow"))));
+    count.reached(2).await;
+
+    gate.open();
+    assert_fresh(&first.await.unwrap(), 1);
+    assert_eq!(keyless.await.unwrap().status, StatusCode::CREATED);
+    // The refused key was left free, and the place of the first is free again.
+    let second = send(post("second")).await;
+    assert_fresh(&second, 3);
+    assert_replay_of(&send(post("second")).await, &second);
+    assert_eq!(count.get(), 3);
+}
+
+#[tokio::test]
+async fn a_request_whose_caller_left_keeps_its_place_until_its_outcome_is_stored() {
+    let gate = Gate::default();
+    let probe = CancelProbe::default();
+    let layer = layer().with_max_in_flight(1);
+    let (app, count) = gated_app(layer.clone(), gate.clone());
+    let srv = serve(probe.wrap(app)).await;
+    let c = client();
+    let post = |key: &str| {
+        c.post(srv.url("/slow"))
+            .header("Idempotency-Key", key.to_owned())
+    };
+
+    let caller = tokio::spawn(send(post("left")));
+    count.reached(1).await;
+    caller.abort();
+    let _ = caller.await;
+    probe.cancelled().await;
+    // The handler runs on without its caller, and keeps its place.
+    let refused = send(post("other")).await;
+    assert_problem(&refused, 503, "too-many-in-flight");
+
+    gate.open();
+    layer.drain().await;
+    let retry = send(post("left")).await;
+    assert!(retry.replayed(), "the outcome was stored: {}", retry.text());
+    assert_fresh(&send(post("other")).await, 2);
     assert_eq!(count.get(), 2);
 }
 

@@ -123,6 +123,22 @@ fn rows() -> Vec<Row> {
             }),
         },
         Row {
+            name: "a lease of this very request without an expiry (SET by hand)",
+            damage: Damage::Rewrite(|v| {
+                // A lease is `L`, a 16-byte owner token and the request's fingerprint, which a
+                // completed record carries after its tag, version and flags bytes. Written back
+                // with a plain SET, it has no TTL: nobody would ever release it.
+                let mut lease = vec![b'L'];
+                lease.extend_from_slice(&[7; 16]);
+                lease.extend_from_slice(&v[3..3 + 32]);
+                lease
+            }),
+        },
+        Row {
+            name: "a lease of another request without an expiry",
+            damage: Damage::Write(b"L0123456789abcdef0123456789abcdef0123456789abcdef"),
+        },
+        Row {
             name: "a Redis hash at the record's key",
             damage: Damage::Hash,
         },

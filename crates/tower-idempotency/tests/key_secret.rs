@@ -128,12 +128,15 @@ async fn scopes_and_namespaces_still_separate_keys_under_a_secret() {
         .unwrap()
         .into_parts();
     let scoped = layer.storage_key_for_request(&parts, "k");
-    assert_ne!(scoped, k);
+    assert_ne!(scoped, Some(k));
     let (anonymous, ()) = http::Request::post("/orders")
         .body(())
         .unwrap()
         .into_parts();
-    assert_eq!(layer.storage_key_for_request(&anonymous, "k"), k);
+    assert_eq!(layer.storage_key_for_request(&anonymous, "k"), Some(k));
+    // A scope the extractor cannot tell has no storage key: the layer refuses such requests.
+    let unknown = layer.with_scope(|_: &http::request::Parts| tower_idempotency::Scope::Unknown);
+    assert_eq!(unknown.storage_key_for_request(&anonymous, "k"), None);
 }
 
 #[test]

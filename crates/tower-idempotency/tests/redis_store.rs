@@ -572,6 +572,95 @@ async fn keys_share_a_hash_tag_and_expire_by_redis() {
     );
 }
 
+/// A completion tried again after its first attempt landed (its answer was lost to a timeout
+/// or a dropped connection) finds its own record and succeeds: it is not a lost lease. Another
+/// record, or another token, is still refused, and the stored record is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_completion_that_landed_succeeds_and_changes_nothing() {
+    for url in [
+        support::shared_server().url(),
+        support::shared_cluster().url(),
+    ] {
+        let store = store_on(&url).await;
+        let key = conformance::key();
+        let t = conformance::acquire(&store, &key, Duration::from_secs(30)).await;
+        let ttl = Duration::from_secs(60);
+        let record = Bytes::from_static(b"the answer");
+        assert!(store.complete(&key, t, record.clone(), ttl).await.unwrap());
+        assert!(
+            store.complete(&key, t, record.clone(), ttl).await.unwrap(),
+            "{url}: the same completion again"
+        );
+        assert!(
+            !store
+                .complete(&key, t, Bytes::from_static(b"another answer"), ttl)
+                .await
+                .unwrap(),
+            "{url}: another record"
+        );
+        assert!(
+            !store
+                .complete(&key, LeaseToken::random(), Bytes::from_static(b"x"), ttl)
+                .await
+                .unwrap(),
+            "{url}: another token"
+        );
+        assert_eq!(conformance::expect_completed(&store, &key).await, record);
+    }
+}
+
+/// A lease that never expires (written by another tool: `SET key value` by hand, or a PERSIST)
+/// is corrupt: `begin` and `wait` say so at once, instead of reporting it in flight and letting
+/// waiters spin until their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_without_an_expiry_is_corrupt() {
+    let server = support::shared_server();
+    let store = store_on(&server.url()).await;
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for how in ["set by hand", "persisted"] {
+        let key = conformance::key();
+        let record_key = store.record_key(&key);
+        if how == "set by hand" {
+            let mut lease = vec![b'L'];
+            lease.extend_from_slice(&[7; 16]);
+            lease.extend_from_slice(&conformance::fp(1).0);
+            let () = redis::cmd("SET")
+                .arg(&record_key)
+                .arg(lease)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        } else {
+            conformance::acquire(&store, &key, Duration::from_secs(30)).await;
+            let persisted: i64 = redis::cmd("PERSIST")
+                .arg(&record_key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(persisted, 1);
+        }
+        let begun = store
+            .begin(&key, &conformance::fp(1), Duration::from_secs(30))
+            .await;
+        assert!(
+            matches!(begun, Err(StoreError::Corrupt(_))),
+            "{how}: begin gave {begun:?}"
+        );
+        let waited = store.wait(&key, Duration::from_secs(30)).await;
+        assert!(
+            matches!(waited, Err(StoreError::Corrupt(_))),
+            "{how}: wait gave {waited:?}"
+        );
+        // Nothing was overwritten.
+        let pttl: i64 = server.cli(&["PTTL", &record_key]).trim().parse().unwrap();
+        assert_eq!(pttl, -1, "{how}");
+    }
+}
+
 /// Waiters are woken by notices on the shared subscription, not by polling: with the slow
 /// poll pushed out of reach, completions and releases still wake them at once. The channel is
 /// subscribed once however many wait, and unsubscribed when the last one leaves.

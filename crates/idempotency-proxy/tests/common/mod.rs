@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Real `redis-server` processes on free ports, shared with the library's tests.
 #[path = "../../../tower-idempotency/tests/support/mod.rs"]
@@ -95,6 +96,7 @@ impl Upstream {
             .route("/big", any(big))
             .route("/upload", any(upload))
             .route("/sized", any(sized))
+            .fallback(any(not_found))
             .with_state(Hits(hits.clone()));
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -111,6 +113,16 @@ impl Upstream {
     /// How often `path` ran.
     pub fn hits(&self, path: &str) -> usize {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// Every request that reached this upstream, on any path, by path.
+    pub fn all_hits(&self) -> HashMap<String, usize> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// How many requests reached this upstream, on any path.
+    pub fn total_hits(&self) -> usize {
+        self.hits.lock().unwrap().values().sum()
     }
 }
 
@@ -147,6 +159,12 @@ async fn slow(
     let ms = q.get("ms").copied().unwrap_or(1000);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     (StatusCode::OK, format!("slow run {n}")).into_response()
+}
+
+/// Any other path: counted, then 404 with the path it saw.
+async fn not_found(State(hits): State<Hits>, uri: Uri) -> Response {
+    hits.hit(&uri);
+    (StatusCode::NOT_FOUND, format!("no route {}", uri.path())).into_response()
 }
 
 async fn fail(State(hits): State<Hits>, uri: Uri) -> Response {
@@ -234,7 +252,6 @@ pub struct DroppingUpstream {
 
 impl DroppingUpstream {
     pub async fn start() -> Self {
-        use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let runs = Arc::new(AtomicU64::new(0));
@@ -464,10 +481,15 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-/// Runs the binary with these arguments and environment to completion, for config errors.
+/// Runs the binary with these arguments and environment to completion, for config errors. A
+/// binary that is still running after 20 s (it took the configuration and serves) is killed,
+/// and its exit code is `None`.
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("IDEMPOTENCY_PROXY_") {
             cmd.env_remove(k);
@@ -476,7 +498,15 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
     (out.status.code(), text)
@@ -498,4 +528,106 @@ pub fn gauge(metrics: &str, name: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A raw HTTP/1.1 answer: its status, headers (names lowercased) and body.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The last part of the problem document's `type`, checked to be
+    /// `application/problem+json` with a matching `status`.
+    pub fn problem_slug(&self) -> String {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
+        assert_eq!(doc["status"], self.status, "{doc}");
+        let ty = doc["type"].as_str().unwrap();
+        ty.rsplit(':').next().unwrap().to_owned()
+    }
+}
+
+/// Parses an HTTP/1.1 answer once it is complete (its head and a `Content-Length` body).
+pub fn parse_answer(buf: &[u8]) -> Option<RawAnswer> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let body = buf.get(end + 4..end + 4 + length)?.to_vec();
+    Some(RawAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends `bytes` over a new TCP connection, then nothing more (`trickle: None`), or one more
+/// byte `x` per `trickle` pause, until the proxy answers. Returns the answer.
+pub async fn raw_request(addr: SocketAddr, bytes: &[u8], trickle: Option<Duration>) -> RawAnswer {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_answer(&mut stream, trickle).await
+}
+
+/// Reads one answer from `stream`, writing a byte `x` per `trickle` pause meanwhile.
+pub async fn read_answer(
+    stream: &mut tokio::net::TcpStream,
+    trickle: Option<Duration>,
+) -> RawAnswer {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let answer = async {
+        loop {
+            let pause = trickle.unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                read = stream.read(&mut chunk) => {
+                    let n = read.unwrap_or(0);
+                    assert!(n > 0, "closed without a complete answer: {:?}", String::from_utf8_lossy(&buf));
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(answer) = parse_answer(&buf) {
+                        return answer;
+                    }
+                }
+                () = tokio::time::sleep(pause) => {
+                    // The proxy may have stopped reading; its answer says what it did.
+                    let _ = stream.write_all(b"x").await;
+                }
+            }
+        }
+    };
+    // Only keeps a broken build from hanging the suite.
+    tokio::time::timeout(Duration::from_secs(30), answer)
+        .await
+        .expect("no answer in 30 s")
+}
+
+/// Waits until the proxy closes `stream`, reading (and dropping) whatever it sends first.
+pub async fn closed_by_proxy(stream: &mut tokio::net::TcpStream) {
+    let mut sink = Vec::new();
+    // Only keeps a broken build from hanging the suite.
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
 }

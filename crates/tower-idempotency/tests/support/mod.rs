@@ -1,6 +1,6 @@
-//! Real Redis processes for the tests: a standalone `redis-server` or a 3-master Redis Cluster,
-//! each on free ports of 127.0.0.1 (never the machine's 6379), in a private temporary
-//! directory, without persistence.
+//! Real Redis processes for the tests: a standalone `redis-server` or a Redis Cluster (masters
+//! with or without replicas, which tests can fail over, kill and restart), each on free ports of
+//! 127.0.0.1 (never the machine's 6379), in a private temporary directory, without persistence.
 //!
 //! Every server is started under a small shell watchdog that kills it when the test process
 //! exits, so servers shared by a whole test binary (held in statics, which are never dropped)
@@ -214,14 +214,23 @@ impl Drop for RedisServer {
     }
 }
 
-/// A 3-master Redis Cluster without replicas.
+/// A Redis Cluster: masters, each with its replicas, every node on free ports.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
+    /// 3 masters without replicas (cluster node timeout 5 s).
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_with(3, 0, 5000)
+    }
+
+    /// `masters` masters with `replicas` replicas each; a master unreachable for
+    /// `node_timeout_ms` is failed over to one of its replicas. Returns once every slot is
+    /// served and every replica is in sync with its master.
+    pub fn start_with(masters: usize, replicas: usize, node_timeout_ms: u64) -> Self {
+        let timeout = node_timeout_ms.to_string();
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -229,7 +238,10 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "{dir}/nodes-{port}.conf",
                     "--cluster-node-timeout",
-                    "5000",
+                    &timeout,
+                    // A replica (re)joining syncs at once, not after the default 5 s.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -241,7 +253,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli --cluster create");
@@ -251,18 +263,11 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         let cluster = RedisCluster { nodes };
-        let give_up = Instant::now() + Duration::from_secs(30);
-        while !cluster.nodes.iter().all(|n| {
-            n.try_cli(&["CLUSTER", "INFO"])
-                .is_some_and(|info| info.contains("cluster_state:ok"))
-        }) {
-            assert!(Instant::now() < give_up, "the cluster did not come up");
-            sleep(Duration::from_millis(100));
-        }
+        cluster.wait_until_healthy(Duration::from_secs(30));
         cluster
     }
 
-    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,127.0.0.1:<p3>`.
+    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,...`, every node a seed.
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self
             .nodes
@@ -270,6 +275,128 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis+cluster://{}", addrs.join(","))
+    }
+
+    /// The indexes of the nodes that answer and say they are masters.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.role(i).as_deref() == Some("master"))
+            .collect()
+    }
+
+    /// `master`, `slave`, or `None` for a node that does not answer.
+    pub fn role(&self, i: usize) -> Option<String> {
+        let out = self.nodes[i].try_cli(&["ROLE"])?;
+        out.lines().next().map(|l| l.trim().to_owned())
+    }
+
+    /// The indexes of the nodes that answer and replicate node `i`.
+    pub fn replicas_of(&self, i: usize) -> Vec<usize> {
+        let master_port = self.nodes[i].port.to_string();
+        (0..self.nodes.len())
+            .filter(|&j| {
+                j != i
+                    && self.nodes[j]
+                        .try_cli(&["INFO", "replication"])
+                        .is_some_and(|info| {
+                            info.lines()
+                                .any(|l| l.trim() == format!("master_port:{master_port}"))
+                        })
+            })
+            .collect()
+    }
+
+    /// Node `i`'s cluster id.
+    pub fn node_id(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// The master serving the slot of `key`, by index.
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[self.masters()[0]]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap();
+        for i in self.masters() {
+            let nodes = self.nodes[i].cli(&["CLUSTER", "NODES"]);
+            let mine = nodes.lines().find(|l| l.contains("myself")).unwrap_or("");
+            let serves = mine.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                return i;
+            }
+        }
+        panic!("no master serves the slot of {key}");
+    }
+
+    /// Kills node `i` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its port, with its cluster configuration file but no data: it
+    /// rejoins the cluster (a former master as a replica of whoever took its slots) and syncs.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+    }
+
+    /// Has replica `i` take over its master's slots at once, with its master's consent
+    /// (`CLUSTER FAILOVER`), and waits until it serves them.
+    pub fn graceful_failover(&self, i: usize) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        // A manual failover that does not complete within 5 s (a busy machine) is abandoned by
+        // Redis: ask again.
+        'asking: loop {
+            self.nodes[i].cli(&["CLUSTER", "FAILOVER"]);
+            let again = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < again {
+                if self.role(i).as_deref() == Some("master") {
+                    break 'asking;
+                }
+                assert!(Instant::now() < give_up, "node {i} never became a master");
+                sleep(Duration::from_millis(50));
+            }
+        }
+        self.wait_until_healthy(Duration::from_secs(30));
+    }
+
+    /// Waits until every node that answers says the cluster is ok and every answering replica
+    /// is in sync with its master.
+    pub fn wait_until_healthy(&self, within: Duration) {
+        let give_up = Instant::now() + within;
+        while !self.is_healthy() {
+            assert!(
+                Instant::now() < give_up,
+                "the cluster did not become healthy"
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn is_healthy(&self) -> bool {
+        let mut answering = 0;
+        for node in &self.nodes {
+            let Some(info) = node.try_cli(&["CLUSTER", "INFO"]) else {
+                continue;
+            };
+            answering += 1;
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+            let Some(repl) = node.try_cli(&["INFO", "replication"]) else {
+                return false;
+            };
+            if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
+                return false;
+            }
+        }
+        answering > 0
     }
 }
 

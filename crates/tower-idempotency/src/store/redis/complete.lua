@@ -5,8 +5,14 @@
 -- ARGV[2]  'C' .. encoded record
 -- ARGV[3]  the record TTL in milliseconds
 -- ARGV[4]  PUBLISH, or SPUBLISH on a Redis Cluster
--- Returns 1, or 0 (changing nothing) when the caller no longer owns a live lease.
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+-- Returns 1; 2 when exactly this record is stored already (a repeated completion whose first
+-- attempt landed but whose answer was lost); or 0, changing nothing, when the caller no longer
+-- owns a live lease.
+local head = redis.call('GETRANGE', KEYS[1], 0, 16)
+if head ~= ARGV[1] then
+  if string.sub(head, 1, 1) == 'C' and redis.call('GET', KEYS[1]) == ARGV[2] then
+    return 2
+  end
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
