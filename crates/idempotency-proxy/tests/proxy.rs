@@ -690,3 +690,35 @@ async fn the_memory_store_keeps_to_its_byte_bound() {
     assert!(res.bytes().await.unwrap().starts_with(b"run 31\n"));
     assert_eq!(up.hits("/sized"), 31);
 }
+
+/// A response larger than the memory store's whole bound is not kept and evicts nothing: its
+/// caller gets it in full, a duplicate gets 409 `response-not-replayable` (it never runs again),
+/// and the responses stored before it still replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_larger_than_the_store_bound_runs_once_and_evicts_nothing() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), &["--store-max-bytes", "100KiB"]).await;
+    let c = client();
+    let send = |path: &'static str, key: &'static str| {
+        c.post(proxy.url(path))
+            .header(KEY, format!("\"{key}\""))
+            .send()
+    };
+    let small = send("/sized?kib=1", "small").await.unwrap();
+    assert_eq!(small.status(), 200);
+
+    let huge = send("/sized?kib=200", "huge").await.unwrap();
+    assert_eq!(huge.status(), 200);
+    assert_eq!(huge.bytes().await.unwrap().len(), 200 * 1024);
+    let again = send("/sized?kib=200", "huge").await.unwrap();
+    problem_of(again, 409, "response-not-replayable").await;
+    assert_eq!(up.hits("/sized"), 2);
+
+    let replay = send("/sized?kib=1", "small").await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let m = metrics(&proxy).await;
+    assert_eq!(event_count(&m, "unstorable"), Some(1));
+    let held = gauge(&m, "idempotency_memory_store_bytes").unwrap();
+    assert!(held <= (100 << 10) as f64, "the store holds {held} bytes");
+    assert_eq!(up.hits("/sized"), 2);
+}

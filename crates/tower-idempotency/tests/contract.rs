@@ -2226,6 +2226,28 @@ async fn a_store_full_of_leases_is_503() {
     assert_fresh(&send(post("k2")).await, 2);
 }
 
+#[tokio::test]
+async fn a_store_whose_bytes_are_full_of_leases_is_503() {
+    let gate = Gate::default();
+    let store = MemoryStore::with_max_bytes(tower_idempotency::store::LEASE_BYTES);
+    let (app, count) = gated_app(IdempotencyLayer::new(store), gate.clone());
+    let srv = serve(app).await;
+    let c = client();
+    let post = |k: &'static str| c.post(srv.url("/slow")).header("Idempotency-Key", k);
+    let first = tokio::spawn(send(post("k1")));
+    count.reached(1).await;
+    let full = send(post("k2")).await;
+    assert_problem(&full, 503, "store-unavailable");
+    assert_retry_after(&full);
+    assert_eq!(count.get(), 1, "a new key is refused, never run untracked");
+    gate.open();
+    // Its response does not fit beside nothing: it reaches its caller, and is kept unreplayable.
+    assert_fresh(&first.await.unwrap(), 1);
+    let again = send(post("k1")).await;
+    assert_problem(&again, 409, "response-not-replayable");
+    assert_eq!(count.get(), 1, "never run twice");
+}
+
 /// A backend that is down.
 struct DownStore;
 
