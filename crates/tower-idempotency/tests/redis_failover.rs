@@ -551,16 +551,24 @@ async fn waiters_follow_a_failover(graceful: bool) {
     let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(3, 1, NODE_TIMEOUT_MS))
         .await
         .unwrap();
-    let connect = || async {
-        Arc::new(
-            RedisStore::builder(cluster.url())
-                .with_poll_interval(Duration::from_millis(250))
-                .connect()
-                .await
-                .unwrap(),
-        )
+    let url = cluster.url();
+    let connect = |acks: u32| {
+        let url = url.clone();
+        async move {
+            Arc::new(
+                RedisStore::builder(url)
+                    .with_poll_interval(Duration::from_millis(250))
+                    .with_replica_acks(acks)
+                    .with_replica_ack_timeout(Duration::from_secs(1))
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+        }
     };
-    let (owner, waiting) = (connect().await, connect().await);
+    // The owner's lease is acknowledged by the replica, so that the failover keeps it even
+    // while a just-started replica is still catching up: what is tested is the waiters.
+    let (owner, waiting) = (connect(1).await, connect(0).await);
     let key = StorageKey(
         LeaseToken::random()
             .0
@@ -569,12 +577,20 @@ async fn waiters_follow_a_failover(graceful: bool) {
             .try_into()
             .unwrap(),
     );
-    let Begin::Acquired(t) = owner
-        .begin(&key, &Fingerprint([1; 32]), Duration::from_secs(60))
-        .await
-        .unwrap()
-    else {
-        panic!("no lease")
+    // Until the replica has caught up, a lease it has not acknowledged is refused.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let t = loop {
+        match owner
+            .begin(&key, &Fingerprint([1; 32]), Duration::from_secs(60))
+            .await
+        {
+            Ok(Begin::Acquired(t)) => break t,
+            Ok(other) => panic!("no lease: {other:?}"),
+            Err(e) => {
+                assert!(Instant::now() < give_up, "no acknowledged lease: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     };
     let waiters: Vec<_> = (0..10)
         .map(|_| tokio::spawn(completion(waiting.clone(), key)))
