@@ -150,28 +150,7 @@ pub(crate) async fn fill_to_bounds(max_bytes: usize, max_records: usize, body: u
     .len();
     let fits = max_bytes / (tower_idempotency::store::RECORD_OVERHEAD + encoded);
     let written = 3 * fits.min(max_records) as u64;
-    for i in 0..written {
-        let mut k = [0u8; 32];
-        k[..8].copy_from_slice(&i.to_be_bytes());
-        let key = StorageKey(k);
-        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
-        else {
-            panic!("a fresh key must be acquired");
-        };
-        // Each record its own allocation, as each response is.
-        let record = Record {
-            fingerprint: fp,
-            response: Ok(StoredResponse {
-                status: StatusCode::CREATED,
-                headers: headers.clone(),
-                body: Bytes::from(vec![b'x'; body]),
-            }),
-        };
-        let stored = store
-            .complete(&key, token, record.encode(), Duration::from_secs(3600))
-            .await;
-        assert_eq!(stored.ok(), Some(true));
-    }
+    complete_records(&store, 0..written, &headers, body).await;
     let stats = store.stats();
     FullStore {
         body,
@@ -186,18 +165,19 @@ pub(crate) async fn fill_to_bounds(max_bytes: usize, max_records: usize, body: u
     }
 }
 
-/// Fills a MemoryStore with `records` completed records of `body` bytes each; returns the RSS
-/// growth per record and in all.
-pub(crate) async fn memory_per_record(records: u64, body: usize) -> (f64, u64) {
-    let store = MemoryStore::with_capacity(records as usize);
-    let mut headers = HeaderMap::new();
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
-    let before = rss_bytes();
-    for i in 0..records {
+/// Takes a lease on each key numbered in `keys` and completes it with a 201 record of these
+/// headers and `body` bytes, each record its own allocation, as each response is.
+async fn complete_records(
+    store: &MemoryStore,
+    keys: std::ops::Range<u64>,
+    headers: &HeaderMap,
+    body: usize,
+) {
+    let fp = Fingerprint([1; 32]);
+    for i in keys {
         let mut k = [0u8; 32];
         k[..8].copy_from_slice(&i.to_be_bytes());
         let key = StorageKey(k);
-        let fp = Fingerprint([1; 32]);
         let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
         else {
             panic!("a fresh key must be acquired");
@@ -215,6 +195,16 @@ pub(crate) async fn memory_per_record(records: u64, body: usize) -> (f64, u64) {
             .await;
         assert_eq!(stored.ok(), Some(true));
     }
+}
+
+/// Fills a MemoryStore with `records` completed records of `body` bytes each; returns the RSS
+/// growth per record and in all.
+pub(crate) async fn memory_per_record(records: u64, body: usize) -> (f64, u64) {
+    let store = MemoryStore::with_capacity(records as usize);
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let before = rss_bytes();
+    complete_records(&store, 0..records, &headers, body).await;
     let grown = rss_bytes().saturating_sub(before);
     assert_eq!(store.stats().len, records as usize);
     (grown as f64 / records as f64, grown)
