@@ -16,6 +16,11 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+#[path = "../raw_http/mod.rs"]
+pub mod raw_http;
+#[allow(unused_imports)] // each test binary uses a part of it
+pub use raw_http::{RawAnswer, parse_answer, raw_request};
+
 /// A server bound to 127.0.0.1:0, stopped when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -279,58 +284,6 @@ async fn probe(
     res
 }
 
-/// A raw HTTP/1.1 answer: its status, headers (names lowercased) and body.
-#[derive(Debug)]
-pub struct RawAnswer {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl RawAnswer {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The problem document's `type`, checked to be `application/problem+json`.
-    pub fn problem_type(&self) -> String {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json"),
-            "{self:?}"
-        );
-        let doc: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
-        assert_eq!(doc["status"], self.status);
-        doc["type"].as_str().unwrap().to_owned()
-    }
-}
-
-/// Parses an HTTP/1.1 answer once it is complete (its head and a `Content-Length` body).
-pub fn parse_answer(buf: &[u8]) -> Option<RawAnswer> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let length = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-        .unwrap_or(0);
-    let body = buf.get(end + 4..end + 4 + length)?.to_vec();
-    Some(RawAnswer {
-        status,
-        headers,
-        body,
-    })
-}
-
 /// Sends `head` (the request line and headers, without the blank line that ends them) and the
 /// first bytes of a body over raw TCP, then nothing more (`trickle: None`), or one more byte
 /// of the body per `trickle` pause, until the server answers. Returns the answer.
@@ -340,36 +293,7 @@ pub async fn slow_request(
     first: &[u8],
     trickle: Option<Duration>,
 ) -> RawAnswer {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{head}\r\n\r\n").into_bytes();
     req.extend_from_slice(first);
-    stream.write_all(&req).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let answer = async {
-        loop {
-            let pause = trickle.unwrap_or(Duration::from_secs(3600));
-            tokio::select! {
-                read = stream.read(&mut chunk) => {
-                    let n = read.unwrap_or(0);
-                    if n == 0 {
-                        panic!("closed without a complete answer: {:?}", String::from_utf8_lossy(&buf));
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(answer) = parse_answer(&buf) {
-                        return answer;
-                    }
-                }
-                () = tokio::time::sleep(pause) => {
-                    // The server may have stopped reading; that is its answer's business.
-                    let _ = stream.write_all(b"x").await;
-                }
-            }
-        }
-    };
-    // Only keeps a broken build from hanging the suite.
-    tokio::time::timeout(Duration::from_secs(30), answer)
-        .await
-        .expect("no answer in 30 s")
+    raw_request(addr, &req, trickle).await
 }
