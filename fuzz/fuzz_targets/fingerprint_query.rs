@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tower_idempotency::__fuzz::query_without_key;
-use tower_idempotency::extract::FORM_FIELD;
+use tower_idempotency::FORM_FIELD;
 
 fuzz_target!(|data: &[u8]| {
     let query = String::from_utf8_lossy(data);

@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use tower_idempotency::__fuzz::{canonical_multipart, extract_key};
 use tower_idempotency::IdempotencyKey;
-use tower_idempotency::extract::FORM_FIELD;
+use tower_idempotency::FORM_FIELD;
 
 #[derive(Arbitrary, Debug)]
 enum Name<'a> {

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tower_idempotency::IdempotencyKey;
-use tower_idempotency::key::MAX_KEY_LEN;
+use tower_idempotency::MAX_KEY_LEN;
 
 fn is_valid(key: &str) -> bool {
     (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| (0x21..=0x7e).contains(&b))

@@ -68,10 +68,10 @@ enum Cmd {
     /// bytes it counts and the process's RSS (run in a process of its own by the benchmark).
     FullStore {
         /// The store's bound on bytes.
-        #[arg(long, default_value_t = tower_idempotency::store::DEFAULT_MAX_BYTES)]
+        #[arg(long, default_value_t = tower_idempotency::MemoryStore::DEFAULT_MAX_BYTES)]
         max_bytes: usize,
         /// The store's bound on records.
-        #[arg(long, default_value_t = tower_idempotency::store::DEFAULT_CAPACITY)]
+        #[arg(long, default_value_t = tower_idempotency::MemoryStore::DEFAULT_CAPACITY)]
         max_records: usize,
         /// Each record's body, in bytes.
         #[arg(long, default_value_t = 200 * 1024)]
@@ -655,7 +655,7 @@ async fn fill_proxy(upstream: SocketAddr, extra: &[&str], count: u64) -> Result<
 async fn proxy_at_its_bound(report: &mut Report) {
     const BODY: usize = 200 * 1024;
     let upstream = server::large_upstream(BODY).await;
-    let count = 4 * (tower_idempotency::store::DEFAULT_MAX_BYTES / BODY) as u64;
+    let count = 4 * (tower_idempotency::MemoryStore::DEFAULT_MAX_BYTES / BODY) as u64;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let bounded = fill_proxy(upstream, &[], count).await;
     let unbounded = fill_proxy(upstream, &["--store-max-bytes", "64GiB"], count).await;

@@ -11,9 +11,9 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::record::{Record, StoredResponse};
-use tower_idempotency::store::{Begin, StorageKey};
+use tower_idempotency::{BeginOutcome, StorageKey};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
 
 /// The minimal handler every row measures: a small JSON answer with a fresh id.
@@ -148,7 +148,7 @@ pub(crate) async fn fill_to_bounds(max_bytes: usize, max_records: usize, body: u
     }
     .encode()
     .len();
-    let fits = max_bytes / (tower_idempotency::store::RECORD_OVERHEAD + encoded);
+    let fits = max_bytes / (tower_idempotency::MemoryStore::RECORD_OVERHEAD + encoded);
     let written = 3 * fits.min(max_records) as u64;
     complete_records(&store, 0..written, &headers, body).await;
     let stats = store.stats();
@@ -178,7 +178,8 @@ async fn complete_records(
         let mut k = [0u8; 32];
         k[..8].copy_from_slice(&i.to_be_bytes());
         let key = StorageKey(k);
-        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
+        let Ok(BeginOutcome::Acquired(token)) =
+            store.begin(&key, &fp, Duration::from_secs(30)).await
         else {
             panic!("a fresh key must be acquired");
         };

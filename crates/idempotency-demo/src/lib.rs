@@ -119,7 +119,7 @@ pub fn app(shop: Shop, layer: IdempotencyLayer) -> Router {
 
 fn templates() -> Environment<'static> {
     let mut env = Environment::new();
-    tower_idempotency::form::minijinja::register(&mut env);
+    tower_idempotency::minijinja::register(&mut env);
     for (name, source) in [
         ("base.html", include_str!("../templates/base.html")),
         ("index.html", include_str!("../templates/index.html")),

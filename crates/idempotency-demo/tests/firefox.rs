@@ -31,7 +31,7 @@ use events::Events;
 use idempotency_demo::Shop;
 use marionette::Marionette;
 use serde_json::json;
-use tower_idempotency::metrics::Event;
+use tower_idempotency::Event;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 /// How long the shop takes to place an order: a double click's second submission leaves while

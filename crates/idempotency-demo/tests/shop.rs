@@ -279,7 +279,7 @@ async fn a_firefox_resend_replays_the_order() {
 /// ignored for the page's, and counted.
 #[tokio::test(flavor = "current_thread")]
 async fn browser_keys_that_give_way_to_the_page_key_are_counted() {
-    use tower_idempotency::metrics::Event;
+    use tower_idempotency::Event;
 
     let events = events::Events::default();
     let _local = metrics::set_default_local_recorder(&events);

@@ -737,8 +737,8 @@ fn parse_header_name(s: &str) -> Result<HeaderName, String> {
 fn parse_fingerprint_header(s: &str) -> Result<HeaderName, String> {
     let name = parse_header_name(s)?;
     let key_headers = [
-        &tower_idempotency::extract::IDEMPOTENCY_KEY,
-        &tower_idempotency::extract::X_IDEMPOTENT_KEY,
+        &tower_idempotency::IDEMPOTENCY_KEY,
+        &tower_idempotency::X_IDEMPOTENT_KEY,
     ];
     if key_headers.contains(&&name) {
         return Err(format!(

@@ -31,7 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tower::Service;
-use tower_idempotency::service::strip_hop_by_hop;
+use tower_idempotency::strip_hop_by_hop;
 use tower_idempotency::{IdempotencyBody, NotRun, OutcomeUnknown, Problem, Tracked};
 
 use crate::cli::Upstream;

@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tower_idempotency::store::RedisStore;
+use tower_idempotency::RedisStore;
 use tower_idempotency::{MemoryStore, Store};
 
 use crate::cli::{StoreArgs, StoreSpec};

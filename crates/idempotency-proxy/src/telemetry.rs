@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tower_idempotency::metrics::{EVENTS_TOTAL, Event};
+use tower_idempotency::{EVENTS_TOTAL, Event};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;

@@ -8,7 +8,7 @@ mod common;
 
 use common::redis::RedisServer;
 use common::{Proxy, Upstream, client, free_addr};
-use tower_idempotency::store::RedisStore;
+use tower_idempotency::RedisStore;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 const SECRET: &str = "a proxy secret of some length";

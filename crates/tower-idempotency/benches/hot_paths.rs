@@ -12,9 +12,9 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::runtime::Runtime;
-use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::record::{Record, StoredResponse};
-use tower_idempotency::store::{Begin, StorageKey, Store};
+use tower_idempotency::{BeginOutcome, StorageKey, Store};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
 
 const UUID: &str = "8e03978e-40d5-43e8-bc93-6894a57f9324";
@@ -160,7 +160,7 @@ async fn begin_complete(store: &MemoryStore, key: &StorageKey, record: &Bytes) {
         .begin(key, &FP, LEASE)
         .await
         .expect("the store answers");
-    let Begin::Acquired(token) = begin else {
+    let BeginOutcome::Acquired(token) = begin else {
         panic!("a fresh key takes the lease, got {begin:?}");
     };
     let completed = store
@@ -237,7 +237,7 @@ fn memory_store(c: &mut Criterion) {
             next += 1;
             async move {
                 match store.begin(&key, &FP, LEASE).await {
-                    Ok(Begin::Completed(stored)) => stored,
+                    Ok(BeginOutcome::Completed(stored)) => stored,
                     other => panic!("a completed key replays, got {other:?}"),
                 }
             }

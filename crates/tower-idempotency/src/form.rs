@@ -55,7 +55,7 @@ pub mod minijinja {
     ///
     /// ```
     /// let mut env = minijinja::Environment::new();
-    /// tower_idempotency::form::minijinja::register(&mut env);
+    /// tower_idempotency::minijinja::register(&mut env);
     /// env.add_template("order", r#"<form method="post">{{ idempotent_input() }}</form>"#).unwrap();
     /// let html = env.get_template("order").unwrap().render(()).unwrap();
     /// assert!(html.contains(r#"<input type="hidden" name="__idempotent_key" value=""#));

@@ -100,21 +100,25 @@
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
 
-pub mod body;
-pub mod config;
+mod body;
+mod config;
 mod extensions;
-pub mod extract;
-pub mod fingerprint;
-pub mod form;
-pub mod future;
-pub mod key;
-pub mod layer;
-pub mod metrics;
-pub mod problem;
+mod extract;
+mod fingerprint;
+mod form;
+mod future;
+mod key;
+mod layer;
+mod metrics;
+mod problem;
+mod scope;
+mod service;
+mod store;
+
+/// The stored-record format, public only for this workspace's benchmarks, which fill stores
+/// with records directly. Not a stable API: it may change in any release.
+#[doc(hidden)]
 pub mod record;
-pub mod scope;
-pub mod service;
-pub mod store;
 
 /// Entry points for the fuzz targets in `fuzz/`. Not a stable API: it exists only with the
 /// `fuzzing` feature and may change in any release.
@@ -124,18 +128,26 @@ pub mod store;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
-pub use config::{ConfigError, OnConflict, default_storable};
+pub use config::{
+    ConfigError, DEFAULT_LOCK_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
+    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, OnConflict, default_storable,
+};
 pub use extensions::{NotRun, OutcomeUnknown, Tracked};
-pub use extract::{KeySource, KeySources};
+pub use extract::{FORM_FIELD, IDEMPOTENCY_KEY, KeySource, KeySources, X_IDEMPOTENT_KEY};
+pub use fingerprint::Fingerprint;
+#[cfg(feature = "minijinja")]
+pub use form::minijinja;
 pub use form::{idempotent_input, idempotent_key};
-pub use key::{IdempotencyKey, KeyError};
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
-pub use problem::Problem;
+pub use metrics::{EVENTS_TOTAL, Event};
+pub use problem::{PROBLEM_JSON, Problem};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
-pub use service::Idempotency;
+pub use service::{IDEMPOTENT_REPLAYED, Idempotency, strip_hop_by_hop};
+pub use store::{
+    BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, StorageKey, Store,
+    StoreError,
+};
 #[cfg(feature = "redis")]
-pub use store::RedisStore;
-pub use store::{MemoryStore, Store, StoreError};
-
-/// The error type bodies are converted to.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use store::{RedisStore, RedisStoreBuilder};

@@ -20,7 +20,6 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::BoxError;
 use crate::body::IdempotencyBody;
 use crate::config::{Config, KeySecret, OnConflict};
 use crate::extensions::{NotRun, OutcomeUnknown, Tracked};
@@ -34,8 +33,9 @@ use crate::layer::IdempotencyLayer;
 use crate::metrics::{Event, record};
 use crate::problem::Problem;
 use crate::record::{EncodeError, Record, Unreplayable};
-use crate::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
+use crate::store::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 use tokio_util::task::TaskTracker;
+use tower::BoxError;
 
 /// The header that marks a replayed response.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -273,8 +273,8 @@ where
             Err(e) => return Box::pin(store_failed(e, &skey, config, inner, parts, body)).await,
         };
         match begun {
-            Begin::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey)),
-            Begin::InFlight { fingerprint: other } => {
+            BeginOutcome::Completed(bytes) => return Ok(replay(bytes, &fingerprint, skey)),
+            BeginOutcome::InFlight { fingerprint: other } => {
                 // A duplicate that waits holds no place under the in-flight bound.
                 drop(permit);
                 if other != fingerprint {
@@ -300,7 +300,7 @@ where
                     return Box::pin(store_failed(e, &skey, config, inner, parts, body)).await;
                 }
             }
-            Begin::Acquired(token) => {
+            BeginOutcome::Acquired(token) => {
                 record(Event::Executed);
                 let mut req = Request::from_parts(parts, IdempotencyBody::full(body));
                 req.extensions_mut().insert(Tracked);

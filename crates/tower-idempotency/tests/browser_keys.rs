@@ -23,7 +23,7 @@ use bytes::Bytes;
 use common::{Counter, Gate, Reply, assert_problem, client, send, serve};
 use events::Events;
 use http::StatusCode;
-use tower_idempotency::metrics::Event;
+use tower_idempotency::Event;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 /// Two keys of the kind Firefox draws, one per click, as it sends them: RFC 8941 sf-strings

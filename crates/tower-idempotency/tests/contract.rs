@@ -24,9 +24,9 @@ use common::{
 };
 use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::metrics::Event;
-use tower_idempotency::store::{Begin, LeaseToken, StorageKey};
+use tower_idempotency::Event;
+use tower_idempotency::Fingerprint;
+use tower_idempotency::{BeginOutcome, LeaseToken, StorageKey};
 use tower_idempotency::{
     ConfigError, HeaderScope, IdempotencyLayer, MemoryStore, OnConflict, Scope, Store, StoreError,
 };
@@ -1088,7 +1088,7 @@ impl Store for SpyStore {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         self.seen.lock().unwrap().push(key.0.to_vec());
         self.begins
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -2229,7 +2229,7 @@ async fn a_store_full_of_leases_is_503() {
 #[tokio::test]
 async fn a_store_whose_bytes_are_full_of_leases_is_503() {
     let gate = Gate::default();
-    let store = MemoryStore::with_max_bytes(tower_idempotency::store::LEASE_BYTES);
+    let store = MemoryStore::with_max_bytes(tower_idempotency::MemoryStore::LEASE_BYTES);
     let (app, count) = gated_app(IdempotencyLayer::new(store), gate.clone());
     let srv = serve(app).await;
     let c = client();
@@ -2262,7 +2262,7 @@ impl Store for DownStore {
         _: &StorageKey,
         _: &Fingerprint,
         _: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         Err(down())
     }
     async fn complete(

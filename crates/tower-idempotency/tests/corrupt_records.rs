@@ -13,9 +13,9 @@ mod support;
 use common::{Reply, TestServer, assert_problem, client, counting_app, send, serve};
 use events::Events;
 use http::StatusCode;
-use tower_idempotency::metrics::Event;
-use tower_idempotency::store::{LeaseToken, RedisStore};
+use tower_idempotency::Event;
 use tower_idempotency::{IdempotencyLayer, Problem};
+use tower_idempotency::{LeaseToken, RedisStore};
 
 use support::RedisServer;
 

@@ -12,7 +12,7 @@ use common::{Reply, TestServer, client, counting_app, send, serve};
 use http::StatusCode;
 use recording::RecordingStore;
 use tower_idempotency::IdempotencyLayer;
-use tower_idempotency::store::StorageKey;
+use tower_idempotency::StorageKey;
 
 async fn post(srv: &TestServer, key: &str) -> Reply {
     send(
@@ -152,7 +152,7 @@ fn the_secret_never_shows_in_debug_output() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn in_redis_the_record_lives_under_the_hmac_storage_key() {
-    use tower_idempotency::store::{LeaseToken, RedisStore};
+    use tower_idempotency::{LeaseToken, RedisStore};
 
     let redis = support::RedisServer::start();
     let prefix = format!("k{:x}:", LeaseToken::random().0 as u64);

@@ -9,13 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::MemoryStore;
-use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::record::{Record, Unreplayable};
-use tower_idempotency::store::{
-    Begin, LEASE_BYTES, LeaseToken, MemoryStoreStats, RECORD_OVERHEAD, StorageKey, Store,
-    StoreError,
+use tower_idempotency::{
+    BeginOutcome, LeaseToken, MemoryStoreStats, StorageKey, Store, StoreError,
 };
+
+const LEASE_BYTES: usize = MemoryStore::LEASE_BYTES;
+const RECORD_OVERHEAD: usize = MemoryStore::RECORD_OVERHEAD;
 
 store_conformance!(async { MemoryStore::default() });
 
@@ -48,7 +50,7 @@ async fn spray_of_ten_times_capacity_keeps_the_bound_and_every_live_lease() {
                 for n in (task..KEYS).step_by(TASKS) {
                     let k = spray_key(salt, n);
                     let token = match store.begin(&k, &FP, LEASE).await {
-                        Ok(Begin::Acquired(token)) => token,
+                        Ok(BeginOutcome::Acquired(token)) => token,
                         other => panic!("key {n}: expected a lease, got {other:?}"),
                     };
                     // One request in 40 stays in flight: 250 live leases in all.
@@ -88,7 +90,7 @@ async fn spray_of_ten_times_capacity_keeps_the_bound_and_every_live_lease() {
     // Every held lease is still in flight, with its fingerprint, and its owner can complete it.
     for (k, _) in &held {
         match store.begin(k, &Fingerprint([0; 32]), LEASE).await {
-            Ok(Begin::InFlight { fingerprint }) => assert_eq!(fingerprint, FP),
+            Ok(BeginOutcome::InFlight { fingerprint }) => assert_eq!(fingerprint, FP),
             other => panic!("a live lease was lost: {other:?}"),
         }
     }
@@ -114,7 +116,7 @@ async fn spray_of_leases_fills_the_store_then_new_keys_get_full() {
     let mut full = 0;
     for n in 0..KEYS {
         match store.begin(&spray_key(salt, n), &FP, LEASE).await {
-            Ok(Begin::Acquired(token)) => held.push((spray_key(salt, n), token)),
+            Ok(BeginOutcome::Acquired(token)) => held.push((spray_key(salt, n), token)),
             Err(StoreError::Full) => full += 1,
             other => panic!("key {n}: {other:?}"),
         }
@@ -125,7 +127,7 @@ async fn spray_of_leases_fills_the_store_then_new_keys_get_full() {
     for (k, _) in &held {
         assert!(matches!(
             store.begin(k, &FP, LEASE).await,
-            Ok(Begin::InFlight { .. })
+            Ok(BeginOutcome::InFlight { .. })
         ));
     }
     // Completing one request makes its record evictable: the next new key gets its slot.
@@ -138,7 +140,7 @@ async fn spray_of_leases_fills_the_store_then_new_keys_get_full() {
     );
     assert!(matches!(
         store.begin(&spray_key(salt, KEYS + 1), &FP, LEASE).await,
-        Ok(Begin::Acquired(_))
+        Ok(BeginOutcome::Acquired(_))
     ));
     assert!(matches!(
         store.begin(&spray_key(salt, KEYS + 2), &FP, LEASE).await,
@@ -171,7 +173,7 @@ fn cost(len: usize) -> usize {
 
 async fn acquire(store: &MemoryStore, k: &StorageKey) -> LeaseToken {
     match store.begin(k, &FP, LEASE).await {
-        Ok(Begin::Acquired(token)) => token,
+        Ok(BeginOutcome::Acquired(token)) => token,
         other => panic!("expected a lease, got {other:?}"),
     }
 }
@@ -188,12 +190,12 @@ async fn put(store: &MemoryStore, k: &StorageKey, record: Bytes, ttl: Duration) 
 
 async fn replayed(store: &MemoryStore, k: &StorageKey) -> Option<Bytes> {
     match store.begin(k, &FP, LEASE).await.expect("begin") {
-        Begin::Completed(bytes) => Some(bytes),
-        Begin::Acquired(token) => {
+        BeginOutcome::Completed(bytes) => Some(bytes),
+        BeginOutcome::Acquired(token) => {
             assert!(store.release(k, token).await.expect("release"));
             None
         }
-        Begin::InFlight { .. } => panic!("unexpected request in flight"),
+        BeginOutcome::InFlight { .. } => panic!("unexpected request in flight"),
     }
 }
 
@@ -248,7 +250,10 @@ async fn the_byte_bound_evicts_the_oldest_records_and_keeps_the_newest() {
         assert_eq!(replayed(&store, &key(n)).await, None, "key {n} was evicted");
     }
     // The count bound still holds beside it, default 100 000.
-    assert_eq!(stats.capacity, tower_idempotency::store::DEFAULT_CAPACITY);
+    assert_eq!(
+        stats.capacity,
+        tower_idempotency::MemoryStore::DEFAULT_CAPACITY
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -295,7 +300,7 @@ async fn leases_fill_the_byte_bound_then_new_keys_get_full() {
     for (k, _) in &held {
         assert!(matches!(
             store.begin(k, &FP, LEASE).await,
-            Ok(Begin::InFlight { .. })
+            Ok(BeginOutcome::InFlight { .. })
         ));
     }
     // Beside three other leases, a lease's room is all a record gets: a response that does not
@@ -386,7 +391,7 @@ async fn expired_leases_reclaimed_for_room_leave_no_bytes_behind() {
         for n in 0..10 {
             assert!(matches!(
                 store.begin(&key(n), &FP, short).await,
-                Ok(Begin::Acquired(_))
+                Ok(BeginOutcome::Acquired(_))
             ));
         }
         assert_eq!(store.stats().bytes, 10 * LEASE_BYTES);
@@ -402,7 +407,7 @@ async fn expired_leases_reclaimed_for_room_leave_no_bytes_behind() {
         for n in 11..20 {
             assert!(matches!(
                 store.begin(&key(n), &FP, short).await,
-                Ok(Begin::Acquired(_))
+                Ok(BeginOutcome::Acquired(_))
             ));
         }
         tokio::time::advance(short + Duration::from_secs(1)).await;
@@ -532,7 +537,7 @@ async fn a_churn_of_every_kind_leaves_no_bytes_behind() {
             // Leases short enough that many expire: taken over, or reclaimed to make room.
             let lease = Duration::from_millis(100 + next() % 3_000);
             match store.begin(&k, &FP, lease).await {
-                Ok(Begin::Acquired(token)) => {
+                Ok(BeginOutcome::Acquired(token)) => {
                     let len = match roll {
                         0..=1 => largest - (next() % 20_000) as usize,
                         _ => (next() % 30_000) as usize,
@@ -555,14 +560,14 @@ async fn a_churn_of_every_kind_leaves_no_bytes_behind() {
                         }
                     }
                 }
-                Ok(Begin::Completed(bytes)) => {
+                Ok(BeginOutcome::Completed(bytes)) => {
                     if Record::decode(bytes)
                         .is_ok_and(|r| r.response == Err(Unreplayable::TooLarge))
                     {
                         refused += 1;
                     }
                 }
-                Ok(Begin::InFlight { .. }) | Err(StoreError::Full) => {}
+                Ok(BeginOutcome::InFlight { .. }) | Err(StoreError::Full) => {}
                 Err(e) => panic!("round {round} step {step}: {e}"),
             }
             // Some requests in flight finish late; some of their owners lost the lease by then.

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::collection::vec;
 use proptest::prelude::*;
-use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::record::{Record, StoredResponse, Unreplayable};
 
 /// A header name: a well-known one (stored by `http` in its own representation) or any token.

@@ -28,9 +28,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::IdempotencyLayer;
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::store::{Begin, LeaseToken, RedisStore, StorageKey, Store, StoreError};
+use tower_idempotency::{BeginOutcome, LeaseToken, RedisStore, StorageKey, Store, StoreError};
 
 use support::{RedisCluster, RedisServer};
 
@@ -383,7 +383,7 @@ impl metrics::Recorder for NotReplicated {
     ) {
     }
     fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        let ours = key.name() == tower_idempotency::metrics::EVENTS_TOTAL
+        let ours = key.name() == tower_idempotency::EVENTS_TOTAL
             && key
                 .labels()
                 .any(|l| l.key() == "event" && l.value() == "not_replicated");
@@ -444,7 +444,8 @@ async fn replica_acks_hold_back_unreplicated_leases_and_count_unreplicated_recor
     let key = StorageKey([1; 32]);
     let record_key = store.record_key(&key);
     let waits = wait_calls(&primary);
-    let Begin::Acquired(t) = store.begin(&key, &Fingerprint([1; 32]), ttl).await.unwrap() else {
+    let BeginOutcome::Acquired(t) = store.begin(&key, &Fingerprint([1; 32]), ttl).await.unwrap()
+    else {
         panic!("no lease")
     };
     assert!(
@@ -482,12 +483,12 @@ async fn replica_acks_hold_back_unreplicated_leases_and_count_unreplicated_recor
     // A replay writes nothing and needs no acknowledgement.
     assert!(matches!(
         strict.begin(&key, &Fingerprint([1; 32]), ttl).await,
-        Ok(Begin::Completed(b)) if &b[..] == b"answer"
+        Ok(BeginOutcome::Completed(b)) if &b[..] == b"answer"
     ));
 
     // The replica gone: a record is kept on the primary all the same, and counted.
     let third = StorageKey([3; 32]);
-    let Begin::Acquired(t) = store
+    let BeginOutcome::Acquired(t) = store
         .begin(&third, &Fingerprint([1; 32]), ttl)
         .await
         .unwrap()
@@ -508,7 +509,7 @@ async fn replica_acks_hold_back_unreplicated_leases_and_count_unreplicated_recor
     );
     assert!(matches!(
         store.begin(&third, &Fingerprint([1; 32]), ttl).await,
-        Ok(Begin::Completed(b)) if &b[..] == b"kept"
+        Ok(BeginOutcome::Completed(b)) if &b[..] == b"kept"
     ));
     // And new leases are refused until a replica is back.
     let fourth = StorageKey([4; 32]);
@@ -529,13 +530,13 @@ async fn completion(store: Arc<RedisStore>, key: StorageKey) -> Bytes {
             .begin(&key, &Fingerprint([1; 32]), Duration::from_secs(60))
             .await
         {
-            Ok(Begin::InFlight { .. }) => {
+            Ok(BeginOutcome::InFlight { .. }) => {
                 if store.wait(&key, Duration::from_secs(60)).await.is_err() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            Ok(Begin::Completed(bytes)) => return bytes,
-            Ok(Begin::Acquired(_)) => panic!("the lease was lost"),
+            Ok(BeginOutcome::Completed(bytes)) => return bytes,
+            Ok(BeginOutcome::Acquired(_)) => panic!("the lease was lost"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -584,7 +585,7 @@ async fn waiters_follow_a_failover(graceful: bool) {
             .begin(&key, &Fingerprint([1; 32]), Duration::from_secs(60))
             .await
         {
-            Ok(Begin::Acquired(t)) => break t,
+            Ok(BeginOutcome::Acquired(t)) => break t,
             Ok(other) => panic!("no lease: {other:?}"),
             Err(e) => {
                 assert!(Instant::now() < give_up, "no acknowledged lease: {e}");

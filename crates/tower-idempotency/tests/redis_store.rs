@@ -24,9 +24,9 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::IdempotencyLayer;
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::store::{Begin, LeaseToken, RedisStore, StorageKey, Store, StoreError};
+use tower_idempotency::{BeginOutcome, LeaseToken, RedisStore, StorageKey, Store, StoreError};
 
 use support::RedisServer;
 
@@ -125,7 +125,7 @@ impl<S: Store> Store for Instrumented<S> {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         self.inner.begin(key, fingerprint, lease_ttl).await
     }
     async fn complete(
@@ -197,7 +197,7 @@ mod lease_lost {
         fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
         fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
         fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            let lost = key.name() == tower_idempotency::metrics::EVENTS_TOTAL
+            let lost = key.name() == tower_idempotency::EVENTS_TOTAL
                 && key
                     .labels()
                     .any(|l| l.key() == "event" && l.value() == "lease_lost");
@@ -534,7 +534,7 @@ async fn keys_share_a_hash_tag_and_expire_by_redis() {
     assert!(record_key.starts_with('t') && record_key.ends_with(&tag));
     assert!(channel.contains(&tag));
 
-    let Begin::Acquired(t) = store
+    let BeginOutcome::Acquired(t) = store
         .begin(&key, &conformance::fp(1), Duration::from_secs(30))
         .await
         .unwrap()
@@ -561,7 +561,7 @@ async fn keys_share_a_hash_tag_and_expire_by_redis() {
             .begin(&key, &conformance::fp(1), Duration::from_secs(30))
             .await
             .unwrap(),
-        Begin::Acquired(_)
+        BeginOutcome::Acquired(_)
     ));
     assert!(
         RedisStore::builder(server.url())
@@ -756,9 +756,11 @@ async fn wait_for_completion(store: Arc<RedisStore>, key: StorageKey) -> Bytes {
             .await
             .unwrap()
         {
-            Begin::InFlight { .. } => store.wait(&key, Duration::from_secs(20)).await.unwrap(),
-            Begin::Completed(bytes) => return bytes,
-            Begin::Acquired(_) => panic!("the lease was lost"),
+            BeginOutcome::InFlight { .. } => {
+                store.wait(&key, Duration::from_secs(20)).await.unwrap()
+            }
+            BeginOutcome::Completed(bytes) => return bytes,
+            BeginOutcome::Acquired(_) => panic!("the lease was lost"),
         }
     }
 }
@@ -862,7 +864,7 @@ async fn cluster_records_live_on_the_slot_owner() {
     let mut owners = std::collections::HashSet::new();
     for _ in 0..30 {
         let key = conformance::key();
-        let Begin::Acquired(_) = store
+        let BeginOutcome::Acquired(_) = store
             .begin(&key, &conformance::fp(1), Duration::from_secs(30))
             .await
             .unwrap()

@@ -22,8 +22,8 @@ use axum::routing::post;
 use bytes::Bytes;
 use common::{Counter, Gate, assert_problem, assert_retry_after, client, gated_app, send, serve};
 use http::StatusCode;
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::store::{Begin, LeaseToken, StorageKey};
+use tower_idempotency::Fingerprint;
+use tower_idempotency::{BeginOutcome, LeaseToken, StorageKey};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, OutcomeUnknown, Store, StoreError};
 
 const KEY: &str = "Idempotency-Key";
@@ -206,7 +206,7 @@ impl Store for Blips {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         self.inner.begin(key, fingerprint, lease_ttl).await
     }
     async fn complete(

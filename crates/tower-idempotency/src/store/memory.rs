@@ -9,28 +9,10 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Begin, LeaseToken, StorageKey, Store, StoreError};
+use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{Event, record as count};
 use crate::record::{Record, Unreplayable};
-
-/// Default maximum number of records a [`MemoryStore`] holds.
-pub const DEFAULT_CAPACITY: usize = 100_000;
-
-/// Default maximum number of bytes a [`MemoryStore`] holds: 256 MiB.
-pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
-
-/// The bytes a [`MemoryStore`] counts for every key it holds, beside the record's own bytes: its
-/// slot in the table (with the room a hash table keeps free), its place in the eviction queue,
-/// and the allocator's share. 400 on a 64-bit target.
-pub const RECORD_OVERHEAD: usize = 2 * size_of::<(StorageKey, Entry)>()
-    + 2 * size_of::<(Instant, u64, StorageKey)>()
-    + ALLOCATOR_OVERHEAD;
-
-/// The bytes a [`MemoryStore`] counts for a lease (a request in flight): [`RECORD_OVERHEAD`] and
-/// the smallest record, the one that says a response could not be kept. So a lease always has
-/// room for its outcome, whatever else the store holds.
-pub const LEASE_BYTES: usize = RECORD_OVERHEAD + UNREPLAYABLE_LEN;
 
 /// The length of an encoded unreplayable [`Record`], the smallest there is: version, flags,
 /// fingerprint, status, header count and body length.
@@ -44,8 +26,8 @@ const ALLOCATOR_OVERHEAD: usize = 64;
 ///
 /// It is bounded twice: it holds at most `capacity` records (default 100 000) and at most
 /// `max_bytes` bytes (default 256 MiB), whichever is reached first. A completed record counts its
-/// encoded bytes (status, headers, body) plus [`RECORD_OVERHEAD`]; a request in flight counts
-/// [`LEASE_BYTES`]. [`MemoryStore::stats`] shows both counts.
+/// encoded bytes (status, headers, body) plus [`RECORD_OVERHEAD`](MemoryStore::RECORD_OVERHEAD); a request in flight counts
+/// [`LEASE_BYTES`](MemoryStore::LEASE_BYTES). [`MemoryStore::stats`] shows both counts.
 ///
 /// Completed records expire after their TTL and are the first to go when room is needed, oldest
 /// completion first (with one TTL for all, that is soonest-expiring first); a live lease is never
@@ -109,22 +91,22 @@ pub struct MemoryStoreBuilder {
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self {
-            capacity: DEFAULT_CAPACITY,
-            max_bytes: DEFAULT_MAX_BYTES,
+            capacity: MemoryStore::DEFAULT_CAPACITY,
+            max_bytes: MemoryStore::DEFAULT_MAX_BYTES,
         }
     }
 }
 
 impl MemoryStoreBuilder {
     /// At most `capacity` records, completed and in flight (at least 1; default
-    /// [`DEFAULT_CAPACITY`]).
+    /// [`DEFAULT_CAPACITY`](MemoryStore::DEFAULT_CAPACITY)).
     pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
-    /// At most `max_bytes` bytes, counted as [`MemoryStore`] says (at least [`LEASE_BYTES`], room
-    /// for one request in flight; default [`DEFAULT_MAX_BYTES`]).
+    /// At most `max_bytes` bytes, counted as [`MemoryStore`] says (at least [`LEASE_BYTES`](MemoryStore::LEASE_BYTES), room
+    /// for one request in flight; default [`DEFAULT_MAX_BYTES`](MemoryStore::DEFAULT_MAX_BYTES)).
     pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
         self.max_bytes = max_bytes;
         self
@@ -135,7 +117,7 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Mutex::new(Inner {
                 capacity: self.capacity.max(1),
-                max_bytes: self.max_bytes.max(LEASE_BYTES),
+                max_bytes: self.max_bytes.max(MemoryStore::LEASE_BYTES),
                 bytes: 0,
                 map: HashMap::default(),
                 completed: VecDeque::new(),
@@ -190,7 +172,7 @@ impl Entry {
     /// The bytes this entry is counted as.
     fn bytes(&self) -> usize {
         match self {
-            Entry::Lease { .. } => LEASE_BYTES,
+            Entry::Lease { .. } => MemoryStore::LEASE_BYTES,
             Entry::Completed { record, .. } => record_bytes(record.len()),
         }
     }
@@ -203,7 +185,7 @@ impl Entry {
 
 /// The bytes a completed record of `len` encoded bytes is counted as.
 fn record_bytes(len: usize) -> usize {
-    RECORD_OVERHEAD.saturating_add(len)
+    MemoryStore::RECORD_OVERHEAD.saturating_add(len)
 }
 
 /// Counts of what a [`MemoryStore`] holds, for metrics and tests.
@@ -217,7 +199,7 @@ pub struct MemoryStoreStats {
     pub completed: usize,
     /// The bound on `len`.
     pub capacity: usize,
-    /// The bytes counted for what is held: [`LEASE_BYTES`] per lease, and [`RECORD_OVERHEAD`]
+    /// The bytes counted for what is held: [`LEASE_BYTES`](MemoryStore::LEASE_BYTES) per lease, and [`RECORD_OVERHEAD`](MemoryStore::RECORD_OVERHEAD)
     /// plus its length per completed record. Zero when the store is empty.
     pub bytes: usize,
     /// The bound on `bytes`.
@@ -225,13 +207,33 @@ pub struct MemoryStoreStats {
 }
 
 impl MemoryStore {
-    /// A store holding at most `capacity` records (at least 1) and [`DEFAULT_MAX_BYTES`].
+    /// Default maximum number of records a [`MemoryStore`] holds.
+    pub const DEFAULT_CAPACITY: usize = 100_000;
+
+    /// Default maximum number of bytes a [`MemoryStore`] holds: 256 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
+    /// The bytes a [`MemoryStore`] counts for every key it holds, beside the record's own bytes: its
+    /// slot in the table (with the room a hash table keeps free), its place in the eviction queue,
+    /// and the allocator's share. 400 on a 64-bit target.
+    pub const RECORD_OVERHEAD: usize = 2 * size_of::<(StorageKey, Entry)>()
+        + 2 * size_of::<(Instant, u64, StorageKey)>()
+        + ALLOCATOR_OVERHEAD;
+
+    /// The bytes a [`MemoryStore`] counts for a lease (a request in flight): [`RECORD_OVERHEAD`](Self::RECORD_OVERHEAD) and
+    /// the smallest record, the one that says a response could not be kept. So a lease always has
+    /// room for its outcome, whatever else the store holds.
+    pub const LEASE_BYTES: usize = Self::RECORD_OVERHEAD + UNREPLAYABLE_LEN;
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity` records (at least 1) and [`DEFAULT_MAX_BYTES`](MemoryStore::DEFAULT_MAX_BYTES).
     pub fn with_capacity(capacity: usize) -> Self {
         Self::builder().with_capacity(capacity).build()
     }
 
-    /// A store holding at most `max_bytes` bytes (at least [`LEASE_BYTES`]) and
-    /// [`DEFAULT_CAPACITY`] records.
+    /// A store holding at most `max_bytes` bytes (at least [`LEASE_BYTES`](MemoryStore::LEASE_BYTES)) and
+    /// [`DEFAULT_CAPACITY`](MemoryStore::DEFAULT_CAPACITY) records.
     pub fn with_max_bytes(max_bytes: usize) -> Self {
         Self::builder().with_max_bytes(max_bytes).build()
     }
@@ -319,12 +321,15 @@ impl Inner {
     /// looking for before a completed record is evicted.
     fn leases_crowd(&self) -> bool {
         let leases = self.leases();
-        leases * 2 >= self.capacity || leases.saturating_mul(LEASE_BYTES * 2) >= self.max_bytes
+        leases * 2 >= self.capacity
+            || leases.saturating_mul(MemoryStore::LEASE_BYTES * 2) >= self.max_bytes
     }
 
     /// Makes room for one more lease, or says the store is full of live leases.
     fn make_room(&mut self, now: Instant, freed: &mut Freed) -> Result<(), StoreError> {
-        while self.map.len() >= self.capacity || self.bytes + LEASE_BYTES > self.max_bytes {
+        while self.map.len() >= self.capacity
+            || self.bytes + MemoryStore::LEASE_BYTES > self.max_bytes
+        {
             // When leases hold half the store or more, expired ones are looked for before a
             // completed record is evicted, at most once a second. In normal running the leases
             // are the requests in flight, few, and this search never runs.
@@ -349,7 +354,8 @@ impl Inner {
     fn make_room_for_record(&mut self, bytes: usize, now: Instant, freed: &mut Freed) -> bool {
         // Leases are never evicted: the caller's own is replaced, the others stay.
         let fits_beside_leases = |inner: &Self| {
-            ((inner.leases() - 1) * LEASE_BYTES).saturating_add(bytes) <= inner.max_bytes
+            ((inner.leases() - 1) * MemoryStore::LEASE_BYTES).saturating_add(bytes)
+                <= inner.max_bytes
         };
         if !fits_beside_leases(self) {
             // Expired leases are no requests in flight: they go, at most once a second.
@@ -358,7 +364,7 @@ impl Inner {
                 return false;
             }
         }
-        while self.bytes - LEASE_BYTES + bytes > self.max_bytes {
+        while self.bytes - MemoryStore::LEASE_BYTES + bytes > self.max_bytes {
             match self.completed.pop_front() {
                 Some((_, seq, key)) => freed.push(self.remove_completed(seq, &key)),
                 // Not reached: the completed records' bytes are all the rest.
@@ -375,7 +381,7 @@ impl Inner {
         self.map
             .retain(|_, e| !matches!(e, Entry::Lease { expires, .. } if *expires <= now));
         let reclaimed = before - self.map.len();
-        self.bytes -= reclaimed * LEASE_BYTES;
+        self.bytes -= reclaimed * MemoryStore::LEASE_BYTES;
         reclaimed > 0
     }
 
@@ -399,7 +405,7 @@ impl Store for MemoryStore {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         let now = Instant::now();
         let expires = now + lease_ttl;
         // Evicted records are freed after the lock is released.
@@ -411,14 +417,14 @@ impl Store for MemoryStore {
             Some(Entry::Completed {
                 record, expires, ..
             }) if *expires > now => {
-                return Ok(Begin::Completed(record.clone()));
+                return Ok(BeginOutcome::Completed(record.clone()));
             }
             Some(Entry::Lease {
                 fingerprint,
                 expires,
                 ..
             }) if *expires > now => {
-                return Ok(Begin::InFlight {
+                return Ok(BeginOutcome::InFlight {
                     fingerprint: *fingerprint,
                 });
             }
@@ -441,7 +447,7 @@ impl Store for MemoryStore {
                 );
                 drop(guard);
                 drop((old, freed));
-                return Ok(Begin::Acquired(token));
+                return Ok(BeginOutcome::Acquired(token));
             }
             Some(Entry::Completed { .. }) => true,
             None => false,
@@ -467,8 +473,8 @@ impl Store for MemoryStore {
                     notify: None,
                 },
             );
-            inner.bytes += LEASE_BYTES;
-            Begin::Acquired(token)
+            inner.bytes += MemoryStore::LEASE_BYTES;
+            BeginOutcome::Acquired(token)
         });
         drop(guard);
         drop(freed);
@@ -495,7 +501,7 @@ impl Store for MemoryStore {
         // at once: one lookup, as before the bound on bytes.
         let record = if inner
             .bytes
-            .saturating_sub(LEASE_BYTES)
+            .saturating_sub(MemoryStore::LEASE_BYTES)
             .saturating_add(bytes)
             <= inner.max_bytes
         {
@@ -530,7 +536,7 @@ impl Store for MemoryStore {
         };
         inner.seq += 1;
         let seq = inner.seq;
-        inner.bytes = inner.bytes - LEASE_BYTES + record_bytes(record.len());
+        inner.bytes = inner.bytes - MemoryStore::LEASE_BYTES + record_bytes(record.len());
         let notify = match std::mem::replace(
             entry,
             Entry::Completed {
@@ -567,7 +573,7 @@ impl Store for MemoryStore {
             return Ok(false);
         }
         let entry = inner.map.remove(key);
-        inner.bytes -= LEASE_BYTES;
+        inner.bytes -= MemoryStore::LEASE_BYTES;
         drop(inner);
         if let Some(Entry::Lease {
             notify: Some(notify),
@@ -646,10 +652,10 @@ mod tests {
         }
         .encode();
         assert_eq!(smallest.len(), UNREPLAYABLE_LEN);
-        assert_eq!(LEASE_BYTES, record_bytes(smallest.len()));
+        assert_eq!(MemoryStore::LEASE_BYTES, record_bytes(smallest.len()));
         // The documented figure, on the 64-bit targets the project is built for.
         #[cfg(target_pointer_width = "64")]
-        assert_eq!(RECORD_OVERHEAD, 400);
+        assert_eq!(MemoryStore::RECORD_OVERHEAD, 400);
     }
 
     #[tokio::test(start_paused = true)]
@@ -658,7 +664,7 @@ mod tests {
         for n in 0..3 {
             assert!(matches!(
                 store.begin(&key(n), &FP, LEASE).await.unwrap(),
-                Begin::Acquired(_)
+                BeginOutcome::Acquired(_)
             ));
         }
         assert!(matches!(
@@ -669,14 +675,14 @@ mod tests {
         for n in 0..3 {
             assert!(matches!(
                 store.begin(&key(n), &FP, LEASE).await.unwrap(),
-                Begin::InFlight { .. }
+                BeginOutcome::InFlight { .. }
             ));
         }
         // Once they expire, room is made: every expired lease is reclaimed at once.
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         assert!(matches!(
             store.begin(&key(9), &FP, LEASE).await.unwrap(),
-            Begin::Acquired(_)
+            BeginOutcome::Acquired(_)
         ));
         assert_eq!(store.stats().len, 1);
         assert_eq!(store.stats().leases, 1);
@@ -688,11 +694,11 @@ mod tests {
         let short = Duration::from_millis(100);
         assert!(matches!(
             store.begin(&key(0), &FP, short).await.unwrap(),
-            Begin::Acquired(_)
+            BeginOutcome::Acquired(_)
         ));
         assert!(matches!(
             store.begin(&key(1), &FP, LEASE).await.unwrap(),
-            Begin::Acquired(_)
+            BeginOutcome::Acquired(_)
         ));
         // Full of live leases: this search finds none, and the next may come a second later.
         assert!(matches!(
@@ -707,22 +713,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(matches!(
             store.begin(&key(2), &FP, LEASE).await.unwrap(),
-            Begin::Acquired(_)
+            BeginOutcome::Acquired(_)
         ));
         // The live lease was kept.
         assert!(matches!(
             store.begin(&key(1), &FP, LEASE).await.unwrap(),
-            Begin::InFlight { .. }
+            BeginOutcome::InFlight { .. }
         ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn expired_leases_go_before_live_records() {
         let store = MemoryStore::with_capacity(2);
-        let Begin::Acquired(_) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(_) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
             panic!("key 0 must be acquired")
         };
-        let Begin::Acquired(t1) = store.begin(&key(1), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(t1) = store.begin(&key(1), &FP, LEASE).await.unwrap() else {
             panic!("key 1 must be acquired")
         };
         assert!(
@@ -733,12 +739,12 @@ mod tests {
         );
         // Key 0's owner is gone: its lease expires while key 1's record is still live.
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
-        let Begin::Acquired(_) = store.begin(&key(2), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(_) = store.begin(&key(2), &FP, LEASE).await.unwrap() else {
             panic!("key 2 must be acquired")
         };
         assert!(matches!(
             store.begin(&key(1), &FP, LEASE).await.unwrap(),
-            Begin::Completed(_)
+            BeginOutcome::Completed(_)
         ));
     }
 
@@ -748,7 +754,8 @@ mod tests {
         let ttl = Duration::from_secs(1);
         for round in 0..3 {
             for n in 0..4 {
-                let Begin::Acquired(t) = store.begin(&key(n), &FP, LEASE).await.unwrap() else {
+                let BeginOutcome::Acquired(t) = store.begin(&key(n), &FP, LEASE).await.unwrap()
+                else {
                     panic!("round {round}: key {n} must be acquired")
                 };
                 assert!(
@@ -764,7 +771,7 @@ mod tests {
         }
         // A new key evicts exactly one record, the oldest, and the counts still add up.
         tokio::time::advance(Duration::from_millis(1)).await;
-        let Begin::Acquired(_) = store.begin(&key(9), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(_) = store.begin(&key(9), &FP, LEASE).await.unwrap() else {
             panic!("a new key must be acquired")
         };
         let stats = store.stats();
@@ -775,7 +782,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn completed_records_are_evicted_before_leases() {
         let store = MemoryStore::with_capacity(2);
-        let Begin::Acquired(t0) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(t0) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
             panic!()
         };
         assert!(
@@ -784,16 +791,16 @@ mod tests {
                 .await
                 .unwrap()
         );
-        let Begin::Acquired(_) = store.begin(&key(1), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(_) = store.begin(&key(1), &FP, LEASE).await.unwrap() else {
             panic!()
         };
-        let Begin::Acquired(_) = store.begin(&key(2), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(_) = store.begin(&key(2), &FP, LEASE).await.unwrap() else {
             panic!()
         };
         // key 0 (completed) made room; key 1 (lease) is still in flight.
         assert!(matches!(
             store.begin(&key(1), &FP, LEASE).await.unwrap(),
-            Begin::InFlight { .. }
+            BeginOutcome::InFlight { .. }
         ));
         assert!(matches!(
             store.begin(&key(0), &FP, LEASE).await,
@@ -804,7 +811,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn renew_moves_the_expiry() {
         let store = MemoryStore::with_capacity(10);
-        let Begin::Acquired(t) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
+        let BeginOutcome::Acquired(t) = store.begin(&key(0), &FP, LEASE).await.unwrap() else {
             panic!()
         };
         tokio::time::advance(Duration::from_secs(20)).await;
@@ -812,12 +819,12 @@ mod tests {
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(matches!(
             store.begin(&key(0), &FP, LEASE).await.unwrap(),
-            Begin::InFlight { .. }
+            BeginOutcome::InFlight { .. }
         ));
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(matches!(
             store.begin(&key(0), &FP, LEASE).await.unwrap(),
-            Begin::Acquired(_)
+            BeginOutcome::Acquired(_)
         ));
         assert!(!store.renew(&key(0), t, LEASE).await.unwrap());
     }

@@ -18,14 +18,11 @@ use crate::fingerprint::Fingerprint;
 
 mod memory;
 #[cfg(feature = "redis")]
-pub mod redis;
+mod redis;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
-pub use memory::{
-    DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, LEASE_BYTES, MemoryStore, MemoryStoreBuilder,
-    MemoryStoreStats, RECORD_OVERHEAD,
-};
+pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
 /// Where a record lives: a fixed-size hash of (namespace, scope, key).
 ///
@@ -70,7 +67,7 @@ impl LeaseToken {
 
 /// What [`Store::begin`] found.
 #[derive(Debug, Clone)]
-pub enum Begin {
+pub enum BeginOutcome {
     /// There was no record (or only an expired lease): the caller now holds a lease and must
     /// run the request, then complete or release.
     Acquired(LeaseToken),
@@ -132,7 +129,7 @@ pub trait Store: Send + Sync + 'static {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError>;
+    ) -> Result<BeginOutcome, StoreError>;
 
     /// Replaces the caller's lease with the completed `record`, kept for `ttl`, and wakes the
     /// waiters. Returns `false`, changing nothing, when `token` no longer owns the lease.
@@ -178,7 +175,7 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         (**self).begin(key, fingerprint, lease_ttl).await
     }
     async fn complete(

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::store::{Begin, LeaseToken, StorageKey, Store};
+use tower_idempotency::Fingerprint;
+use tower_idempotency::{BeginOutcome, LeaseToken, StorageKey, Store};
 
 /// Expands to one `#[tokio::test]` per rule of the store contract, each running against the
 /// store made by `$make` (an expression evaluating to a future of a `Store`).
@@ -97,21 +97,21 @@ pub fn record(tag: &str) -> Bytes {
 
 pub async fn acquire<S: Store>(store: &S, key: &StorageKey, lease: Duration) -> LeaseToken {
     match store.begin(key, &fp(1), lease).await.expect("begin") {
-        Begin::Acquired(token) => token,
+        BeginOutcome::Acquired(token) => token,
         other => panic!("expected a lease, got {other:?}"),
     }
 }
 
 pub async fn expect_in_flight<S: Store>(store: &S, key: &StorageKey, want: Fingerprint) {
     match store.begin(key, &fp(1), LONG).await.expect("begin") {
-        Begin::InFlight { fingerprint } => assert_eq!(fingerprint, want),
+        BeginOutcome::InFlight { fingerprint } => assert_eq!(fingerprint, want),
         other => panic!("expected in flight, got {other:?}"),
     }
 }
 
 pub async fn expect_completed<S: Store>(store: &S, key: &StorageKey) -> Bytes {
     match store.begin(key, &fp(1), LONG).await.expect("begin") {
-        Begin::Completed(bytes) => bytes,
+        BeginOutcome::Completed(bytes) => bytes,
         other => panic!("expected a completed record, got {other:?}"),
     }
 }
@@ -125,13 +125,13 @@ pub async fn acquire_eventually<S: Store>(
     let give_up = Instant::now() + within;
     loop {
         match store.begin(key, &fp(1), LONG).await.expect("begin") {
-            Begin::Acquired(token) => return token,
-            Begin::InFlight { .. } => {
+            BeginOutcome::Acquired(token) => return token,
+            BeginOutcome::InFlight { .. } => {
                 let left = give_up.saturating_duration_since(Instant::now());
                 assert!(!left.is_zero(), "the lease was not released in time");
                 store.wait(key, left).await.expect("wait");
             }
-            Begin::Completed(_) => panic!("unexpected completed record"),
+            BeginOutcome::Completed(_) => panic!("unexpected completed record"),
         }
     }
 }
@@ -152,9 +152,9 @@ pub async fn begin_grants_exactly_one_lease<S: Store>(store: Arc<S>) {
     let mut acquired = 0;
     for task in tasks {
         match task.await.expect("task") {
-            Begin::Acquired(_) => acquired += 1,
-            Begin::InFlight { fingerprint } => assert_eq!(fingerprint, fp(7)),
-            Begin::Completed(_) => panic!("nothing was completed"),
+            BeginOutcome::Acquired(_) => acquired += 1,
+            BeginOutcome::InFlight { fingerprint } => assert_eq!(fingerprint, fp(7)),
+            BeginOutcome::Completed(_) => panic!("nothing was completed"),
         }
     }
     assert_eq!(acquired, 1);
@@ -166,10 +166,10 @@ pub async fn in_flight_reports_the_owners_fingerprint<S: Store>(store: Arc<S>) {
     let k = key();
     assert!(matches!(
         store.begin(&k, &fp(3), LONG).await.expect("begin"),
-        Begin::Acquired(_)
+        BeginOutcome::Acquired(_)
     ));
     match store.begin(&k, &fp(4), LONG).await.expect("begin") {
-        Begin::InFlight { fingerprint } => assert_eq!(fingerprint, fp(3)),
+        BeginOutcome::InFlight { fingerprint } => assert_eq!(fingerprint, fp(3)),
         other => panic!("expected in flight, got {other:?}"),
     }
 }
@@ -206,7 +206,7 @@ pub async fn complete_is_owner_checked<S: Store>(store: Arc<S>) {
     );
     assert!(matches!(
         store.begin(&empty, &fp(1), LONG).await.expect("begin"),
-        Begin::Acquired(_)
+        BeginOutcome::Acquired(_)
     ));
 }
 
@@ -254,7 +254,7 @@ pub async fn completed_record_is_final<S: Store>(store: Arc<S>) {
     assert!(!store.renew(&k, t, LONG).await.expect("renew"));
     // Another fingerprint gets the record too: comparing fingerprints is the layer's job.
     match store.begin(&k, &fp(9), LONG).await.expect("begin") {
-        Begin::Completed(bytes) => assert_eq!(bytes, record("first")),
+        BeginOutcome::Completed(bytes) => assert_eq!(bytes, record("first")),
         other => panic!("expected completed, got {other:?}"),
     }
 }
@@ -329,7 +329,7 @@ pub async fn expired_lease_is_taken_over_and_its_owner_fenced<S: Store>(store: A
     let old = acquire(&*store, &k, SHORT).await;
     tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
     let new = match store.begin(&k, &fp(2), LONG).await.expect("begin") {
-        Begin::Acquired(token) => token,
+        BeginOutcome::Acquired(token) => token,
         other => panic!("the expired lease was not taken over: {other:?}"),
     };
     assert_ne!(old, new);
@@ -366,7 +366,7 @@ pub async fn expired_lease_refuses_its_owner<S: Store>(store: Arc<S>) {
     );
     assert!(matches!(
         store.begin(&k, &fp(1), LONG).await.expect("begin"),
-        Begin::Acquired(_)
+        BeginOutcome::Acquired(_)
     ));
 }
 
@@ -384,7 +384,7 @@ pub async fn completed_record_expires_after_ttl<S: Store>(store: Arc<S>) {
     tokio::time::sleep(SHORT + Duration::from_millis(300)).await;
     assert!(matches!(
         store.begin(&k, &fp(1), LONG).await.expect("begin"),
-        Begin::Acquired(_)
+        BeginOutcome::Acquired(_)
     ));
 }
 
@@ -438,9 +438,11 @@ pub async fn wait_does_not_lose_a_racing_completion<S: Store>(store: Arc<S>) {
                 // As the layer does: look, then wait while in flight.
                 loop {
                     match store.begin(&k, &fp(1), LONG).await.expect("begin") {
-                        Begin::InFlight { .. } => store.wait(&k, GENEROUS).await.expect("wait"),
-                        Begin::Completed(bytes) => return (bytes, start.elapsed()),
-                        Begin::Acquired(_) => panic!("the lease was lost"),
+                        BeginOutcome::InFlight { .. } => {
+                            store.wait(&k, GENEROUS).await.expect("wait")
+                        }
+                        BeginOutcome::Completed(bytes) => return (bytes, start.elapsed()),
+                        BeginOutcome::Acquired(_) => panic!("the lease was lost"),
                     }
                 }
             })
@@ -572,12 +574,12 @@ pub async fn wait_keeps_waiting_across_renewals<S: Store>(store: Arc<S>) {
     let start = Instant::now();
     loop {
         match store.begin(&k, &fp(1), LONG).await.expect("begin") {
-            Begin::InFlight { .. } => store.wait(&k, GENEROUS).await.expect("wait"),
-            Begin::Completed(bytes) => {
+            BeginOutcome::InFlight { .. } => store.wait(&k, GENEROUS).await.expect("wait"),
+            BeginOutcome::Completed(bytes) => {
                 assert_eq!(bytes, record("renewed"));
                 break;
             }
-            Begin::Acquired(_) => panic!("a renewed lease was taken over"),
+            BeginOutcome::Acquired(_) => panic!("a renewed lease was taken over"),
         }
     }
     assert!(start.elapsed() < PROMPTLY);
@@ -611,7 +613,7 @@ pub async fn distinct_keys_are_independent<S: Store>(store: Arc<S>) {
     assert_eq!(expect_completed(&*store, &a).await, record("a"));
     assert!(matches!(
         store.begin(&b, &fp(1), LONG).await.expect("begin"),
-        Begin::Acquired(_)
+        BeginOutcome::Acquired(_)
     ));
 }
 
@@ -629,7 +631,7 @@ pub async fn many_keys_each_grant_one_lease<S: Store>(store: Arc<S>) {
     let mut leases = std::collections::HashMap::new();
     for task in tasks {
         let (k, begun) = task.await.expect("task");
-        if let Begin::Acquired(t) = begun {
+        if let BeginOutcome::Acquired(t) = begun {
             assert!(leases.insert(k, t).is_none(), "two leases for one key");
         }
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use metrics::{
     Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
-use tower_idempotency::metrics::{EVENTS_TOTAL, Event};
+use tower_idempotency::{EVENTS_TOTAL, Event};
 
 /// The events counted so far. Clones share the counts.
 #[derive(Clone, Default)]

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tower_idempotency::Fingerprint;
 use tower_idempotency::MemoryStore;
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::store::{Begin, LeaseToken, StorageKey, Store, StoreError};
+use tower_idempotency::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 
 #[derive(Default)]
 struct Log {
@@ -67,7 +67,7 @@ impl Store for RecordingStore {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         self.note("begin", key);
         self.inner.begin(key, fingerprint, lease_ttl).await
     }

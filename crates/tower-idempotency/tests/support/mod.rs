@@ -442,7 +442,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn rand_u64() -> u64 {
-    tower_idempotency::store::LeaseToken::random().0 as u64
+    tower_idempotency::LeaseToken::random().0 as u64
 }
 
 /// The path of a directory's file, as a string argument.

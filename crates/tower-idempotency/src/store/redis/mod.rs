@@ -150,12 +150,12 @@ use redis::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{Begin, LeaseToken, StorageKey, Store, StoreError};
+use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{self, Event};
 
 /// The key prefix used unless [`RedisStoreBuilder::with_prefix`] says otherwise.
-pub const DEFAULT_PREFIX: &str = "idempotency:";
+pub(crate) const DEFAULT_PREFIX: &str = "idempotency:";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -376,7 +376,7 @@ impl RedisStore {
 }
 
 impl RedisStoreBuilder {
-    /// Prefixes every Redis key and channel (default [`DEFAULT_PREFIX`]), so that several
+    /// Prefixes every Redis key and channel (default `idempotency:`), so that several
     /// applications can share one Redis. It must not contain `{` or `}`, which would break the
     /// hash tags that keep a record and its channel in one cluster slot.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -594,7 +594,7 @@ impl Store for RedisStore {
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         let token = LeaseToken::random();
         let mut lease = Vec::with_capacity(1 + 16 + 32);
         lease.extend_from_slice(&owner(token));
@@ -632,7 +632,7 @@ impl Store for RedisStore {
         };
         match found {
             // Lua's false: nil in RESP2, and possibly a boolean for a RESP3 connection.
-            ref v if is_nil(v) => Ok(Begin::Acquired(token)),
+            ref v if is_nil(v) => Ok(BeginOutcome::Acquired(token)),
             Value::BulkString(found) => decode_found(found),
             other => Err(StoreError::Corrupt(format!(
                 "unexpected reply to begin: {other:?}"
@@ -787,14 +787,14 @@ fn owner(token: LeaseToken) -> [u8; 17] {
     out
 }
 
-fn decode_found(found: Vec<u8>) -> Result<Begin, StoreError> {
+fn decode_found(found: Vec<u8>) -> Result<BeginOutcome, StoreError> {
     if found == [TAG_NO_EXPIRY] {
         return Err(no_expiry());
     }
     match found.first() {
-        Some(&TAG_COMPLETED) => Ok(Begin::Completed(Bytes::from(found).slice(1..))),
+        Some(&TAG_COMPLETED) => Ok(BeginOutcome::Completed(Bytes::from(found).slice(1..))),
         Some(&TAG_LEASE) => match <[u8; 32]>::try_from(&found[1..]) {
-            Ok(fingerprint) => Ok(Begin::InFlight {
+            Ok(fingerprint) => Ok(BeginOutcome::InFlight {
                 fingerprint: Fingerprint(fingerprint),
             }),
             Err(_) => Err(StoreError::Corrupt(format!(
@@ -1289,11 +1289,11 @@ mod tests {
         lease.extend_from_slice(&fp);
         assert!(matches!(
             decode_found(lease),
-            Ok(Begin::InFlight { fingerprint }) if fingerprint.0 == fp
+            Ok(BeginOutcome::InFlight { fingerprint }) if fingerprint.0 == fp
         ));
         assert!(matches!(
             decode_found(b"Cabc".to_vec()),
-            Ok(Begin::Completed(b)) if &b[..] == b"abc"
+            Ok(BeginOutcome::Completed(b)) if &b[..] == b"abc"
         ));
         assert!(decode_found(b"Xabc".to_vec()).is_err());
         assert_eq!(owner(LeaseToken(1))[16], 1);
