@@ -10,9 +10,9 @@
 mod conformance;
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -431,19 +431,41 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
 // Issue 3, acceptance 6: faults
 
 /// Redis killed while requests are in flight: 503 problem+json when failing closed, an
-/// untracked pass-through when failing open, never a panic or a hang past the wait timeout.
-/// Redis restarted: the same store serves again within a few seconds.
+/// untracked pass-through when failing open, never a panic or a hang past the wait timeout. A
+/// duplicate waiting on an owner gets a 503 or the owner's response replayed, never a second
+/// run of the handler. Redis restarted: the same store serves again within a few seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_outage_fails_closed_or_open_and_the_store_recovers() {
     let mut server = RedisServer::start();
     let store = store_on(&server.url()).await;
     let wait_timeout = Duration::from_secs(5);
-    let handler = || async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        (StatusCode::CREATED, "ok")
+    // The handler's runs, by idempotency key. Each response names its run, so that a replay of
+    // the first run cannot pass for a second one.
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let runs_of = |key: &str| runs.lock().unwrap().get(key).copied().unwrap_or(0);
+    let handler = {
+        let runs = runs.clone();
+        move |headers: HeaderMap| {
+            let runs = runs.clone();
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let run = {
+                    let mut runs = runs.lock().unwrap();
+                    let n = runs.entry(key.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                (StatusCode::CREATED, format!("ok: run {run} of {key}"))
+            }
+        }
     };
     let closed = Router::new()
-        .route("/orders", post(handler))
+        .route("/orders", post(handler.clone()))
         .layer(IdempotencyLayer::new(store.clone()).with_wait_timeout(wait_timeout));
     let open = Router::new()
         .route("/orders", post(handler))
@@ -479,20 +501,43 @@ async fn a_redis_outage_fails_closed_or_open_and_the_store_recovers() {
         "fail closed took {:?}",
         start.elapsed()
     );
+    assert_eq!(runs_of("during"), 0, "the handler ran for a 503");
     let (status, headers, body) = send(&open, "during-open").await;
-    assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"ok"[..]));
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::CREATED, &b"ok: run 1 of during-open"[..])
+    );
     assert!(!replayed(&headers));
 
     // The owner's caller still gets its handler's response; the duplicate gets an answer
-    // (503 once Redis is gone) within its wait timeout.
-    let (status, _, body) = owner.await.unwrap();
-    assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"ok"[..]));
-    let ((status, _, _), took) = duplicate.await.unwrap();
+    // within its wait timeout: a 503 once Redis is gone, or the owner's response replayed.
+    // Either way the handler ran once for the key.
+    let (status, _, owner_body) = owner.await.unwrap();
+    assert_eq!(
+        (status, &owner_body[..]),
+        (StatusCode::CREATED, &b"ok: run 1 of in-flight"[..])
+    );
+    let ((status, headers, body), took) = duplicate.await.unwrap();
     println!("duplicate during the outage: {status} after {took:?}");
     assert!(took < wait_timeout + Duration::from_secs(2));
-    assert!(
-        status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::CREATED,
-        "duplicate got {status}"
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE => assert_eq!(
+            headers.get("content-type").unwrap(),
+            "application/problem+json"
+        ),
+        StatusCode::CREATED => {
+            assert!(replayed(&headers), "the duplicate's 201 is not a replay");
+            assert_eq!(
+                body, owner_body,
+                "the duplicate's 201 is not the owner's response"
+            );
+        }
+        other => panic!("duplicate got {other}"),
+    }
+    assert_eq!(
+        runs_of("in-flight"),
+        1,
+        "the handler's runs for the key in flight"
     );
 
     // Redis comes back (empty: no persistence). The service recovers without a restart.
