@@ -130,7 +130,7 @@ pub use extract::{KeySource, KeySources};
 pub use form::{idempotent_input, idempotent_key};
 pub use key::{IdempotencyKey, KeyError};
 pub use layer::IdempotencyLayer;
-pub use problem::Problem;
+pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 #[cfg(feature = "redis")]
