@@ -132,7 +132,7 @@ pub use key::{IdempotencyKey, KeyError};
 pub use layer::IdempotencyLayer;
 pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
-pub use service::Idempotency;
+pub use service::{Idempotency, strip_hop_by_hop};
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{MemoryStore, Store, StoreError};
