@@ -2,11 +2,14 @@
 //!
 //! `GET /` serves an order form that carries a fresh idempotency key in a hidden input, so a
 //! double-clicked "Place order" creates one order. `POST /api/orders` takes JSON and an
-//! `Idempotency-Key` header, for API clients.
+//! `Idempotency-Key` header, for API clients, and answers `201 Created` with the order and its
+//! `Location`, `/api/orders/{id}`; `GET` there answers the order as JSON, and `GET /api/orders`
+//! every order.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -14,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use minijinja::{Environment, context};
 use serde::{Deserialize, Serialize};
-use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::{IdempotencyLayer, ProblemDetails};
 
 /// The products the shop sells: (name, price in cents).
 pub const PRODUCTS: &[(&str, u64)] = &[("Coffee beans", 1_450), ("Teapot", 3_900), ("Mug", 1_200)];
@@ -113,6 +116,7 @@ pub fn app(shop: Shop, layer: IdempotencyLayer) -> Router {
         .route("/orders", post(place_form))
         .route("/orders/{id}", get(order_page))
         .route("/api/orders", post(place_json).get(list_json))
+        .route("/api/orders/{id}", get(order_json))
         .layer(layer)
         .with_state(shop)
 }
@@ -199,15 +203,32 @@ async fn place_json(State(shop): State<Shop>, Json(new): Json<NewOrder>) -> Resp
             Json(order),
         )
             .into_response(),
-        Err(why) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            serde_json::json!({"type": "about:blank", "title": "Order refused", "status": 422, "detail": why}).to_string(),
-        )
-            .into_response(),
+        Err(why) => problem(
+            ProblemDetails::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "about:blank",
+                "Order refused",
+            )
+            .with_detail(why),
+        ),
     }
 }
 
 async fn list_json(State(shop): State<Shop>) -> Json<Vec<Order>> {
     Json(shop.orders())
+}
+
+async fn order_json(State(shop): State<Shop>, Path(id): Path<u64>) -> Response {
+    match shop.get(id) {
+        Some(order) => Json(order).into_response(),
+        None => problem(
+            ProblemDetails::new(StatusCode::NOT_FOUND, "about:blank", "Not Found")
+                .with_detail(format!("There is no order {id}.")),
+        ),
+    }
+}
+
+/// A problem document (RFC 9457) as the shop's answer.
+fn problem(problem: ProblemDetails) -> Response {
+    problem.to_response().map(Body::from)
 }

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use idempotency_demo::{Shop, app};
-use tower_idempotency::RedisStore;
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, RedisStore};
 
 /// A small shop whose orders are placed exactly once, however often a form is submitted.
 #[derive(Parser, Debug)]

@@ -106,6 +106,55 @@ async fn fifty_concurrent_duplicates_create_one_order() {
     assert_eq!(orders[0]["total_cents"], 7800);
 }
 
+/// The `Location` of a placed order names a route that answers the order, to the first caller
+/// and to a replay alike; an order that does not exist is a 404 problem.
+#[tokio::test]
+async fn the_location_of_a_placed_order_answers_the_order() {
+    let demo = start_demo().await;
+    let client = reqwest::Client::new();
+    let place = || {
+        client
+            .post(format!("{}/api/orders", demo.base))
+            .header("Idempotency-Key", "\"order-located\"")
+            .json(&serde_json::json!({"product": "Mug", "quantity": 2}))
+            .send()
+    };
+    let placed = place().await.unwrap();
+    assert_eq!(placed.status(), 201);
+    let location = placed.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(location, "/api/orders/1");
+    let created: serde_json::Value = placed.json().await.unwrap();
+    let replayed = place().await.unwrap();
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    assert_eq!(replayed.headers()["location"], location.as_str());
+
+    let found = client
+        .get(format!("{}{location}", demo.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(found.status(), 200);
+    assert_eq!(found.headers()["content-type"], "application/json");
+    let order: serde_json::Value = found.json().await.unwrap();
+    assert_eq!(order, created);
+    assert_eq!(order["total_cents"], 2400);
+
+    let missing = client
+        .get(format!("{}/api/orders/2", demo.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(problem["status"], 404);
+    assert_eq!(problem["title"], "Not Found");
+    assert_eq!(orders(&client, &demo).await.len(), 1);
+}
+
 fn hidden_key(html: &str) -> String {
     let marker = r#"name="__idempotent_key" value=""#;
     let start = html.find(marker).expect("the form carries a key") + marker.len();

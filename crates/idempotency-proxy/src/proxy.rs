@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, EXPECT, HOST};
+use http::header::{EXPECT, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -31,10 +31,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tower::Service;
-use tower_idempotency::strip_hop_by_hop;
-use tower_idempotency::{IdempotencyBody, NotRun, OutcomeUnknown, Problem, Tracked};
+use tower_idempotency::{
+    IdempotencyBody, NotRun, OutcomeUnknown, Problem, ProblemDetails, Tracked, strip_hop_by_hop,
+};
 
-use crate::cli::Upstream;
+use crate::upstream::Upstream;
 
 /// The error type of response bodies.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -442,11 +443,7 @@ fn outcome_unknown(tracked: bool, detail: &str) -> Response<ProxyBody> {
             format!("{detail} Nothing was stored."),
         );
     }
-    let mut res = Problem::OutcomeUnknown.to_response().map(|body| {
-        Full::new(body)
-            .map_err(|never| match never {})
-            .boxed_unsync()
-    });
+    let mut res = full(Problem::OutcomeUnknown.to_response());
     res.extensions_mut().insert(OutcomeUnknown);
     res
 }
@@ -507,31 +504,31 @@ where
     }
 }
 
-/// An `application/problem+json` answer (RFC 9457) made by the proxy itself.
+/// An `application/problem+json` answer (RFC 9457) made by the proxy itself, of type
+/// `urn:idempotency-proxy:problem:{slug}`. It speaks of one request now: no cache keeps it.
 pub(crate) fn problem(
     status: StatusCode,
     slug: &str,
-    title: &str,
+    title: &'static str,
     detail: String,
 ) -> Response<ProxyBody> {
-    let doc = serde_json::json!({
-        "type": format!("urn:idempotency-proxy:problem:{slug}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let body = Full::new(Bytes::from(doc.to_string()))
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut res = Response::new(body);
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    res.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
+    let problem = ProblemDetails::new(
+        status,
+        format!("urn:idempotency-proxy:problem:{slug}"),
+        title,
+    )
+    .with_detail(detail)
+    .with_no_store();
+    full(problem.to_response())
+}
+
+/// A response whose whole body is at hand, as the proxy answers.
+fn full(res: Response<Bytes>) -> Response<ProxyBody> {
+    res.map(|body| {
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    })
 }
 
 /// An error and its sources, as one line.

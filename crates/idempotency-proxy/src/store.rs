@@ -130,3 +130,43 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Args;
+
+    fn store_args(flags: &[&str]) -> StoreArgs {
+        let mut argv = vec!["idempotency-proxy", "--upstream", "http://127.0.0.1:1"];
+        argv.extend_from_slice(flags);
+        Args::try_parse_from(argv).unwrap().store
+    }
+
+    #[test]
+    fn the_memory_store_takes_its_bounds_from_the_flags() {
+        let stats = memory(&store_args(&[])).stats();
+        assert_eq!((stats.max_bytes, stats.capacity), (256 << 20, 100_000));
+        let bounded = store_args(&["--store-max-bytes", "2MiB", "--store-max-records", "500"]);
+        let stats = memory(&bounded).stats();
+        assert_eq!((stats.max_bytes, stats.capacity), (2 << 20, 500));
+    }
+
+    #[tokio::test]
+    async fn flags_for_the_other_kind_of_store_are_refused() {
+        let acks = store_args(&["--redis-replica-acks", "1"]);
+        let e = open(&acks).await.err().unwrap();
+        assert!(
+            e.contains("--redis-replica-acks needs a Redis store"),
+            "{e}"
+        );
+        for flag in ["--store-max-bytes", "--store-max-records"] {
+            let args = store_args(&["--store", "redis://127.0.0.1:1", flag, "10"]);
+            let e = open(&args).await.err().unwrap();
+            assert!(e.starts_with(flag), "{e}");
+            assert!(e.contains("maxmemory"), "{e}");
+        }
+    }
+}

@@ -142,7 +142,7 @@ pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use metrics::{EVENTS_TOTAL, Event};
-pub use problem::{PROBLEM_JSON, Problem};
+pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::{IDEMPOTENT_REPLAYED, Idempotency, strip_hop_by_hop};
 pub use store::{

@@ -1,17 +1,191 @@
 //! Errors as `application/problem+json` (RFC 9457).
 //!
-//! Every error the layer answers by itself is a [`Problem`]: one place maps each case to its
-//! status, its `type` and its words. No problem reveals another request's stored response.
+//! [`ProblemDetails`] is one problem document and the response that carries it; the layer, the
+//! proxy and the demo answer every error of their own through it. Every error the layer answers
+//! by itself is a [`Problem`]: one place maps each case to its status, its `type` and its words.
+//! No problem reveals another request's stored response.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::{Map, Value};
 
 use crate::key::KeyError;
 
-/// Media type of every error the layer answers.
+/// Media type of every problem document: `application/problem+json`.
 pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The `type` URI prefix of the layer's own problems; the slug follows it.
+const TYPE_PREFIX: &str = "urn:tower-idempotency:problem:";
+
+/// The members a problem document defines itself, which no extension member may replace.
+const STANDARD_MEMBERS: [&str; 5] = ["type", "title", "status", "detail", "instance"];
+
+/// A problem document (RFC 9457) and the `application/problem+json` response that carries it.
+///
+/// It holds the standard members `type`, `title`, `status` and `detail`, any extension members,
+/// and two headers of the response: `Retry-After`, and `Cache-Control: no-store` for a problem
+/// that describes one request at one moment (a request in flight, a store that is down), which
+/// no cache should keep.
+///
+/// ```
+/// use std::time::Duration;
+/// use http::StatusCode;
+/// use tower_idempotency::{PROBLEM_JSON, ProblemDetails};
+///
+/// let res = ProblemDetails::new(
+///     StatusCode::SERVICE_UNAVAILABLE,
+///     "https://example.com/problems/maintenance",
+///     "Down for maintenance",
+/// )
+/// .with_detail("Back at 06:00 UTC.")
+/// .with_retry_after(Duration::from_secs(120))
+/// .with_no_store()
+/// .with_extension("until", "06:00Z")
+/// .to_response();
+///
+/// assert_eq!(res.status(), 503);
+/// assert_eq!(res.headers()["content-type"], PROBLEM_JSON);
+/// assert_eq!(res.headers()["retry-after"], "120");
+/// assert_eq!(res.headers()["cache-control"], "no-store");
+/// let doc: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+/// assert_eq!(doc["title"], "Down for maintenance");
+/// assert_eq!(doc["status"], 503);
+/// assert_eq!(doc["until"], "06:00Z");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProblemDetails {
+    status: StatusCode,
+    type_uri: Cow<'static, str>,
+    title: Cow<'static, str>,
+    detail: Option<Cow<'static, str>>,
+    retry_after: Option<Duration>,
+    no_store: bool,
+    extensions: Map<String, Value>,
+}
+
+impl ProblemDetails {
+    /// A problem of `type_uri` (a URI that names the kind of problem, or `about:blank`) with
+    /// its short, human-readable `title`, answered with `status`.
+    pub fn new(
+        status: StatusCode,
+        type_uri: impl Into<Cow<'static, str>>,
+        title: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            type_uri: type_uri.into(),
+            title: title.into(),
+            detail: None,
+            retry_after: None,
+            no_store: false,
+            extensions: Map::new(),
+        }
+    }
+
+    /// The `detail` member: what happened to this request, for a person to read.
+    pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// A `Retry-After` header, in whole seconds rounded up and at least one.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// A `Cache-Control: no-store` header: the answer holds for this request now, and no cache
+    /// may keep it.
+    pub fn with_no_store(mut self) -> Self {
+        self.no_store = true;
+        self
+    }
+
+    /// An extension member of the document. The standard members (`type`, `title`, `status`,
+    /// `detail`, `instance`) cannot be replaced this way: such a name is ignored.
+    pub fn with_extension(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        let name = name.into();
+        if !STANDARD_MEMBERS.contains(&name.as_str()) {
+            self.extensions.insert(name, value.into());
+        }
+        self
+    }
+
+    /// The status code of the response.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The `type` member.
+    pub fn type_uri(&self) -> &str {
+        &self.type_uri
+    }
+
+    /// The `title` member.
+    pub fn title(&self) -> &str {
+        &self.title
+    }
+
+    /// The `detail` member, if there is one.
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
+    }
+
+    /// The delay `Retry-After` advises, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The document as JSON: `type`, `title`, `status`, `detail` (when there is one) and the
+    /// extension members.
+    pub fn to_json(&self) -> Value {
+        let mut doc = Map::new();
+        doc.insert("type".into(), Value::from(&*self.type_uri));
+        doc.insert("title".into(), Value::from(&*self.title));
+        doc.insert("status".into(), Value::from(self.status.as_u16()));
+        if let Some(detail) = &self.detail {
+            doc.insert("detail".into(), Value::from(&**detail));
+        }
+        for (name, value) in &self.extensions {
+            doc.insert(name.clone(), value.clone());
+        }
+        Value::Object(doc)
+    }
+
+    /// The response: the status, `Content-Type: application/problem+json`, the headers asked
+    /// for, and the document as its body.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let body = Bytes::from(self.to_json().to_string());
+        let mut res = Response::new(body);
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if self.no_store {
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+impl From<ProblemDetails> for Response<Bytes> {
+    fn from(problem: ProblemDetails) -> Self {
+        problem.to_response()
+    }
+}
+
+impl fmt::Display for ProblemDetails {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.title, self.status)
+    }
+}
 
 /// An error the layer answers by itself, without running the handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,29 +385,35 @@ impl Problem {
         }
     }
 
+    /// The problem as a document, ready to answer with.
+    pub fn details(&self) -> ProblemDetails {
+        let details = ProblemDetails::new(
+            self.status(),
+            format!("{TYPE_PREFIX}{}", self.slug()),
+            self.title(),
+        )
+        .with_detail(self.detail())
+        .with_no_store();
+        match self.retry_after() {
+            Some(after) => details.with_retry_after(after),
+            None => details,
+        }
+    }
+
     /// The problem as a JSON document.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "type": format!("urn:tower-idempotency:problem:{}", self.slug()),
-            "title": self.title(),
-            "status": self.status().as_u16(),
-            "detail": self.detail(),
-        })
+        self.details().to_json()
     }
 
     /// The problem as an HTTP response with an `application/problem+json` body.
     pub fn to_response(&self) -> Response<Bytes> {
-        let body = Bytes::from(self.to_json().to_string());
-        let mut res = Response::new(body);
-        *res.status_mut() = self.status();
-        let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(after) = self.retry_after() {
-            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
-            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        res
+        self.details().to_response()
+    }
+}
+
+impl From<Problem> for ProblemDetails {
+    fn from(problem: Problem) -> Self {
+        problem.details()
     }
 }
 
@@ -251,8 +431,105 @@ fn readable_duration(d: Duration) -> String {
     }
 }
 
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.title(), self.status())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every problem of the layer, each variant once (and the key errors that pick a slug).
+    fn every_problem() -> Vec<Problem> {
+        let after = Duration::from_millis(1500);
+        vec![
+            Problem::BadKey(KeyError::Missing),
+            Problem::BadKey(KeyError::Conflicting),
+            Problem::BadKey(KeyError::Empty),
+            Problem::InFlight { retry_after: after },
+            Problem::WaitTimeout { retry_after: after },
+            Problem::NotReplayable,
+            Problem::BodyTooLarge { limit: 1024 },
+            Problem::FingerprintMismatch,
+            Problem::HandlerFailed,
+            Problem::BodyUnreadable,
+            Problem::MalformedForm,
+            Problem::StoreUnavailable { retry_after: after },
+            Problem::CorruptRecord,
+            Problem::OutcomeUnknown,
+            Problem::StillRunning {
+                waited: Duration::from_millis(250),
+                retry_after: Duration::from_millis(10),
+            },
+            Problem::ScopeUnavailable,
+            Problem::BodyTimeout,
+            Problem::Overloaded { retry_after: after },
+        ]
+    }
+
+    /// The layer's problems keep their bytes: the document `json!` writes of their four
+    /// members, `Content-Type`, `Cache-Control` and, where a retry helps, `Retry-After`.
+    #[test]
+    fn the_layers_problems_answer_the_documented_bytes() {
+        for p in every_problem() {
+            let res = p.to_response();
+            let expected = serde_json::json!({
+                "type": format!("urn:tower-idempotency:problem:{}", p.slug()),
+                "title": p.title(),
+                "status": p.status().as_u16(),
+                "detail": p.detail(),
+            })
+            .to_string();
+            assert_eq!(res.body(), expected.as_bytes(), "{p:?}");
+            assert_eq!(res.status(), p.status());
+            let h = res.headers();
+            assert_eq!(h[header::CONTENT_TYPE], PROBLEM_JSON);
+            assert_eq!(h[header::CACHE_CONTROL], "no-store");
+            let retry_after = h.get(header::RETRY_AFTER).map(|v| v.to_str().unwrap());
+            let expected = p.retry_after().map(|d| match d.as_millis() {
+                1500 => "2",
+                _ => "1",
+            });
+            assert_eq!(retry_after, expected, "{p:?}");
+            assert_eq!(h.len(), 2 + usize::from(expected.is_some()), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_document_without_detail_or_headers_holds_only_what_was_given() {
+        let res =
+            ProblemDetails::new(StatusCode::NOT_FOUND, "about:blank", "Not Found").to_response();
+        let expected =
+            serde_json::json!({"type": "about:blank", "title": "Not Found", "status": 404});
+        assert_eq!(res.body(), expected.to_string().as_bytes());
+        assert_eq!(res.headers().len(), 1);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+    }
+
+    #[test]
+    fn extension_members_follow_and_never_replace_the_standard_ones() {
+        let p = ProblemDetails::new(StatusCode::CONFLICT, "urn:x:conflict", "Conflict")
+            .with_extension("status", 200)
+            .with_extension("type", "urn:x:other")
+            .with_extension("balance", 30);
+        let doc = p.to_json();
+        assert_eq!(doc["status"], 409);
+        assert_eq!(doc["type"], "urn:x:conflict");
+        assert_eq!(doc["balance"], 30);
+        assert!(doc.get("detail").is_none());
+        assert_eq!(p.to_string(), "Conflict (409 Conflict)");
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        for (after, header) in [(0, "1"), (1, "1"), (999, "1"), (1000, "1"), (1001, "2")] {
+            let res = ProblemDetails::new(StatusCode::CONFLICT, "urn:x", "x")
+                .with_retry_after(Duration::from_millis(after))
+                .to_response();
+            assert_eq!(res.headers()[header::RETRY_AFTER], header, "{after} ms");
+        }
     }
 }

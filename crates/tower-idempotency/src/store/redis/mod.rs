@@ -33,7 +33,6 @@ const DEFAULT_REPLICA_ACK_TIMEOUT: Duration = Duration::from_millis(250);
 /// A [`Store`] on Redis or Redis Cluster, shared by every process that uses the same server and
 /// key prefix.
 ///
-///
 /// # Connecting
 ///
 /// ```no_run

@@ -1,0 +1,347 @@
+//! What each flag's value may be: the parsers clap calls, and the types they give.
+
+use std::fmt;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use http::{HeaderName, Method};
+
+/// `--key-secret` or `--key-secret-file`: bytes that are never shown.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(Vec<u8>);
+
+impl Secret {
+    pub(super) fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("the key secret must not be empty".into());
+        }
+        Ok(Self(s.as_bytes().to_vec()))
+    }
+
+    pub(super) fn read_file(path: &str) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let secret = match bytes.strip_suffix(b"\n") {
+            Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
+            None => &bytes[..],
+        };
+        if secret.is_empty() {
+            return Err(format!("{path} holds no key secret"));
+        }
+        Ok(Self(secret.to_vec()))
+    }
+
+    /// The secret's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// An item of `--release-status`: a status code, or a class of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusItem {
+    /// One status code, 100 to 599.
+    Code(u16),
+    /// A class: `5xx` is 5.
+    Class(u8),
+}
+
+impl StatusItem {
+    pub(super) fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let usage =
+            || format!("`{t}` is neither a status code (100 to 599) nor a class such as 5xx");
+        let bytes = t.as_bytes();
+        match bytes {
+            [class @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => Ok(Self::Class(class - b'0')),
+            [b'1'..=b'5', b'0'..=b'9', b'0'..=b'9'] => {
+                t.parse().map(Self::Code).map_err(|_| usage())
+            }
+            _ => Err(usage()),
+        }
+    }
+}
+
+/// The statuses of `--release-status`, looked up in one step.
+#[derive(Clone)]
+pub(crate) struct ReleaseStatus(Vec<bool>);
+
+impl ReleaseStatus {
+    /// The set of `items`.
+    pub(crate) fn new(items: &[StatusItem]) -> Self {
+        let mut set = vec![false; 600];
+        for item in items {
+            match *item {
+                StatusItem::Code(code) => set[usize::from(code)] = true,
+                StatusItem::Class(class) => {
+                    let first = usize::from(class) * 100;
+                    set[first..first + 100].fill(true);
+                }
+            }
+        }
+        Self(set)
+    }
+
+    /// Whether `status` frees its key. A status past 599, which no list can name, does.
+    pub(crate) fn releases(&self, status: http::StatusCode) -> bool {
+        self.0
+            .get(usize::from(status.as_u16()))
+            .copied()
+            .unwrap_or(true)
+    }
+}
+
+/// `--on-conflict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ConflictMode {
+    /// Wait for the original's outcome and replay it.
+    Wait,
+    /// Answer 409 with Retry-After at once.
+    Reject,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--store`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum StoreSpec {
+    /// The embedded memory store.
+    Memory,
+    /// A Redis URL: `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://`.
+    Redis(String),
+}
+
+impl StoreSpec {
+    pub(super) fn parse(s: &str) -> Result<Self, String> {
+        if s == "memory" {
+            return Ok(Self::Memory);
+        }
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return Err(store_usage());
+        };
+        if !matches!(
+            scheme,
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
+        ) {
+            return Err(store_usage());
+        }
+        let hosts = rest.rsplit('@').next().unwrap_or(rest);
+        let hosts = hosts.split('/').next().unwrap_or(hosts);
+        if hosts.is_empty() || hosts.split(',').any(|h| h.trim().is_empty()) {
+            return Err(format!("{scheme}:// URL names no host; {}", store_usage()));
+        }
+        Ok(Self::Redis(s.to_owned()))
+    }
+}
+
+fn store_usage() -> String {
+    "expected `memory`, `redis://HOST:PORT[/DB]`, `rediss://HOST:PORT[/DB]` or \
+     `redis+cluster://HOST:PORT[,HOST:PORT...]`"
+        .into()
+}
+
+/// Never shows a password.
+impl fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The store as it may be logged: without user name or password.
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Redis(url) => match url.split_once("://") {
+                Some((scheme, rest)) => match rest.rsplit_once('@') {
+                    Some((_, hosts)) => write!(f, "{scheme}://***@{hosts}"),
+                    None => f.write_str(url),
+                },
+                None => f.write_str("redis"),
+            },
+        }
+    }
+}
+
+/// A duration such as `500ms`, `2s` or `5m`.
+pub(super) fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; expected a duration such as 500ms, 2s or 5m"))
+}
+
+/// A duration above zero.
+pub(super) fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// A size in bytes: `1048576`, `512KiB`, `1MiB`, `1 GiB`.
+pub(super) fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err("expected a number of bytes, such as 65536, 512KiB or 1MiB".into());
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "number of bytes too large".to_owned())?;
+    let unit = unit.trim();
+    let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "unknown size unit `{unit}`; use bytes or KiB, MiB, GiB"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| "size too large".to_owned())
+}
+
+/// A size above zero.
+pub(super) fn positive_size(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        0 => Err("must be more than zero".into()),
+        n => Ok(n),
+    }
+}
+
+/// A size no larger than the longest body a stored record holds.
+pub(super) fn parse_response_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n > tower_idempotency::record::MAX_BODY_LEN {
+        return Err(format!(
+            "at most {} bytes (4 GiB less one byte): a stored record holds no longer body",
+            tower_idempotency::record::MAX_BODY_LEN
+        ));
+    }
+    Ok(n)
+}
+
+pub(super) fn parse_method(s: &str) -> Result<Method, String> {
+    let s = s.trim().to_ascii_uppercase();
+    if s.is_empty() {
+        return Err("empty method name".into());
+    }
+    Method::from_bytes(s.as_bytes()).map_err(|_| format!("`{s}` is not an HTTP method"))
+}
+
+pub(super) fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(s.trim().as_bytes())
+        .map_err(|_| format!("`{}` is not a valid header name", s.trim()))
+}
+
+/// A header name that may be fingerprinted: any but the headers that carry the key.
+pub(super) fn parse_fingerprint_header(s: &str) -> Result<HeaderName, String> {
+    let name = parse_header_name(s)?;
+    let key_headers = [
+        &tower_idempotency::IDEMPOTENCY_KEY,
+        &tower_idempotency::X_IDEMPOTENT_KEY,
+    ];
+    if key_headers.contains(&&name) {
+        return Err(format!(
+            "`{}` carries the idempotency key and cannot be a fingerprint header",
+            s.trim()
+        ));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Args;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2 mib"), Ok(2 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("1MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert_eq!(parse_response_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_response_size("4294967295"), Ok(u32::MAX as usize));
+        assert!(parse_response_size("4GiB").is_err());
+        assert!(parse_response_size("5GiB").is_err());
+    }
+
+    #[test]
+    fn stores() {
+        assert!(StoreSpec::parse("memory") == Ok(StoreSpec::Memory));
+        assert!(StoreSpec::parse("redis://127.0.0.1:6379/2").is_ok());
+        assert!(StoreSpec::parse("rediss://u:p@h:6380").is_ok());
+        assert!(StoreSpec::parse("redis+cluster://a:1,b:2").is_ok());
+        assert!(StoreSpec::parse("redis+cluster://a:1,").is_err());
+        assert!(StoreSpec::parse("redis://").is_err());
+        assert!(StoreSpec::parse("postgres://x").is_err());
+        assert!(StoreSpec::parse("mem").is_err());
+        let s = StoreSpec::parse("redis://user:secret@h:6379").unwrap();
+        assert_eq!(s.to_string(), "redis://***@h:6379");
+        assert!(!format!("{s:?}").contains("secret"));
+    }
+
+    #[test]
+    fn release_statuses() {
+        use http::StatusCode;
+        let parse = |list: &str| {
+            Args::try_parse_from([
+                "idempotency-proxy",
+                "--upstream",
+                "http://h:1",
+                "--release-status",
+                list,
+            ])
+            .map(|a| ReleaseStatus::new(&a.release_status))
+        };
+        let default = Args::try_parse_from(["idempotency-proxy", "--upstream", "http://h:1"])
+            .map(|a| ReleaseStatus::new(&a.release_status))
+            .unwrap();
+        for code in 100..1000u16 {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(
+                default.releases(status),
+                !tower_idempotency::default_storable(status),
+                "the default list is the library's default, {code}"
+            );
+        }
+        let stripe = parse("408,409,425,429").unwrap();
+        assert!(!stripe.releases(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(stripe.releases(StatusCode::TOO_MANY_REQUESTS));
+        assert!(!stripe.releases(StatusCode::NOT_FOUND));
+        let classes = parse("4XX, 503").unwrap();
+        assert!(classes.releases(StatusCode::NOT_FOUND));
+        assert!(classes.releases(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!classes.releases(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(!classes.releases(StatusCode::CREATED));
+        for bad in ["6xx", "99", "600", "5x", "abc", "", "50O", "0xx"] {
+            assert!(parse(bad).is_err(), "{bad:?} is refused");
+        }
+    }
+}
