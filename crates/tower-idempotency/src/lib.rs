@@ -100,6 +100,8 @@
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod body;
 mod config;
 mod extensions;
@@ -136,6 +138,7 @@ pub use extensions::{NotRun, OutcomeUnknown, Tracked};
 pub use extract::{FORM_FIELD, IDEMPOTENCY_KEY, KeySource, KeySources, X_IDEMPOTENT_KEY};
 pub use fingerprint::Fingerprint;
 #[cfg(feature = "minijinja")]
+#[cfg_attr(docsrs, doc(cfg(feature = "minijinja")))]
 pub use form::minijinja;
 pub use form::{idempotent_input, idempotent_key};
 pub use future::ResponseFuture;
@@ -150,4 +153,5 @@ pub use store::{
     StoreError,
 };
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
