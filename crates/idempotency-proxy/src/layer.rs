@@ -49,7 +49,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
-    use clap::Parser;
     use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
     use tower::{Layer, ServiceExt};
@@ -58,9 +57,7 @@ mod tests {
     use super::*;
 
     fn args(flags: &[&str]) -> Args {
-        let mut argv = vec!["idempotency-proxy", "--upstream", "http://127.0.0.1:1"];
-        argv.extend_from_slice(flags);
-        Args::try_parse_from(argv).unwrap()
+        Args::with_upstream(flags).unwrap()
     }
 
     fn layer(flags: &[&str]) -> IdempotencyLayer {

@@ -134,15 +134,12 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use clap::Parser;
 
     use super::*;
     use crate::cli::Args;
 
     fn store_args(flags: &[&str]) -> StoreArgs {
-        let mut argv = vec!["idempotency-proxy", "--upstream", "http://127.0.0.1:1"];
-        argv.extend_from_slice(flags);
-        Args::try_parse_from(argv).unwrap().store
+        Args::with_upstream(flags).unwrap().store
     }
 
     #[test]

@@ -440,17 +440,24 @@ pub(crate) fn one_line(err: &clap::Error) -> String {
 }
 
 #[cfg(test)]
+impl Args {
+    /// The arguments `idempotency-proxy --upstream http://127.0.0.1:1` followed by `extra`, for
+    /// tests of what the flags do.
+    pub(crate) fn with_upstream(extra: &[&str]) -> Result<Self, clap::Error> {
+        let mut argv = vec!["idempotency-proxy", "--upstream", "http://127.0.0.1:1"];
+        argv.extend_from_slice(extra);
+        Self::try_parse_from(argv)
+    }
+}
+
+#[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn fingerprint_headers() {
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
-            args.extend_from_slice(extra);
-            Args::try_parse_from(args)
-        };
+        let parse = Args::with_upstream;
         assert!(parse(&[]).unwrap().fingerprint_header.is_empty());
         let a = parse(&[
             "--fingerprint-header",
@@ -539,11 +546,7 @@ mod tests {
 
     #[test]
     fn memory_store_bounds() {
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
-            args.extend_from_slice(extra);
-            Args::try_parse_from(args)
-        };
+        let parse = Args::with_upstream;
         let a = parse(&[]).unwrap();
         assert_eq!(
             (a.store.store_max_bytes, a.store.store_max_records),
@@ -559,11 +562,7 @@ mod tests {
 
     #[test]
     fn key_secrets() {
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["idempotency-proxy", "--upstream", "http://h:1"];
-            args.extend_from_slice(extra);
-            Args::try_parse_from(args)
-        };
+        let parse = Args::with_upstream;
         assert!(parse(&[]).unwrap().key_secret().is_none());
         let a = parse(&["--key-secret", "s3cret"]).unwrap();
         assert_eq!(a.key_secret().unwrap().bytes(), b"s3cret");
