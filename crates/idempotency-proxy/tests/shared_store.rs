@@ -261,9 +261,15 @@ async fn replica_acks_are_asked_for_through_the_flag_and_the_environment() {
     let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     let deadline = Instant::now() + Duration::from_secs(20);
+    // The replica's link is up before the primary counts it: with diskless sync the primary
+    // puts a replica online only on its first acknowledgement, and a `WAIT` before that
+    // counts no replica.
     while !replica
         .cli(&["INFO", "replication"])
         .contains("master_link_status:up")
+        || !primary
+            .cli(&["INFO", "replication"])
+            .contains("state=online")
     {
         assert!(Instant::now() < deadline, "the replica never synced");
         tokio::time::sleep(Duration::from_millis(50)).await;
