@@ -16,7 +16,7 @@ use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName};
 
 use crate::key::{IdempotencyKey, KeyError};
-use crate::metrics::{Event, record};
+use crate::metrics::{Event, count};
 
 /// The name of the query parameter and form field that carry a key (the seed's).
 pub const FORM_FIELD: &str = "__idempotent_key";
@@ -170,7 +170,7 @@ fn weigh(
             tracing::debug!(
                 "ignoring an Idempotency-Key header that disagrees with the page's own key"
             );
-            record(Event::KeyHeaderIgnored);
+            count(Event::KeyHeaderIgnored);
             Ok(Some(page))
         }
     }

@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
-use tokio_util::task::TaskTracker;
 use tower::Layer;
 
 use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, OnConflict};
 use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
 use crate::record::MAX_BODY_LEN;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
-use crate::service::{Idempotency, storage_key};
-use crate::store::{StorageKey, Store};
+use crate::service::Idempotency;
+use crate::shared::Shared;
+use crate::storage_key::StorageKey;
+use crate::store::Store;
 
 /// Makes every covered request that carries an idempotency key run once, and replays its
 /// response to every duplicate. See the [crate docs](crate) for the contract.
@@ -35,17 +36,15 @@ use crate::store::{StorageKey, Store};
 /// ```
 #[derive(Clone)]
 pub struct IdempotencyLayer {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) config: Arc<Config>,
-    /// The work that outlives its caller: handlers whose caller went away, and outcomes still
-    /// being written after a store failure. Shared by every clone of the layer.
-    pub(crate) background: TaskTracker,
+    /// Copied on write by the builder methods; the work in its background is shared by every
+    /// clone of the layer all the same.
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
@@ -62,14 +61,12 @@ impl IdempotencyLayer {
     /// A layer over a store shared with other parts of the program.
     pub fn from_shared(store: Arc<dyn Store>) -> Self {
         Self {
-            store,
-            config: Arc::new(Config::default()),
-            background: TaskTracker::new(),
+            shared: Arc::new(Shared::new(store)),
         }
     }
 
     fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(Arc::make_mut(&mut self.config));
+        f(&mut Arc::make_mut(&mut self.shared).config);
         self
     }
 
@@ -274,9 +271,10 @@ impl IdempotencyLayer {
     /// once its lease expires. Every clone of this layer, and every service made from them,
     /// shares the work it waits for.
     pub async fn drain(&self) {
-        self.background.close();
-        self.background.wait().await;
-        self.background.reopen();
+        let background = &self.shared.background;
+        background.close();
+        background.wait().await;
+        background.reopen();
     }
 
     /// The `Retry-After` advised with 409 and 503 answers (default 1 s).
@@ -312,8 +310,8 @@ impl IdempotencyLayer {
     ///
     /// [`storage_key_for_request`]: IdempotencyLayer::storage_key_for_request
     pub fn storage_key_for(&self, scope: Option<&[u8]>, key: &str) -> StorageKey {
-        let config = &*self.config;
-        storage_key(
+        let config = &self.shared.config;
+        StorageKey::derive(
             config.key_secret.as_ref(),
             &config.namespace,
             scope,
@@ -326,7 +324,7 @@ impl IdempotencyLayer {
     /// cannot tell the request's scope ([`Scope::Unknown`](crate::Scope::Unknown)): the layer
     /// refuses such a request, so no record of it exists.
     pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> Option<StorageKey> {
-        let scope = self.config.scope.scope(parts);
+        let scope = self.shared.config.scope.scope(parts);
         scope
             .storage()
             .map(|scope| self.storage_key_for(scope, key))
@@ -334,7 +332,7 @@ impl IdempotencyLayer {
 
     /// The store this layer uses.
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.shared.store
     }
 }
 
@@ -342,7 +340,7 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::new(inner, self.clone())
+        Idempotency::from_shared(inner, self.shared.clone())
     }
 }
 
@@ -355,9 +353,9 @@ mod tests {
     fn the_response_limit_is_held_to_what_a_record_holds() {
         let layer = IdempotencyLayer::new(MemoryStore::default());
         let huge = layer.clone().with_max_response_body(usize::MAX);
-        assert_eq!(huge.config.max_response_body, MAX_BODY_LEN);
+        assert_eq!(huge.shared.config.max_response_body, MAX_BODY_LEN);
         let small = layer.with_max_response_body(1024);
-        assert_eq!(small.config.max_response_body, 1024);
+        assert_eq!(small.shared.config.max_response_body, 1024);
     }
 
     #[test]
@@ -366,6 +364,6 @@ mod tests {
         let layer = IdempotencyLayer::new(MemoryStore::default())
             .with_fingerprint_headers([over.clone(), http::header::CONTENT_ENCODING, over.clone()])
             .unwrap();
-        assert_eq!(layer.config.fingerprint_headers, [over]);
+        assert_eq!(layer.shared.config.fingerprint_headers, [over]);
     }
 }

@@ -102,20 +102,32 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The public items live in private modules and are re-exported here, so each has one path.
+// A tracked request goes through them in this order: `service` routes it, `tracked` reads its
+// body and takes the lease or waits, `owner` runs the handler under its `lease` (which
+// `detached` keeps alive when the caller goes away), and `replay` answers its duplicates.
 mod body;
 mod config;
+mod detached;
 mod extensions;
 mod extract;
 mod fingerprint;
 mod form;
 mod future;
+mod headers;
 mod key;
 mod layer;
+mod lease;
 mod metrics;
+mod owner;
 mod problem;
+mod replay;
 mod scope;
 mod service;
+mod shared;
+mod storage_key;
 mod store;
+mod tracked;
 
 /// The stored-record format, public only for this workspace's benchmarks, which fill stores
 /// with records directly. Not a stable API: it may change in any release.
@@ -142,15 +154,16 @@ pub use fingerprint::Fingerprint;
 pub use form::minijinja;
 pub use form::{idempotent_input, idempotent_key};
 pub use future::ResponseFuture;
+pub use headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use metrics::{EVENTS_TOTAL, Event};
 pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
-pub use service::{IDEMPOTENT_REPLAYED, Idempotency, strip_hop_by_hop};
+pub use service::Idempotency;
+pub use storage_key::StorageKey;
 pub use store::{
-    BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, StorageKey, Store,
-    StoreError,
+    BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

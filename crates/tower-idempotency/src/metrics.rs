@@ -129,7 +129,8 @@ events! {
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-pub(crate) fn record(event: Event) {
+/// Counts `event` once under [`EVENTS_TOTAL`].
+pub(crate) fn count(event: Event) {
     metrics::with_recorder(|recorder| recorder.register_counter(key(event), &METADATA))
         .increment(1);
 }

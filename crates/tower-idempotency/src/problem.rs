@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::{Map, Value};
 
+use crate::body::{IdempotencyBody, IdempotencyResponse};
 use crate::key::KeyError;
+use crate::metrics::{Event, count};
 
 /// Media type of every problem document: `application/problem+json`.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -409,6 +411,17 @@ impl Problem {
     pub fn to_response(&self) -> Response<Bytes> {
         self.details().to_response()
     }
+
+    /// The problem as the layer's answer, in the body type of the service it wraps.
+    pub(crate) fn respond<B>(&self) -> IdempotencyResponse<B> {
+        self.to_response().map(IdempotencyBody::full)
+    }
+}
+
+/// The answer to a request refused for its key: a counted 400.
+pub(crate) fn bad_key<B>(e: KeyError) -> IdempotencyResponse<B> {
+    count(Event::BadKey);
+    Problem::BadKey(e).respond()
 }
 
 impl From<Problem> for ProblemDetails {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
-use crate::metrics::{Event, record as count};
+use crate::metrics::{Event, count};
 use crate::record::{Record, Unreplayable};
 
 /// The length of an encoded unreplayable [`Record`], the smallest there is: version, flags,

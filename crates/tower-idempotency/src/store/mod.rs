@@ -24,35 +24,7 @@ mod redis;
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
-/// Where a record lives: a fixed-size hash of (namespace, scope, key).
-///
-/// No raw key or scope ever reaches a store, so keys cannot be long, injected or read back.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StorageKey(pub [u8; 32]);
-
-impl StorageKey {
-    /// The key as 64 lowercase hex digits, the form networked stores use.
-    pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        self.push_hex(&mut s);
-        s
-    }
-
-    /// Appends the key in lower-case hex to `out`.
-    pub(crate) fn push_hex(&self, out: &mut String) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for b in self.0 {
-            out.push(DIGITS[usize::from(b >> 4)] as char);
-            out.push(DIGITS[usize::from(b & 0xf)] as char);
-        }
-    }
-}
-
-impl fmt::Debug for StorageKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StorageKey({})", &self.to_hex()[..16])
-    }
-}
+pub(crate) use crate::storage_key::StorageKey;
 
 /// The owner token of a lease. Only its holder may complete, release or renew the lease.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -203,21 +175,5 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_keys_print_as_lower_case_hex() {
-        let mut k = [0u8; 32];
-        for (i, b) in k.iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(37).wrapping_add(0x0f);
-        }
-        let expected: String = k.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(StorageKey(k).to_hex(), expected);
-        assert_eq!(StorageKey([0xff; 32]).to_hex(), "f".repeat(64));
     }
 }

@@ -436,7 +436,7 @@ impl Store for RedisStore {
                 let reply = scripts::complete_reply(reply)?;
                 if reply != 0 && acks < acked.acks.replicas {
                     // Kept on the master all the same: the request ran, and this is its answer.
-                    metrics::record(Event::NotReplicated);
+                    metrics::count(Event::NotReplicated);
                     tracing::warn!(
                         ?key,
                         acks,
