@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
 /// The largest response kept for replay: 1 MiB.
 pub const DEFAULT_MAX_RESPONSE_BODY: usize = 1024 * 1024;
 
+/// The longest duration the layer and its stores keep anything (ten years): "forever", without
+/// overflowing a clock. A longer TTL or lease is held to it, and so is a wait past it.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// What a duplicate does while the original request is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnConflict {

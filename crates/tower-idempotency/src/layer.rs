@@ -7,7 +7,7 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use tower::Layer;
 
-use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, OnConflict};
+use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, MAX_DURATION, OnConflict};
 use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
 use crate::record::MAX_BODY_LEN;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
@@ -49,9 +49,6 @@ impl std::fmt::Debug for IdempotencyLayer {
     }
 }
 
-/// The longest TTL or lease the layer keeps (ten years): "forever", without overflowing a clock.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
 impl IdempotencyLayer {
     /// A layer over `store` with the default options.
     pub fn new(store: impl Store) -> Self {
@@ -70,15 +67,15 @@ impl IdempotencyLayer {
         self
     }
 
-    /// How long a completed response is kept for replay (default 240 s, the seed's; at most
-    /// ten years).
+    /// How long a completed response is kept for replay (default 240 s, Flask-Idempotent's; at
+    /// most [`MAX_DURATION`](crate::MAX_DURATION)).
     pub fn with_ttl(self, ttl: Duration) -> Self {
         self.config(|c| c.ttl = ttl.min(MAX_DURATION))
     }
 
     /// How long a lease lives without renewal (default 30 s); it is renewed every third of that
     /// while the handler runs. After a crash, the next attempt runs once this has passed.
-    /// Held between 3 ms and ten years.
+    /// Held between 3 ms and [`MAX_DURATION`](crate::MAX_DURATION).
     pub fn with_lock_ttl(self, lock_ttl: Duration) -> Self {
         self.config(|c| c.lock_ttl = lock_ttl.clamp(Duration::from_millis(3), MAX_DURATION))
     }

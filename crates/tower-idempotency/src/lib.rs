@@ -144,7 +144,7 @@ pub mod __fuzz;
 pub use body::IdempotencyBody;
 pub use config::{
     ConfigError, DEFAULT_LOCK_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
-    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, OnConflict, default_storable,
+    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION, OnConflict, default_storable,
 };
 pub use extensions::{NotRun, OutcomeUnknown, Tracked};
 pub use extract::{FORM_FIELD, IDEMPOTENCY_KEY, KeySource, KeySources, X_IDEMPOTENT_KEY};

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::body::{IdempotencyBody, IdempotencyResponse};
-use crate::config::{Config, OnConflict};
+use crate::config::{Config, MAX_DURATION, OnConflict};
 use crate::detached::{Detached, answer_within};
 use crate::extensions::Tracked;
 use crate::extract::{self, FORM_FIELD, FormKind};
@@ -127,11 +127,8 @@ where
             prefer_wait(&parts.headers).map_or(config.wait_timeout, |w| w.min(config.wait_timeout))
         }
     };
-    // A wait timeout too large to add to the clock (Duration::MAX) waits a year at most.
-    let now = Instant::now();
-    let deadline = now
-        .checked_add(budget)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+    // A wait timeout too large to add to the clock (Duration::MAX) waits "forever" at most.
+    let deadline = Instant::now() + budget.min(MAX_DURATION);
     let mut waited = false;
     loop {
         // Checked before the store is asked for anything: a request refused here takes nothing.
