@@ -40,17 +40,6 @@ pub enum OnConflict {
     Reject,
 }
 
-impl std::str::FromStr for OnConflict {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "wait" => Ok(Self::Wait),
-            "reject" => Ok(Self::Reject),
-            other => Err(format!("expected `wait` or `reject`, got `{other}`")),
-        }
-    }
-}
-
 /// The default storable predicate: any status below 500 except 408, 409, 425 and 429, which
 /// say "try again", so storing them would make the retry fail forever.
 pub fn default_storable(status: StatusCode) -> bool {
