@@ -113,7 +113,8 @@ impl IdempotencyLayer {
     /// A request whose scope the extractor answers [`Scope::Unknown`](crate::Scope::Unknown) is
     /// refused with 500 `scope-unavailable`: the handler does not run and the store is not
     /// asked. When the scope comes from an authentication layer, that layer must run before
-    /// this one; see [`scope`](crate::scope) for the order in axum.
+    /// this one; see [`ScopeExtractor`](crate::ScopeExtractor#a-scope-from-an-authentication-layer)
+    /// for the order in axum.
     pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
         let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
         self.config(|c| c.scope = scope)
@@ -144,8 +145,7 @@ impl IdempotencyLayer {
     /// The largest response kept for replay (default 1 MiB). A larger response still reaches
     /// its caller in full; duplicates then get a 409 instead of a replay.
     ///
-    /// Held to [`record::MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) (4 GiB less one byte),
-    /// the longest body a record can hold: a larger limit would keep responses that no
+    /// Held to 4 GiB less one byte, the longest body a record can hold: a larger limit would keep responses that no
     /// duplicate could read back.
     pub fn with_max_response_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_response_body = bytes.min(MAX_BODY_LEN))
@@ -208,7 +208,7 @@ impl IdempotencyLayer {
     /// [`still-running`](crate::Problem::StillRunning) with `Retry-After`, and the handler is
     /// not cancelled: it keeps running with its lease held and renewed, and its outcome is
     /// stored when it comes (counted as
-    /// [`LateAnswerStored`](crate::metrics::Event::LateAnswerStored)). Duplicates meanwhile
+    /// [`LateAnswerStored`](crate::Event::LateAnswerStored)). Duplicates meanwhile
     /// wait or get 409 as for any request in flight, then replay it. Nothing runs twice
     /// because a caller stopped waiting. The proxy's `--upstream-timeout` is this option.
     ///
@@ -226,7 +226,7 @@ impl IdempotencyLayer {
     /// touches the store; so does it for a covered form body, to look for its key. A body that
     /// has not arrived in full by then is answered 408
     /// [`body-timeout`](crate::Problem::BodyTimeout) and counted as
-    /// [`BodyTimeout`](crate::metrics::Event::BodyTimeout): the handler does not run, no lease
+    /// [`BodyTimeout`](crate::Event::BodyTimeout): the handler does not run, no lease
     /// is taken, and the key stays free for a retry. Bodies the layer does not read (requests
     /// without a key, methods it does not cover) stream to the handler as they come and are not
     /// timed by this option.
@@ -239,7 +239,7 @@ impl IdempotencyLayer {
     ///
     /// Past the bound, a tracked request is answered 503
     /// [`too-many-in-flight`](crate::Problem::Overloaded) with `Retry-After`, counted as
-    /// [`Overloaded`](crate::metrics::Event::Overloaded), before the store is asked for
+    /// [`Overloaded`](crate::Event::Overloaded), before the store is asked for
     /// anything: no lease is taken and the key stays free for a retry. The check comes before
     /// each attempt to take the lease, so at the bound a duplicate (of a request in flight or
     /// completed) gets the 503 too, and its retry waits or replays as usual. A request that

@@ -1,9 +1,5 @@
-//! Errors as `application/problem+json` (RFC 9457).
-//!
-//! [`ProblemDetails`] is one problem document and the response that carries it; the layer, the
-//! proxy and the demo answer every error of their own through it. Every error the layer answers
-//! by itself is a [`Problem`]: one place maps each case to its status, its `type` and its words.
-//! No problem reveals another request's stored response.
+//! Errors as `application/problem+json` (RFC 9457): [`ProblemDetails`], one document, and
+//! [`Problem`], every error the layer answers by itself.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -27,6 +23,8 @@ const TYPE_PREFIX: &str = "urn:tower-idempotency:problem:";
 const STANDARD_MEMBERS: [&str; 5] = ["type", "title", "status", "detail", "instance"];
 
 /// A problem document (RFC 9457) and the `application/problem+json` response that carries it.
+///
+/// The layer, the proxy and the demo answer every error of their own through it.
 ///
 /// It holds the standard members `type`, `title`, `status` and `detail`, any extension members,
 /// and two headers of the response: `Retry-After`, and `Cache-Control: no-store` for a problem
@@ -190,6 +188,9 @@ impl fmt::Display for ProblemDetails {
 }
 
 /// An error the layer answers by itself, without running the handler.
+///
+/// One place maps each case to its status, its `type` and its words. No problem reveals
+/// another request's stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Problem {

@@ -36,13 +36,31 @@ impl<S> Idempotency<S> {
     /// Wraps `inner`, keeping its records in `store`, with the default options.
     ///
     /// ```
-    /// use tower::service_fn;
-    /// use tower_idempotency::{Idempotency, MemoryStore};
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use tower::{ServiceExt, service_fn};
+    /// use tower_idempotency::{Idempotency, IdempotencyBody, MemoryStore};
     ///
-    /// let handler = service_fn(|_req: http::Request<_>| async {
-    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("created")))
-    /// });
-    /// let service = Idempotency::new(handler, MemoryStore::default());
+    /// async fn create_order(
+    ///     _req: Request<IdempotencyBody<String>>,
+    /// ) -> Result<Response<String>, Infallible> {
+    ///     Ok(Response::new("order 1".to_owned()))
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let service = Idempotency::new(service_fn(create_order), MemoryStore::default());
+    /// let order = || {
+    ///     Request::post("/orders")
+    ///         .header("idempotency-key", "order-1")
+    ///         .body(String::new())
+    ///         .unwrap()
+    /// };
+    /// let first = service.clone().oneshot(order()).await.unwrap();
+    /// assert!(first.headers().get("idempotent-replayed").is_none());
+    /// let again = service.oneshot(order()).await.unwrap();
+    /// assert_eq!(again.headers()["idempotent-replayed"], "true");
+    /// # }
     /// ```
     pub fn new(inner: S, store: impl Store) -> Self {
         Self::from_shared(inner, Arc::new(Shared::new(Arc::new(store))))

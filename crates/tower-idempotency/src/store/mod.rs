@@ -1,12 +1,4 @@
-//! The store seam: the one trait a backend implements.
-//!
-//! Its verbs follow the lifecycle of a tracked request (see the crate docs):
-//! [`begin`](Store::begin) takes a lease or finds the completed record or the request in flight,
-//! [`complete`](Store::complete), [`release`](Store::release) and [`renew`](Store::renew) act only
-//! for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
-//!
-//! Every verb is meant to be one atomic step: one round trip for a networked store. A backend
-//! proves itself by passing the conformance suite in `tests/conformance`.
+//! [`Store`]: the seam between the layer and a backend, and what the verbs answer.
 
 use std::fmt;
 use std::time::Duration;
@@ -43,7 +35,7 @@ pub enum BeginOutcome {
     /// There was no record (or only an expired lease): the caller now holds a lease and must
     /// run the request, then complete or release.
     Acquired(LeaseToken),
-    /// The request completed earlier: the encoded [`Record`](crate::record::Record).
+    /// The request completed earlier: its record, as the layer encoded it (opaque to the store).
     Completed(Bytes),
     /// Another caller holds a live lease for a request with this fingerprint.
     InFlight {
@@ -87,6 +79,15 @@ impl std::error::Error for StoreError {
 }
 
 /// A backend that keeps idempotency records and leases, shared by every process that uses it.
+///
+/// Its verbs follow the lifecycle of a tracked request (see the [crate docs](crate#the-contract)):
+/// [`begin`](Store::begin) takes a lease or finds the completed record or the request in flight,
+/// [`complete`](Store::complete), [`release`](Store::release) and [`renew`](Store::renew) act only
+/// for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
+///
+/// Every verb is meant to be one atomic step: one round trip for a networked store. A backend
+/// proves itself by passing the conformance suite in the library's repository
+/// (`crates/tower-idempotency/tests/conformance`).
 ///
 /// Expiry is by the store's own clock: a lease lives `lease_ttl` from its last grant or renewal,
 /// a completed record `ttl` from its completion. A lease that has expired belongs to nobody: its

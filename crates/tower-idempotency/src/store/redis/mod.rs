@@ -306,7 +306,7 @@ impl RedisStoreBuilder {
     ///   `fail_open`) instead of running under a lease that a failover could forget;
     /// - a **record** stays stored (the request ran, and its answer is kept on the master):
     ///   `complete` succeeds, logs a warning and counts the
-    ///   [`NotReplicated`](crate::metrics::Event::NotReplicated) event.
+    ///   [`NotReplicated`](crate::Event::NotReplicated) event.
     ///
     /// Acknowledged writes travel on connections of their own (four more to each Redis node,
     /// taken in turn), because a `WAIT` holds back every later command on its connection until
