@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::extract::KeySources;
 use crate::scope::{HeaderScope, ScopeExtractor};
 
-/// How long a completed record is kept: 240 s, the seed's default.
+/// How long a completed record is kept: 240 s, Flask-Idempotent's default.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(240);
 /// How long a lease lives without renewal: 30 s. It is renewed every third of that while the
 /// handler runs.
@@ -32,7 +32,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// What a duplicate does while the original request is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnConflict {
-    /// Wait for the original's outcome and replay it (the seed's behaviour). A request may ask
+    /// Wait for the original's outcome and replay it (Flask-Idempotent's behaviour). A request may ask
     /// for less waiting with `Prefer: wait=N`.
     #[default]
     Wait,

@@ -9,12 +9,12 @@ use http::header::{CONTENT_TYPE, HeaderName};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::metrics::{Event, count};
 
-/// The name of the query parameter and form field that carry a key (the seed's).
+/// The name of the query parameter and form field that carry a key (Flask-Idempotent's).
 pub const FORM_FIELD: &str = "__idempotent_key";
 
 /// The IETF draft's header.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The seed's header.
+/// Flask-Idempotent's header.
 pub static X_IDEMPOTENT_KEY: HeaderName = HeaderName::from_static("x-idempotent-key");
 
 /// One place a key can come from. All are on by default.

@@ -12,7 +12,7 @@ pub fn idempotent_key() -> String {
 /// The markup is safe to insert into HTML as it is: the key is a UUID.
 ///
 /// A fresh key in every rendered form, so a double-clicked submit button runs
-/// once (the seed's `idempotent_input()`).
+/// once (Flask-Idempotent's `idempotent_input()`).
 ///
 /// ```
 /// let html = format!(
@@ -23,7 +23,7 @@ pub fn idempotent_key() -> String {
 /// ```
 ///
 /// With the `minijinja` feature, `form::minijinja::register` makes both helpers template functions,
-/// so a template says `{{ idempotent_input() }}` as in the seed. From askama, call the function by
+/// so a template says `{{ idempotent_input() }}` as in Flask-Idempotent. From askama, call the function by
 /// path and mark it safe (the markup holds nothing but a UUID):
 ///
 /// ```

@@ -4,7 +4,7 @@
 //! stable API: it may change in any release.
 //!
 //! The format is ours, small and explicit (no serializer that could run code on decode, unlike
-//! the seed's pickle):
+//! Flask-Idempotent's pickle):
 //!
 //! ```text
 //! version u8 (= 1) | flags u8 (bit 0: replayable, bit 1: outcome unknown) | fingerprint [32]
