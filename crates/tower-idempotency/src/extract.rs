@@ -26,9 +26,9 @@ pub static X_IDEMPOTENT_KEY: HeaderName = HeaderName::from_static("x-idempotent-
 /// keys are a conflict (400), with one exception: browsers (Firefox) add an `Idempotency-Key`
 /// of their own to the POSTs of forms, `fetch()` and XHR, a new one for every click. Where the
 /// page chose a key, an `Idempotency-Key` that names another one, or no valid key at all, is
-/// ignored and counted ([`Event::KeyHeaderIgnored`](crate::Event::KeyHeaderIgnored)): the page's key wins. Alone, the header is
-/// the key, and an invalid one is a 400. A repeated `Idempotency-Key` is a 400 whatever the page
-/// chose: no browser repeats it.
+/// ignored and counted ([`Event::KeyHeaderIgnored`](crate::Event::KeyHeaderIgnored)): the
+/// page's key wins. Alone, the header is the key, and an invalid one is a 400. A repeated
+/// `Idempotency-Key` is a 400 whatever the page chose: no browser repeats it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KeySource {

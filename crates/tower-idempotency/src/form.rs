@@ -7,12 +7,11 @@ pub fn idempotent_key() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
-/// A hidden form input carrying a fresh key under the `__idempotent_key` field name.
+/// A hidden form input carrying a fresh key under the `__idempotent_key` field name
+/// (Flask-Idempotent's `idempotent_input()`): with a fresh key in every rendered form, a
+/// double-clicked submit button runs once.
 ///
 /// The markup is safe to insert into HTML as it is: the key is a UUID.
-///
-/// A fresh key in every rendered form, so a double-clicked submit button runs
-/// once (Flask-Idempotent's `idempotent_input()`).
 ///
 /// ```
 /// let html = format!(
@@ -22,9 +21,10 @@ pub fn idempotent_key() -> String {
 /// assert!(html.contains(r#"name="__idempotent_key""#));
 /// ```
 ///
-/// With the `minijinja` feature, `form::minijinja::register` makes both helpers template functions,
-/// so a template says `{{ idempotent_input() }}` as in Flask-Idempotent. From askama, call the function by
-/// path and mark it safe (the markup holds nothing but a UUID):
+/// With the `minijinja` feature, `tower_idempotency::minijinja::register` makes both helpers
+/// template functions, so a template says `{{ idempotent_input() }}` as in Flask-Idempotent.
+/// From askama, call the function by path and mark it safe (the markup holds nothing but a
+/// UUID):
 ///
 /// ```
 /// use askama::Template;

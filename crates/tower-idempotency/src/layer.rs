@@ -145,8 +145,8 @@ impl IdempotencyLayer {
     /// The largest response kept for replay (default 1 MiB). A larger response still reaches
     /// its caller in full; duplicates then get a 409 instead of a replay.
     ///
-    /// Held to 4 GiB less one byte, the longest body a record can hold: a larger limit would keep responses that no
-    /// duplicate could read back.
+    /// Held to 4 GiB less one byte, the longest body a record can hold: a larger limit would
+    /// keep responses that no duplicate could read back.
     pub fn with_max_response_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_response_body = bytes.min(MAX_BODY_LEN))
     }

@@ -43,14 +43,13 @@ impl Scope {
 /// scope: the same key sent by another caller runs anew. The default scope is the
 /// `Authorization` header; requests without it share the global scope.
 ///
-/// A [`ScopeExtractor`] answers one of three things for a request: the caller's own scope
+/// An extractor answers one of three things for a request: the caller's own scope
 /// ([`Scope::Caller`]), the global scope on purpose ([`Scope::Global`]), or "I cannot tell"
 /// ([`Scope::Unknown`]). The layer refuses an unknown scope with a 500 problem of type
 /// `scope-unavailable` ([`Problem::ScopeUnavailable`](crate::Problem::ScopeUnavailable)),
-/// logged at error and counted as
-/// [`Event::ScopeUnavailable`](crate::Event::ScopeUnavailable): the handler does not
-/// run and the store is not asked. An unknown caller is never put in the global scope, where
-/// anyone who sends the same key and body would get its response.
+/// logged at error and counted as [`Event::ScopeUnavailable`](crate::Event::ScopeUnavailable):
+/// the handler does not run and the store is not asked. An unknown caller is never put in the
+/// global scope, where anyone who sends the same key and body would get its response.
 ///
 /// # A scope from an authentication layer
 ///
