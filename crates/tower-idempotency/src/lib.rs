@@ -152,6 +152,9 @@ pub use store::{
     BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, StorageKey, Store,
     StoreError,
 };
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
