@@ -3,6 +3,9 @@
 
 mod notify;
 mod sql;
+mod tx;
+
+pub use self::tx::IdempotentTx;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,9 +67,8 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(5);
 ///
 /// A row is keyed by the 32-byte storage key (a hash of namespace, scope and key: no raw key is
 /// stored). `record` is `NULL` while the request is in flight; `expires_at` is the lease's end,
-/// then the completed record's. Every comparison of time is made by the database with `now()`,
-/// never with the application's clock, so processes whose clocks disagree still agree on who
-/// holds a lease.
+/// then the completed record's. Every comparison of time is made by PostgreSQL's clock, never
+/// the application's, so processes whose clocks disagree still agree on who holds a lease.
 ///
 /// # What it costs
 ///
@@ -586,6 +588,10 @@ impl Store for PostgresStore {
         }
         let _ = tokio::time::timeout_at(until, notified).await;
         Ok(())
+    }
+
+    fn transaction_source(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        Some(self.inner.clone())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

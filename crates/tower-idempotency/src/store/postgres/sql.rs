@@ -1,5 +1,9 @@
 //! The statements, one per verb, written for the store's table. Each is a single statement, so
 //! each verb is one round trip and atomic without an explicit transaction.
+//!
+//! Time is the database's `statement_timestamp()`, not `now()`: inside the handler's
+//! transaction `now()` is when the transaction began, and a lease that expired while the
+//! handler ran would still look live to its completion.
 
 /// The schema for the default table, as shipped.
 pub(super) const SCHEMA: &str = include_str!("schema.sql");
@@ -18,6 +22,7 @@ pub(super) struct Statements {
     pub(super) renew: String,
     pub(super) lease_left: String,
     pub(super) sweep: String,
+    pub(super) completed_by: String,
 }
 
 /// Whether `table` can name the table (and, unquoted, its index and notification channel).
@@ -43,15 +48,15 @@ impl Statements {
             begin: format!(
                 "WITH live AS ( \
                     SELECT owner, fingerprint, record FROM {t} \
-                    WHERE key = $1 AND expires_at > now() \
+                    WHERE key = $1 AND expires_at > statement_timestamp() \
                  ), claimed AS ( \
                     INSERT INTO {t} AS r (key, fingerprint, owner, record, expires_at, created_at, renewals) \
-                    SELECT $1, $2, $3, NULL, now() + $4::float8 * interval '1 millisecond', now(), 0 \
+                    SELECT $1, $2, $3, NULL, statement_timestamp() + $4::float8 * interval '1 millisecond', statement_timestamp(), 0 \
                     WHERE NOT EXISTS (SELECT 1 FROM live) \
                     ON CONFLICT (key) DO UPDATE SET \
                         fingerprint = EXCLUDED.fingerprint, owner = EXCLUDED.owner, record = NULL, \
                         expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, renewals = 0 \
-                    WHERE r.expires_at <= now() \
+                    WHERE r.expires_at <= statement_timestamp() \
                     RETURNING r.owner \
                  ) \
                  SELECT true AS claimed, owner, NULL::bytea AS fingerprint, NULL::bytea AS record FROM claimed \
@@ -63,8 +68,8 @@ impl Statements {
             // is final). The notice goes out when the transaction commits.
             complete: format!(
                 "WITH done AS ( \
-                    UPDATE {t} SET record = $3, expires_at = now() + $4::float8 * interval '1 millisecond' \
-                    WHERE key = $1 AND owner = $2 AND expires_at > now() \
+                    UPDATE {t} SET record = $3, expires_at = statement_timestamp() + $4::float8 * interval '1 millisecond' \
+                    WHERE key = $1 AND owner = $2 AND expires_at > statement_timestamp() \
                         AND (record IS NULL OR record = $3) \
                     RETURNING key \
                  ) \
@@ -73,26 +78,29 @@ impl Statements {
             release: format!(
                 "WITH gone AS ( \
                     DELETE FROM {t} \
-                    WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > now() \
+                    WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > statement_timestamp() \
                     RETURNING key \
                  ) \
                  SELECT pg_notify('{t}', encode(key, 'hex'))::text FROM gone"
             ),
             renew: format!(
-                "UPDATE {t} SET expires_at = now() + $3::float8 * interval '1 millisecond', \
+                "UPDATE {t} SET expires_at = statement_timestamp() + $3::float8 * interval '1 millisecond', \
                     renewals = renewals + 1 \
-                 WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > now()"
+                 WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > statement_timestamp()"
             ),
             lease_left: format!(
-                "SELECT ceil(extract(epoch FROM expires_at - now()) * 1000)::int8 FROM {t} \
-                 WHERE key = $1 AND record IS NULL AND expires_at > now()"
+                "SELECT ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8 FROM {t} \
+                 WHERE key = $1 AND record IS NULL AND expires_at > statement_timestamp()"
+            ),
+            completed_by: format!(
+                "SELECT record IS NOT NULL FROM {t} WHERE key = $1 AND owner = $2"
             ),
             // Bounded: at most $1 rows, skipping rows another transaction holds (a claim of
             // an expired key, another process's sweep), so no sweep waits on a lock or holds
             // many.
             sweep: format!(
                 "DELETE FROM {t} WHERE key IN ( \
-                    SELECT key FROM {t} WHERE expires_at <= now() \
+                    SELECT key FROM {t} WHERE expires_at <= statement_timestamp() \
                     LIMIT $1 FOR UPDATE SKIP LOCKED \
                  )"
             ),
