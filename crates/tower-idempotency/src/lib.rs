@@ -108,6 +108,7 @@
 // body and takes the lease or waits, `owner` runs the handler under its `lease` (which
 // `detached` keeps alive when the caller goes away), and `replay` answers its duplicates.
 mod body;
+mod completion;
 mod config;
 mod detached;
 mod extensions;
@@ -143,6 +144,7 @@ pub mod record;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
+pub use completion::{Completer, Completion};
 pub use config::{
     ConfigError, DEFAULT_LOCK_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
     DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION, OnConflict, default_storable,
@@ -166,6 +168,9 @@ pub use storage_key::StorageKey;
 pub use store::{
     BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
 };
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
