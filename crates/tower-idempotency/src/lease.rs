@@ -77,6 +77,11 @@ impl Lease {
         }
     }
 
+    /// The owner token the lease was granted to.
+    pub(crate) fn token(&self) -> LeaseToken {
+        self.token
+    }
+
     /// Runs `work` while renewing the lease every third of its TTL.
     pub(crate) async fn renewing<F: Future>(&self, work: F) -> F::Output {
         let renew = async {

@@ -108,7 +108,6 @@
 // body and takes the lease or waits, `owner` runs the handler under its `lease` (which
 // `detached` keeps alive when the caller goes away), and `replay` answers its duplicates.
 mod body;
-mod completion;
 mod config;
 mod detached;
 mod extensions;
@@ -130,6 +129,7 @@ mod shared;
 mod storage_key;
 mod store;
 mod tracked;
+mod transaction;
 
 // The stored-record format: public only for this workspace's benchmarks, which fill stores
 // with records directly, and hidden from the docs, as it may change in any release.
@@ -144,7 +144,6 @@ pub mod record;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
-pub use completion::{Completer, Completion};
 pub use config::{
     ConfigError, DEFAULT_LOCK_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
     DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION, OnConflict, default_storable,
@@ -166,7 +165,8 @@ pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 pub use storage_key::StorageKey;
 pub use store::{
-    BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
+    BeginOutcome, Completer, Completion, LeaseToken, MemoryStore, MemoryStoreBuilder,
+    MemoryStoreStats, Store, StoreError,
 };
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -23,6 +23,8 @@ use crate::problem::Problem;
 use crate::record::{EncodeError, Record, Unreplayable};
 use crate::shared::Shared;
 use crate::storage_key::StorageKey;
+use crate::store::{Completer, Completion};
+use crate::transaction;
 
 /// What the lease owner's part ends with: the first caller's answer, and whether a response was
 /// stored for replay (so that an answer its caller no longer waits for is counted).
@@ -52,7 +54,7 @@ pub(crate) async fn run<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     lease: Lease,
     mut inner: S,
-    req: Request<IdempotencyBody<ReqBody>>,
+    mut req: Request<IdempotencyBody<ReqBody>>,
     fingerprint: Fingerprint,
 ) -> Owned<Result<IdempotencyResponse<ResBody>, S::Error>>
 where
@@ -62,6 +64,7 @@ where
     let config = &shared.config;
     let limit = config.max_response_body;
     let storable = config.storable.clone();
+    let completion = transaction::offer(&shared, &mut req, true);
     let work = AssertUnwindSafe(async move {
         let res = match inner.call(req).await {
             Ok(res) => res,
@@ -95,7 +98,11 @@ where
         answer,
         stored: false,
     };
-    match lease.renewing(work).await {
+    let outcome = lease.renewing(work).await;
+    if let Some(completer) = completion.as_ref().and_then(Completion::take) {
+        return in_transaction(&shared, completer, lease, outcome, fingerprint).await;
+    }
+    match outcome {
         Err(_panic) => {
             tracing::error!(key = ?lease.key, "handler panicked; lease released");
             lease.release().await;
@@ -142,6 +149,87 @@ where
                 stored,
             }
         }
+    }
+}
+
+/// The owner's end when the handler took its transaction from the layer: the record is
+/// written in that transaction and commits with the handler's writes, or the transaction rolls
+/// back and the lease is released. The caller gets the response only once it is committed.
+async fn in_transaction<B, E>(
+    shared: &Shared,
+    completer: Box<dyn Completer>,
+    lease: Lease,
+    outcome: std::thread::Result<Outcome<B, E>>,
+    fingerprint: Fingerprint,
+) -> Owned<Result<IdempotencyResponse<B>, E>>
+where
+    B: Body<Data = Bytes>,
+{
+    let ttl = shared.config.ttl;
+    let unstored = |answer| Owned {
+        answer,
+        stored: false,
+    };
+    let (record, answer) = match outcome {
+        Ok(Outcome::Store(parts, body)) => (
+            owner_record(&lease.key, fingerprint, &parts, &body),
+            Response::from_parts(parts, IdempotencyBody::full(body)),
+        ),
+        Ok(Outcome::TooLarge(parts, prefix, rest)) => {
+            tracing::info!(key = ?lease.key, "response too large to keep for replay; duplicates will get 409");
+            let record = Record {
+                fingerprint,
+                response: Err(Unreplayable::TooLarge),
+            };
+            let answer = Response::from_parts(parts, IdempotencyBody::prefixed(prefix, rest));
+            (record.encode(), answer)
+        }
+        // Nothing of the handler's writes is kept, so whatever it answered, the key is free
+        // again: a retry runs on a clean database. That holds for an outcome the inner service
+        // calls unknown too, as far as the database goes.
+        Err(_panic) => {
+            tracing::error!(key = ?lease.key, "handler panicked; its transaction was rolled back and the lease released");
+            return rolled_back(completer, &lease, Ok(Problem::HandlerFailed.respond())).await;
+        }
+        Ok(Outcome::Error(e)) => return rolled_back(completer, &lease, Err(e)).await,
+        Ok(Outcome::Release(res) | Outcome::Unknown(res)) => {
+            let answer = Ok(res.map(IdempotencyBody::stream));
+            return rolled_back(completer, &lease, answer).await;
+        }
+        Ok(Outcome::BodyFailed) => {
+            let answer = Ok(Problem::HandlerFailed.respond());
+            return rolled_back(completer, &lease, answer).await;
+        }
+    };
+    match completer
+        .complete(lease.key, lease.token(), record, ttl)
+        .await
+    {
+        Ok(true) => Owned {
+            answer: Ok(answer),
+            stored: true,
+        },
+        Ok(false) => {
+            // Another owner holds the key: this one's writes were rolled back with its record,
+            // so its response must not reach the caller.
+            count(Event::LeaseLost);
+            tracing::warn!(key = ?lease.key, "lease was lost while the handler ran; its transaction was rolled back");
+            unstored(Ok(Problem::LeaseLost.respond()))
+        }
+        Err(e) => {
+            lease.release().await;
+            unstored(Ok(transaction::commit_failed(shared, Some(&lease.key), &e)))
+        }
+    }
+}
+
+/// Rolls the handler's transaction back and releases the lease, so that a retry runs.
+async fn rolled_back<T>(completer: Box<dyn Completer>, lease: &Lease, answer: T) -> Owned<T> {
+    transaction::roll_back(Some(completer)).await;
+    lease.release().await;
+    Owned {
+        answer,
+        stored: false,
     }
 }
 

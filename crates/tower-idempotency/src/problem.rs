@@ -257,6 +257,10 @@ pub enum Problem {
         /// Seconds for `Retry-After`.
         retry_after: Duration,
     },
+    /// 409: the request's lease expired while its handler ran and another request with the key
+    /// took over. With the handler's transaction ([`Completion`](crate::Completion)), its
+    /// writes were rolled back with its record, so its response is not given.
+    LeaseLost,
 }
 
 impl Problem {
@@ -278,6 +282,7 @@ impl Problem {
             Problem::ScopeUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
             Problem::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Problem::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::LeaseLost => StatusCode::CONFLICT,
         }
     }
 
@@ -302,6 +307,7 @@ impl Problem {
             Problem::ScopeUnavailable => "scope-unavailable",
             Problem::BodyTimeout => "body-timeout",
             Problem::Overloaded { .. } => "too-many-in-flight",
+            Problem::LeaseLost => "lease-lost",
         }
     }
 
@@ -324,6 +330,7 @@ impl Problem {
             Problem::ScopeUnavailable => "The caller's scope is unavailable",
             Problem::BodyTimeout => "Request body timed out",
             Problem::Overloaded { .. } => "Too many requests in flight",
+            Problem::LeaseLost => "The request lost its hold on the idempotency key",
         }
     }
 
@@ -373,6 +380,9 @@ impl Problem {
             }
             Problem::Overloaded { .. } => {
                 "Too many requests with idempotency keys are running. This one was not run: retry later with the same key.".into()
+            }
+            Problem::LeaseLost => {
+                "This request ran past its lease and another request with the same idempotency key took over; this one's writes were rolled back. Retry with the same key to get the other request's outcome.".into()
             }
         }
     }
@@ -481,6 +491,7 @@ mod tests {
             Problem::ScopeUnavailable,
             Problem::BodyTimeout,
             Problem::Overloaded { retry_after: after },
+            Problem::LeaseLost,
         ]
     }
 

@@ -20,6 +20,7 @@ use crate::problem::bad_key;
 use crate::shared::Shared;
 use crate::store::Store;
 use crate::tracked::tracked;
+use crate::transaction;
 
 /// The service made by [`IdempotencyLayer`](crate::IdempotencyLayer): it runs each covered
 /// request that carries a key once, and replays its response to every duplicate.
@@ -86,6 +87,36 @@ impl<S> Idempotency<S> {
     }
 }
 
+impl<S> Idempotency<S> {
+    /// Passes a request through untracked: straight to the inner service, unless the store
+    /// joins the handler's transactions, which then end after it.
+    fn untracked<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+    {
+        let req = req.map(IdempotencyBody::stream);
+        if self.shared.transactions.is_none() {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        ResponseFuture::tracked(Box::pin(async move {
+            transaction::untracked(&shared, inner, req).await
+        }))
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>
@@ -109,7 +140,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
         if !config.methods.contains(req.method()) {
-            return ResponseFuture::inner(self.inner.call(req.map(IdempotencyBody::stream)));
+            return self.untracked(req);
         }
         let head_key =
             match extract::from_head(req.headers(), req.uri().query(), &config.key_sources) {
@@ -121,7 +152,7 @@ where
             if config.require_key {
                 return ResponseFuture::ready(bad_key(KeyError::Missing));
             }
-            return ResponseFuture::inner(self.inner.call(req.map(IdempotencyBody::stream)));
+            return self.untracked(req);
         }
         // The service that was made ready is the one that runs the request.
         let clone = self.inner.clone();

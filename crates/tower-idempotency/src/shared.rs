@@ -1,5 +1,6 @@
 //! What every clone of a layer and every service made from it share.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
@@ -17,12 +18,16 @@ pub(crate) struct Shared {
     /// The work that outlives its caller: handlers whose caller went away, and outcomes still
     /// being written after a store failure. A clone tracks the same work.
     pub(crate) background: TaskTracker,
+    /// What the store gives handlers to open their transactions with, when it joins them
+    /// ([`Store::transaction_source`]); asked once, when the layer is made.
+    pub(crate) transactions: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Shared {
     /// `store` with the default options and no work in the background.
     pub(crate) fn new(store: Arc<dyn Store>) -> Self {
         Self {
+            transactions: store.transaction_source(),
             store,
             config: Config::default(),
             background: TaskTracker::new(),

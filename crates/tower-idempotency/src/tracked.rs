@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::body::{IdempotencyBody, IdempotencyResponse};
-use crate::config::{Config, MAX_DURATION, OnConflict};
+use crate::config::{MAX_DURATION, OnConflict};
 use crate::detached::{Detached, answer_within};
 use crate::extensions::Tracked;
 use crate::extract::{self, FORM_FIELD, FormKind};
@@ -32,6 +32,7 @@ use crate::replay::{corrupt_record, replay};
 use crate::shared::Shared;
 use crate::storage_key::StorageKey;
 use crate::store::{BeginOutcome, StoreError};
+use crate::transaction;
 
 /// A covered request that names a key in its head (`head_key`) or may name one in its form
 /// body (`form`), from its body to its answer.
@@ -74,7 +75,7 @@ where
     let key = match key {
         Ok(Some(key)) => key,
         Ok(None) if config.require_key => return Ok(bad_key(KeyError::Missing)),
-        Ok(None) => return Box::pin(untracked(inner, parts, body)).await,
+        Ok(None) => return Box::pin(untracked(&shared, inner, parts, body)).await,
         Err(e) => return Ok(bad_key(e)),
     };
 
@@ -149,7 +150,7 @@ where
         {
             Ok(begun) => begun,
             Err(e) => {
-                return Box::pin(store_failed(e, &storage_key, config, inner, parts, body)).await;
+                return Box::pin(store_failed(e, &storage_key, &shared, inner, parts, body)).await;
             }
         };
         match begun {
@@ -179,7 +180,7 @@ where
                     count(Event::Waited);
                 }
                 if let Err(e) = (*shared.store).wait(&storage_key, deadline - now).await {
-                    return Box::pin(store_failed(e, &storage_key, config, inner, parts, body))
+                    return Box::pin(store_failed(e, &storage_key, &shared, inner, parts, body))
                         .await;
                 }
             }
@@ -207,17 +208,16 @@ where
 
 /// Runs a request whose body was read but which names no key, as if it had not been tracked.
 async fn untracked<S, ReqBody, ResBody>(
-    mut inner: S,
+    shared: &Shared,
+    inner: S,
     parts: Parts,
     body: Bytes,
 ) -> Result<IdempotencyResponse<ResBody>, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
 {
-    let res = inner
-        .call(Request::from_parts(parts, IdempotencyBody::full(body)))
-        .await?;
-    Ok(res.map(IdempotencyBody::stream))
+    let req = Request::from_parts(parts, IdempotencyBody::full(body));
+    transaction::untracked(shared, inner, req).await
 }
 
 /// The answer when the store fails before the request runs: refused (fail closed), or run
@@ -225,7 +225,7 @@ where
 async fn store_failed<S, ReqBody, ResBody>(
     e: StoreError,
     key: &StorageKey,
-    config: &Config,
+    shared: &Shared,
     inner: S,
     parts: Parts,
     body: Bytes,
@@ -238,6 +238,7 @@ where
         return Ok(corrupt_record(key, why));
     }
     count(Event::StoreError);
+    let config = &shared.config;
     let retry_after = config.retry_after;
     match e {
         // Full is the bound doing its job, not an outage: running untracked would defeat it.
@@ -247,7 +248,7 @@ where
         e if config.fail_open => {
             tracing::warn!(error = %e, "idempotency store failed; running the request untracked (fail open)");
             count(Event::FailOpen);
-            return Box::pin(untracked(inner, parts, body)).await;
+            return Box::pin(untracked(shared, inner, parts, body)).await;
         }
         e => {
             tracing::error!(error = %e, "idempotency store failed; refusing the request (fail closed)")

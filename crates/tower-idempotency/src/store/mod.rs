@@ -8,12 +8,14 @@ use bytes::Bytes;
 
 use crate::fingerprint::Fingerprint;
 
+mod completion;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
+pub use self::completion::{Completer, Completion};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
