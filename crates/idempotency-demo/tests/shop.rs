@@ -354,7 +354,7 @@ async fn browser_keys_that_give_way_to_the_page_key_are_counted() {
         assert_eq!(res.status(), 303);
         assert_eq!(res.headers()["location"], "/orders/1");
     }
-    assert_eq!(shop.orders().len(), 1);
+    assert_eq!(shop.orders().await.len(), 1);
     assert_eq!(events.get(Event::KeyHeaderIgnored), 3);
     assert_eq!(events.get(Event::Executed), 1);
     assert_eq!(events.get(Event::Replayed), 2);
