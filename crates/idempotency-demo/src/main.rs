@@ -58,6 +58,10 @@ struct Args {
     /// replays its answer; instances of one shop share theirs. Empty by default.
     #[arg(long, env = "IDEMPOTENCY_DEMO_NAMESPACE", default_value = "")]
     namespace: String,
+    /// How long a request's hold on its key lasts without renewal: after a crash, a retry runs
+    /// again once it has passed.
+    #[arg(long, env = "IDEMPOTENCY_DEMO_LOCK_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    lock_ttl: Duration,
     /// How long placing an order takes, to make overlapping duplicates easy to see.
     #[arg(long, env = "IDEMPOTENCY_DEMO_WORK", default_value = "200ms", value_parser = humantime::parse_duration)]
     work: Duration,
@@ -79,7 +83,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let layer = layer.with_namespace(args.namespace);
+    let layer = layer
+        .with_namespace(args.namespace)
+        .with_lock_ttl(args.lock_ttl);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
