@@ -1,37 +1,20 @@
 //! The demo binary, started as users start it, against a real HTTP client.
 
-#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+#![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 
-#[path = "../../tower-idempotency/tests/support/mod.rs"]
-mod support;
+use idempotency_test_support::process::{KillOnDrop, free_port, wait_for_url};
+use idempotency_test_support::redis as servers;
 
-#[path = "../../tower-idempotency/tests/events/mod.rs"]
-mod events;
+use idempotency_test_support::events;
 
 struct Demo {
-    child: Child,
+    _child: KillOnDrop,
     base: String,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start_demo() -> Demo {
@@ -59,19 +42,12 @@ async fn start_demo_in(store: &str, extra: &[&str]) -> Demo {
         .spawn()
         .expect("start idempotency-demo");
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if client
-            .get(format!("{base}/api/orders"))
-            .send()
-            .await
-            .is_ok()
-        {
-            return Demo { child, base };
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let child = KillOnDrop(child);
+    wait_for_url(&format!("{base}/api/orders")).await;
+    Demo {
+        _child: child,
+        base,
     }
-    panic!("idempotency-demo did not start on {base}");
 }
 
 #[tokio::test]
@@ -375,7 +351,7 @@ async fn orders(client: &reqwest::Client, demo: &Demo) -> Vec<serde_json::Value>
 
 #[tokio::test]
 async fn two_instances_sharing_a_redis_create_one_order() {
-    let redis = support::RedisServer::start();
+    let redis = servers::RedisServer::start();
     let url = redis.url();
     let (a, b) = tokio::join!(start_demo_with(&url), start_demo_with(&url));
     let client = reqwest::Client::new();
@@ -428,7 +404,7 @@ async fn the_memory_store_keeps_to_the_bounds_the_flags_give() {
 
 #[tokio::test]
 async fn shops_with_their_own_namespace_on_one_redis_never_share_an_order() {
-    let redis = support::RedisServer::start();
+    let redis = servers::RedisServer::start();
     let url = redis.url();
     let (tea, mugs) = tokio::join!(
         start_demo_in(&url, &["--namespace", "tea-shop"]),

@@ -91,7 +91,8 @@
 //! `RedisStore` (feature `redis`) shares records between every process and machine that talks
 //! to one Redis or Redis Cluster, at one round trip per step (see [`store`]). Any backend
 //! implements the small [`Store`] trait; every atomic step of the lifecycle is one call, and the
-//! conformance suite in `tests/conformance` is how a backend proves itself.
+//! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
+//! proves itself.
 //!
 //! # Runtime
 //!
@@ -116,6 +117,10 @@ mod problem;
 mod scope;
 mod service;
 mod store;
+
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 
 /// The stored-record format, public only for this workspace's benchmarks, which fill stores
 /// with records directly. Not a stable API: it may change in any release.

@@ -4,9 +4,9 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
-mod events;
-mod recording;
+use idempotency_test_support::harness;
+use idempotency_test_support::events;
+use idempotency_test_support::recording;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use common::{
+use harness::{
     CancelProbe, Counter, Gate, Reply, assert_problem, assert_retry_after, client, counting_app,
     gated_app, send, serve,
 };
@@ -1166,7 +1166,7 @@ async fn namespaces_separate_services_sharing_a_store() {
         counting_app(IdempotencyLayer::from_shared(store).with_namespace("billing"));
     let (a, b, a2) = (serve(app_a).await, serve(app_b).await, serve(app_a2).await);
     let c = client();
-    let post = |srv: &common::TestServer| {
+    let post = |srv: &harness::TestServer| {
         c.post(srv.url("/orders"))
             .header("Idempotency-Key", "k")
             .body("x")
@@ -2350,11 +2350,11 @@ async fn a_tracked_body_that_does_not_arrive_in_time_is_408_and_takes_no_lease()
 
     // A body that stops after 10 of its 100 bytes.
     let stalled =
-        common::slow_request(srv.addr, &keyed_head("\"slow\"", ""), b"0123456789", None).await;
+        harness::slow_request(srv.addr, &keyed_head("\"slow\"", ""), b"0123456789", None).await;
     assert_eq!(stalled.status, 408, "{stalled:?}");
     assert!(stalled.problem_type().ends_with(":body-timeout"));
     // A body that keeps coming, a byte at a time, but not in full in time.
-    let trickled = common::slow_request(
+    let trickled = harness::slow_request(
         srv.addr,
         &keyed_head("\"slow\"", ""),
         b"",
@@ -2363,7 +2363,7 @@ async fn a_tracked_body_that_does_not_arrive_in_time_is_408_and_takes_no_lease()
     .await;
     assert_eq!(trickled.status, 408, "{trickled:?}");
     // A form body read for its key is timed the same way.
-    let form = common::slow_request(
+    let form = harness::slow_request(
         srv.addr,
         "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100",
         b"__idempotent_key=form-slow&a=",
@@ -2391,7 +2391,7 @@ async fn the_body_timeout_leaves_untracked_streams_alone() {
     let (app, count) = counting_app(layer().with_request_body_timeout(Duration::from_millis(100)));
     let srv = serve(app).await;
     // A keyless body that takes longer than the timeout streams to the handler whole.
-    let slow = common::slow_request(
+    let slow = harness::slow_request(
         srv.addr,
         "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Length: 6",
         b"",

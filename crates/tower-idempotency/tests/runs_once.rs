@@ -6,7 +6,7 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
+use idempotency_test_support::harness;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use common::{Counter, Gate, assert_problem, assert_retry_after, client, gated_app, send, serve};
+use harness::{Counter, Gate, assert_problem, assert_retry_after, client, gated_app, send, serve};
 use http::StatusCode;
 use tower_idempotency::Fingerprint;
 use tower_idempotency::{BeginOutcome, LeaseToken, StorageKey};
@@ -243,7 +243,7 @@ async fn a_completion_that_fails_for_want_of_the_store_is_retried_until_it_lands
     let layer = IdempotencyLayer::new(store.clone())
         .with_lock_ttl(Duration::from_millis(600))
         .with_wait_timeout(Duration::from_secs(10));
-    let (app, count) = common::counting_app(layer);
+    let (app, count) = harness::counting_app(layer);
     let srv = serve(app).await;
     let c = client();
     let post = || c.post(srv.url("/orders")).header(KEY, "\"blip\"").body("x");

@@ -6,7 +6,8 @@
 //! for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
 //!
 //! Every verb is meant to be one atomic step: one round trip for a networked store. A backend
-//! proves itself by passing the conformance suite in `tests/conformance`.
+//! proves itself by passing the conformance suite, `tower_idempotency::conformance` (feature
+//! `conformance`), from its own tests.
 
 use std::fmt;
 use std::time::Duration;
