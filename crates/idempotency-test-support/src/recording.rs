@@ -158,6 +158,12 @@ impl<S> RecordingStore<S> {
             .await;
     }
 
+    /// Waits (up to 20 s) until the store has refused `verb` at least `n` times.
+    pub async fn refusals(&self, verb: &str, n: usize) {
+        self.until(|store| store.refused(verb) >= n, &format!("{n} refusals of {verb}"))
+            .await;
+    }
+
     /// Waits (up to 20 s) until at least `n` calls to `wait` are in progress at once.
     pub async fn waiters(&self, n: usize) {
         self.until(|store| store.waiting() >= n, &format!("{n} waiters at once"))

@@ -6,7 +6,7 @@
 
 use idempotency_test_support::harness;
 use idempotency_test_support::events;
-use idempotency_test_support::recording;
+use idempotency_test_support::recording::RecordingStore;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -1005,7 +1005,7 @@ async fn a_scope_from_an_auth_layer_that_runs_first_keeps_users_apart() {
 async fn an_auth_layer_that_runs_after_the_layer_is_a_500_scope_unavailable_not_a_leak() {
     let events = events::Events::default();
     let _local = metrics::set_default_local_recorder(&events);
-    let store = recording::RecordingStore::default();
+    let store = RecordingStore::default();
     let (router, count) = user_app();
     // The wrong order: idempotency runs first, before any user is known.
     let app = router
@@ -1073,56 +1073,9 @@ async fn header_scopes_without_their_headers_are_global_or_refused_as_configured
     assert_eq!(count.get(), 2);
 }
 
-/// A real store that keeps everything it was given, over a [`MemoryStore`].
-#[derive(Clone, Default)]
-struct SpyStore {
-    inner: MemoryStore,
-    seen: Arc<Mutex<Vec<Vec<u8>>>>,
-    begins: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-#[async_trait]
-impl Store for SpyStore {
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.seen.lock().unwrap().push(key.0.to_vec());
-        self.begins
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.begin(key, fingerprint, lease_ttl).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        record: Bytes,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.seen.lock().unwrap().push(record.to_vec());
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.renew(key, token, lease_ttl).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.inner.wait(key, timeout).await
-    }
-}
-
 #[tokio::test]
 async fn store_never_sees_the_raw_key_or_scope() {
-    let spy = SpyStore::default();
+    let spy = RecordingStore::default();
     let (app, count) = counting_app(IdempotencyLayer::new(spy.clone()));
     let srv = serve(app).await;
     let c = client();
@@ -1138,7 +1091,10 @@ async fn store_never_sees_the_raw_key_or_scope() {
         assert_eq!(r.status, StatusCode::CREATED);
     }
     assert_eq!(count.get(), 2);
-    let seen = spy.seen.lock().unwrap();
+    // Everything the store was given: the storage keys and the records.
+    let seen: Vec<Vec<u8>> = (spy.keys().iter().map(|k| k.0.to_vec()))
+        .chain(spy.records().iter().map(|r| r.to_vec()))
+        .collect();
     let keys: HashSet<&Vec<u8>> = seen.iter().filter(|s| s.len() == 32).collect();
     assert_eq!(keys.len(), 2, "one fixed-size storage key per scope");
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
@@ -1478,7 +1434,8 @@ async fn a_response_marked_not_run_releases_the_key_whatever_the_predicate() {
 #[tokio::test]
 async fn duplicates_wait_for_the_request_in_flight() {
     let gate = Gate::default();
-    let (app, count) = gated_app(layer(), gate.clone());
+    let store = RecordingStore::default();
+    let (app, count) = gated_app(IdempotencyLayer::new(store.clone()), gate.clone());
     let srv = serve(app).await;
     let c = client();
     let post = || {
@@ -1489,7 +1446,8 @@ async fn duplicates_wait_for_the_request_in_flight() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let dups: Vec<_> = (0..5).map(|_| tokio::spawn(send(post()))).collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every duplicate has asked the store to wait.
+    store.waiters(5).await;
     assert!(
         dups.iter().all(|d| !d.is_finished()),
         "duplicates wait while the original runs (no 409, no second run)"
@@ -1609,7 +1567,7 @@ async fn prefer_wait_never_lengthens_the_wait() {
 
 #[tokio::test]
 async fn waiting_is_pushed_by_the_store_not_polled() {
-    let spy = SpyStore::default();
+    let spy = RecordingStore::default();
     let gate = Gate::default();
     let (app, count) = gated_app(IdempotencyLayer::new(spy.clone()), gate.clone());
     let srv = serve(app).await;
@@ -1618,19 +1576,22 @@ async fn waiting_is_pushed_by_the_store_not_polled() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let dup = tokio::spawn(send(post()));
+    spy.reached("wait", 1).await;
+    // Half a second in which a polling waiter would ask the store again and again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     gate.open();
     let first = first.await.unwrap();
     assert_replay_of(&dup.await.unwrap(), &first);
     // The original's begin, the duplicate's first begin, and one more once woken. A layer that
     // polled the store while waiting would call begin again and again for half a second.
-    let begins = spy.begins.load(std::sync::atomic::Ordering::SeqCst);
+    let begins = spy.count("begin");
     assert!(begins <= 4, "{begins} calls to begin: the waiter polls");
 }
 
 #[tokio::test]
 async fn waiters_take_over_a_released_lease_and_one_runs() {
     let gate = Gate::default();
+    let store = RecordingStore::default();
     let count = Counter::default();
     let (c, g) = (count.clone(), gate.clone());
     let app = Router::new()
@@ -1646,7 +1607,7 @@ async fn waiters_take_over_a_released_lease_and_one_runs() {
                 }
             }),
         )
-        .layer(quick_waits());
+        .layer(IdempotencyLayer::new(store.clone()).with_wait_timeout(Duration::from_secs(5)));
     let srv = serve(app).await;
     let c = client();
     let post = || {
@@ -1656,7 +1617,7 @@ async fn waiters_take_over_a_released_lease_and_one_runs() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let waiters: Vec<_> = (0..4).map(|_| tokio::spawn(send(post()))).collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.waiters(4).await;
     gate.open();
     assert_eq!(first.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
     let mut replies = Vec::new();
@@ -1676,9 +1637,12 @@ async fn waiters_take_over_a_released_lease_and_one_runs() {
 #[tokio::test]
 async fn the_lease_is_renewed_while_a_slow_handler_runs() {
     let gate = Gate::default();
-    // Leases of 600 ms, a handler that runs 1.5 s: only renewal keeps the duplicate waiting.
+    let store = RecordingStore::default();
+    // Leases of 1.5 s, renewed every 500 ms, and a handler that runs past four renewals: only
+    // renewal keeps the duplicate waiting. (A renewal may come a second late on a loaded
+    // machine without the lease running out.)
     let (app, count) = gated_app(
-        layer().with_lock_ttl(Duration::from_millis(600)),
+        IdempotencyLayer::new(store.clone()).with_lock_ttl(Duration::from_millis(1500)),
         gate.clone(),
     );
     let srv = serve(app).await;
@@ -1687,7 +1651,9 @@ async fn the_lease_is_renewed_while_a_slow_handler_runs() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let dup = tokio::spawn(send(post()));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.reached("wait", 1).await;
+    store.reached("renew", 4).await;
+    assert!(!dup.is_finished(), "the duplicate still waits");
     gate.open();
     let first = first.await.unwrap();
     assert_fresh(&first, 1);
@@ -1701,7 +1667,9 @@ async fn the_lease_is_renewed_while_a_slow_handler_runs() {
 
 #[tokio::test]
 async fn completed_records_expire_after_the_ttl() {
-    let (app, count) = counting_app(layer().with_ttl(Duration::from_millis(600)));
+    // Long enough for the replay to land within it on a loaded machine.
+    let ttl = Duration::from_secs(2);
+    let (app, count) = counting_app(layer().with_ttl(ttl));
     let srv = serve(app).await;
     let c = client();
     let post = || {
@@ -1709,11 +1677,21 @@ async fn completed_records_expire_after_the_ttl() {
             .header("Idempotency-Key", "ttl")
             .body("x")
     };
+    let sent = tokio::time::Instant::now();
     let first = send(post()).await;
     assert_fresh(&first, 1);
     assert_replay_of(&send(post()).await, &first);
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let after = send(post()).await;
+    // Replays until the record expires, then a new run; never before the TTL is over.
+    let after = loop {
+        let reply = send(post()).await;
+        if !reply.replayed() {
+            break reply;
+        }
+        assert_replay_of(&reply, &first);
+        assert!(sent.elapsed() < ttl + Duration::from_secs(10), "the record never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(sent.elapsed() >= ttl, "the record expired before its TTL");
     assert_fresh(&after, 2);
     assert_eq!(count.get(), 2);
 }
@@ -2126,6 +2104,8 @@ async fn a_lease_whose_process_died_is_taken_over() {
 #[tokio::test]
 async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
     let store = MemoryStore::default();
+    // What process A asks of the store it shares with B.
+    let store_a = RecordingStore::new(store.clone());
     // Process A freezes mid-handler (a stop-the-world pause): its one thread blocks, so its lease
     // is not renewed and expires.
     let (unfreeze, frozen) = std::sync::mpsc::channel::<()>();
@@ -2141,7 +2121,7 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
                 (StatusCode::CREATED, "from A")
             }),
         )
-        .layer(IdempotencyLayer::new(store.clone()).with_lock_ttl(Duration::from_millis(300)));
+        .layer(IdempotencyLayer::new(store_a.clone()).with_lock_ttl(Duration::from_millis(300)));
     let rt_a = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -2186,6 +2166,8 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
     assert_eq!(from_a.status, StatusCode::CREATED);
     assert_eq!(from_a.text(), "from A");
     assert!(!from_a.replayed());
+    store_a.refusals("complete", 1).await;
+    assert_eq!(store_a.count("complete"), 1, "A tried to store its response once");
 
     gate_b.open();
     let taken = to_b.await.unwrap();

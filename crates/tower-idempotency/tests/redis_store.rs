@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use idempotency_test_support::process::{TempDir, free_port, path_arg};
+use idempotency_test_support::recording::RecordingStore;
 use idempotency_test_support::redis as servers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
@@ -23,7 +23,6 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_idempotency::Fingerprint;
 use tower_idempotency::IdempotencyLayer;
 use tower_idempotency::conformance;
 use tower_idempotency::{BeginOutcome, LeaseToken, RedisStore, StorageKey, Store, StoreError};
@@ -100,76 +99,6 @@ fn client_commands(
         }
     }
     (sent.values().sum(), sent, scripted)
-}
-
-/// A store wrapper that counts refused completions and waiters, and can block renewals (as a
-/// network partition between the lease owner and Redis would).
-struct Instrumented<S> {
-    inner: S,
-    block_renewals: bool,
-    refused_completions: AtomicUsize,
-    waiting: AtomicUsize,
-}
-
-impl<S> Instrumented<S> {
-    fn new(inner: S, block_renewals: bool) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            block_renewals,
-            refused_completions: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-        })
-    }
-}
-
-#[async_trait]
-impl<S: Store> Store for Instrumented<S> {
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.inner.begin(key, fingerprint, lease_ttl).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        record: Bytes,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let done = self.inner.complete(key, token, record, ttl).await?;
-        if !done {
-            self.refused_completions.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(done)
-    }
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        if self.block_renewals {
-            return Err(StoreError::Unavailable(
-                "renewals blocked by the test".into(),
-            ));
-        }
-        self.inner.renew(key, token, lease_ttl).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let out = self.inner.wait(key, timeout).await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        out
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
 }
 
 /// Counts the layer's `lease_lost` events through the `metrics` facade.
@@ -291,7 +220,7 @@ async fn command_budget(url: &str, nodes: &[RedisServer]) {
 async fn five_hundred_waiters_add_at_most_two_connections() {
     const WAITERS: usize = 500;
     let server = RedisServer::start();
-    let store = Instrumented::new(store_on(&server.url()).await, false);
+    let store = Arc::new(RecordingStore::new(store_on(&server.url()).await));
     let gate = Arc::new(tokio::sync::Notify::new());
     let executions = Arc::new(AtomicUsize::new(0));
     let app = {
@@ -327,11 +256,11 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
             tokio::spawn(async move { send(&app, "crowd").await })
         })
         .collect();
-    while store.waiting.load(Ordering::SeqCst) < WAITERS {
+    while store.waiting() < WAITERS {
         assert!(
             Instant::now() < give_up,
             "only {} waiters are waiting",
-            store.waiting.load(Ordering::SeqCst)
+            store.waiting()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -376,7 +305,11 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
 async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
     lease_lost::install();
     let lost_before = lease_lost::COUNT.load(Ordering::SeqCst);
-    let store = Instrumented::new(store_on(&servers::shared_server().url()).await, true);
+    let store = Arc::new(RecordingStore::new(
+        store_on(&servers::shared_server().url()).await,
+    ));
+    // As a network partition between the lease owner and Redis would.
+    store.fail_always("renew");
     let executions = Arc::new(AtomicUsize::new(0));
     let app = {
         let executions = executions.clone();
@@ -420,7 +353,7 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(first, "from the first owner");
     // ...but its completion was refused and counted.
-    assert_eq!(store.refused_completions.load(Ordering::SeqCst), 1);
+    assert_eq!(store.refused("complete"), 1);
     assert!(lease_lost::COUNT.load(Ordering::SeqCst) > lost_before);
 
     // The new owner's response is the one replayed.
