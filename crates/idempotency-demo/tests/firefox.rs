@@ -22,8 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use events::Events;
-use idempotency_test_support::harness::{Arrival, Arrivals};
 use idempotency_demo::Shop;
+use idempotency_test_support::harness::{Arrival, Arrivals};
 use marionette::Marionette;
 use serde_json::json;
 use tower_idempotency::Event;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 
+use idempotency_test_support::harness::get_text;
 use idempotency_test_support::process::{KillOnDrop, free_port, wait_for_url};
 use idempotency_test_support::redis as servers;
 
@@ -144,22 +145,8 @@ async fn a_form_posted_twice_places_one_order_and_lands_on_it() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let page1 = client
-        .get(&demo.base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let page2 = client
-        .get(&demo.base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page1 = get_text(&client, &demo.base).await;
+    let page2 = get_text(&client, &demo.base).await;
     let key = hidden_key(&page1);
     assert_ne!(
         key,
@@ -228,7 +215,7 @@ fn no_redirects() -> reqwest::Client {
 
 /// The order form of a freshly loaded page, as the browser posts it: the hidden key first.
 async fn order_form(client: &reqwest::Client, base: &str) -> Vec<(&'static str, String)> {
-    let page = client.get(base).send().await.unwrap().text().await.unwrap();
+    let page = get_text(client, base).await;
     vec![
         ("__idempotent_key", hidden_key(&page)),
         ("product", "Teapot".to_owned()),
@@ -266,14 +253,7 @@ async fn a_double_click_in_firefox_places_one_order_and_both_land_on_it() {
     let orders = orders(&client, &demo).await;
     assert_eq!(orders.len(), 1, "{orders:?}");
     assert_eq!(orders[0]["product"], "Teapot");
-    let page = client
-        .get(format!("{}/orders/1", demo.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&client, &format!("{}/orders/1", demo.base)).await;
     assert!(page.contains("Order #1"), "{page}");
 }
 

@@ -486,14 +486,7 @@ async fn healthz_and_metrics_count_what_happened() {
 
     let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let before = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = proxy.metrics().await;
     assert_eq!(event_count(&before, "executed"), Some(0), "{before}");
 
     for key in ["m1", "m2"] {

@@ -229,14 +229,7 @@ async fn redis_down_fails_closed_or_open_and_healthz_says_so() {
         .unwrap();
     assert_eq!(passed.status(), 201);
     assert_eq!(up.hits("/orders"), 2);
-    let metrics = c
-        .get(open.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = open.metrics().await;
     assert_eq!(event_count(&metrics, "fail_open"), Some(1), "{metrics}");
     assert!(
         event_count(&metrics, "store_error").unwrap() >= 1,

@@ -161,6 +161,12 @@ pub async fn send(req: reqwest::RequestBuilder) -> Reply {
     }
 }
 
+/// GETs `url` and returns the body as text, whatever the status.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    let res = client.get(url).send().await.expect("GET failed");
+    res.text().await.expect("response body failed")
+}
+
 /// Asserts that `reply` is an RFC 9457 problem with this status whose `type` ends in `slug`, and
 /// returns its JSON.
 pub fn assert_problem(reply: &Reply, status: u16, slug: &str) -> serde_json::Value {

@@ -14,7 +14,10 @@
 //!
 //! It is not published: its helpers panic on any failure, which is what a test wants.
 
-#![allow(clippy::unwrap_used, reason = "a test helper that cannot work fails the test")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test helper that cannot work fails the test"
+)]
 
 pub mod events;
 pub mod harness;

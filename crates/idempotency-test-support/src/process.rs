@@ -66,11 +66,7 @@ impl Supervised {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("IDEMPOTENCY_PROXY_") {
-                cmd.env_remove(k);
-            }
-        }
+        without_proxy_env(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -148,6 +144,17 @@ impl Drop for Supervised {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Keeps this process's `IDEMPOTENCY_PROXY_*` variables from `cmd`, so that a developer's own
+/// proxy settings do not change what a test or the chaos run starts.
+pub fn without_proxy_env(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("IDEMPOTENCY_PROXY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// A child started by the test itself (a demo binary, a browser driver), killed when dropped.

@@ -96,7 +96,11 @@ impl<S> RecordingStore<S> {
     }
 
     /// Counts a `false` answer of an owner-checked verb.
-    fn answered(&self, verb: &'static str, done: Result<bool, StoreError>) -> Result<bool, StoreError> {
+    fn answered(
+        &self,
+        verb: &'static str,
+        done: Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
         if let Ok(false) = done {
             *self.log().refused.entry(verb).or_default() += 1;
         }
@@ -154,20 +158,29 @@ impl<S> RecordingStore<S> {
     /// Waits (up to 20 s) until `verb` has run at least `n` times: a duplicate has asked the
     /// store to wait, a renewal happened.
     pub async fn reached(&self, verb: &str, n: usize) {
-        self.until(|store| store.count(verb) >= n, &format!("{n} calls of {verb}"))
-            .await;
+        self.until(
+            |store| store.count(verb) >= n,
+            &format!("{n} calls of {verb}"),
+        )
+        .await;
     }
 
     /// Waits (up to 20 s) until the store has refused `verb` at least `n` times.
     pub async fn refusals(&self, verb: &str, n: usize) {
-        self.until(|store| store.refused(verb) >= n, &format!("{n} refusals of {verb}"))
-            .await;
+        self.until(
+            |store| store.refused(verb) >= n,
+            &format!("{n} refusals of {verb}"),
+        )
+        .await;
     }
 
     /// Waits (up to 20 s) until at least `n` calls to `wait` are in progress at once.
     pub async fn waiters(&self, n: usize) {
-        self.until(|store| store.waiting() >= n, &format!("{n} waiters at once"))
-            .await;
+        self.until(
+            |store| store.waiting() >= n,
+            &format!("{n} waiters at once"),
+        )
+        .await;
     }
 
     async fn until(&self, done: impl Fn(&Self) -> bool, what: &str) {

@@ -4,8 +4,8 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use idempotency_test_support::harness;
 use idempotency_test_support::events;
+use idempotency_test_support::harness;
 use idempotency_test_support::recording::RecordingStore;
 
 use std::collections::{HashMap, HashSet};
@@ -18,11 +18,11 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use harness::{
     CancelProbe, Counter, Gate, Reply, assert_problem, assert_retry_after, client, counting_app,
     gated_app, send, serve,
 };
-use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
 use tower_idempotency::Event;
 use tower_idempotency::Fingerprint;
@@ -1688,7 +1688,10 @@ async fn completed_records_expire_after_the_ttl() {
             break reply;
         }
         assert_replay_of(&reply, &first);
-        assert!(sent.elapsed() < ttl + Duration::from_secs(10), "the record never expired");
+        assert!(
+            sent.elapsed() < ttl + Duration::from_secs(10),
+            "the record never expired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(sent.elapsed() >= ttl, "the record expired before its TTL");
@@ -2167,7 +2170,11 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
     assert_eq!(from_a.text(), "from A");
     assert!(!from_a.replayed());
     store_a.refusals("complete", 1).await;
-    assert_eq!(store_a.count("complete"), 1, "A tried to store its response once");
+    assert_eq!(
+        store_a.count("complete"),
+        1,
+        "A tried to store its response once"
+    );
 
     gate_b.open();
     let taken = to_b.await.unwrap();

@@ -6,12 +6,12 @@
 #![cfg(feature = "redis")]
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use idempotency_test_support::harness;
 use idempotency_test_support::events;
+use idempotency_test_support::harness;
 use idempotency_test_support::redis as servers;
 
-use harness::{Reply, TestServer, assert_problem, client, counting_app, send, serve};
 use events::Events;
+use harness::{Reply, TestServer, assert_problem, client, counting_app, send, serve};
 use http::StatusCode;
 use tower_idempotency::Event;
 use tower_idempotency::{IdempotencyLayer, Problem};

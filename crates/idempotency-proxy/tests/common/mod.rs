@@ -23,7 +23,9 @@ use tokio::io::AsyncReadExt;
 
 #[allow(unused_imports)] // each test binary uses a part of them
 pub use idempotency_test_support::events::{event_count, gauge};
+use idempotency_test_support::harness::get_text;
 pub use idempotency_test_support::process::free_addr;
+use idempotency_test_support::process::without_proxy_env;
 #[allow(unused_imports)]
 pub use idempotency_test_support::raw_http::{RawAnswer, parse_answer, raw_request, read_answer};
 pub use idempotency_test_support::redis;
@@ -371,11 +373,7 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("IDEMPOTENCY_PROXY_") {
-                cmd.env_remove(k);
-            }
-        }
+        without_proxy_env(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -422,6 +420,11 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What `GET /metrics` on the admin listener answers now.
+    pub async fn metrics(&self) -> String {
+        get_text(&client(), &self.admin_url("/metrics")).await
     }
 
     /// What the proxy logged so far.
@@ -488,11 +491,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("IDEMPOTENCY_PROXY_") {
-            cmd.env_remove(k);
-        }
-    }
+    without_proxy_env(&mut cmd);
     for (k, v) in env {
         cmd.env(k, v);
     }
