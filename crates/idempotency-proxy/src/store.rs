@@ -3,8 +3,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tower_idempotency::RedisStore;
-use tower_idempotency::{MemoryStore, Store};
+use tower_idempotency::{MemoryStore, PostgresStore, RedisStore, Store};
 
 use crate::cli::{StoreArgs, StoreSpec};
 
@@ -32,18 +31,28 @@ pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
             return Err("--redis-replica-acks needs a Redis store (--store redis://...)".into());
         }
         StoreSpec::Memory => Arc::new(memory(args)),
-        StoreSpec::Redis(_)
+        StoreSpec::Postgres(_) if args.redis_replica_acks > 0 => {
+            return Err(format!(
+                "--redis-replica-acks needs a Redis store; PostgreSQL's own replication \
+                 settles that (--store {spec})"
+            ));
+        }
+        StoreSpec::Redis(_) | StoreSpec::Postgres(_)
             if args.store_max_bytes.is_some() || args.store_max_records.is_some() =>
         {
             let flag = match args.store_max_bytes {
                 Some(_) => "--store-max-bytes",
                 None => "--store-max-records",
             };
+            let bound = match spec {
+                StoreSpec::Postgres(_) => "a PostgreSQL store sweeps its expired records",
+                _ => "a Redis store is bounded by its own maxmemory",
+            };
             return Err(format!(
-                "{flag} bounds the memory store; a Redis store is bounded by its own maxmemory \
-                 (--store {spec})"
+                "{flag} bounds the memory store; {bound} (--store {spec})"
             ));
         }
+        StoreSpec::Postgres(url) => Arc::new(postgres(url, spec).await?),
         StoreSpec::Redis(url) => {
             let connect = RedisStore::builder(url.as_str())
                 .with_replica_acks(args.redis_replica_acks)
@@ -66,6 +75,25 @@ pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
         .await
         .map_err(|e| format!("--store {spec}: the store does not answer: {e}"))?;
     Ok(store)
+}
+
+/// A PostgreSQL store on its own pool, its table created when missing. Not transactional: the
+/// upstream's writes are in its own database, out of the proxy's reach, so the promise is the
+/// Redis store's (exactly once while the records last), with records that survive restarts.
+async fn postgres(url: &str, spec: &StoreSpec) -> Result<PostgresStore, String> {
+    let opening = async {
+        let store = PostgresStore::connect(url).await?;
+        store.migrate().await?;
+        Ok::<_, tower_idempotency::StoreError>(store)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, opening).await {
+        Ok(Ok(store)) => Ok(store),
+        Ok(Err(e)) => Err(format!("--store {spec}: cannot connect: {}", one_line(&e))),
+        Err(_) => Err(format!(
+            "--store {spec}: cannot connect: no answer within {}",
+            humantime::format_duration(CONNECT_TIMEOUT)
+        )),
+    }
 }
 
 /// The memory store, bounded by `--store-max-bytes` and `--store-max-records`.

@@ -3,7 +3,7 @@
 //! - [`process`]: child processes under a watchdog that kills them when the test process dies,
 //!   free ports, throwaway directories;
 //! - [`redis`]: real `redis-server` processes, standalone or as a Redis Cluster with replicas;
-//! - [`postgres`]: where the PostgreSQL server helper belongs;
+//! - [`postgres`]: real PostgreSQL servers, which tests can crash and restart;
 //! - [`recording`]: a [`Store`](tower_idempotency::Store) wrapper that records every call and
 //!   can fail or block chosen verbs;
 //! - [`events`]: a `metrics` recorder of the layer's events, and readers of the Prometheus text

@@ -12,24 +12,36 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Runs a program with its output appended to a log, prints its pid, and SIGKILLs it as soon as
-/// the parent is gone; then removes the directory it was given, if any, which a server held in
-/// a static never gets to do itself.
+/// Runs a program with its output appended to a log (in a process group of its own when
+/// `group` is 1, so that a kill reaches every process it forks), prints its pid, and SIGKILLs it
+/// as soon as the parent is gone; then removes the directory it was given, if any, which a
+/// server held in a static never gets to do itself.
 const WATCHDOG: &str = r#"
-parent=$1; log=$2; dir=$3; shift 3
-"$@" >>"$log" 2>&1 </dev/null &
-child=$!
+parent=$1; log=$2; dir=$3; group=$4; shift 4
+if [ "$group" = 1 ]; then
+  setsid "$@" >>"$log" 2>&1 </dev/null &
+  child=$!; target="-$child"
+else
+  "$@" >>"$log" 2>&1 </dev/null &
+  child=$!; target=$child
+fi
 echo "$child"
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.2; done
-kill -9 "$child" 2>/dev/null
+kill -9 -- "$target" 2>/dev/null
 wait "$child" 2>/dev/null
-if [ -n "$dir" ] && ! kill -0 "$parent" 2>/dev/null; then rm -rf "$dir"; fi
+if [ -n "$dir" ] && ! kill -0 "$parent" 2>/dev/null; then
+  # The group's other processes may still be going away.
+  [ "$group" = 1 ] && sleep 0.5
+  rm -rf "$dir"
+fi
 "#;
 
 /// One child process under a watchdog. Dropping it SIGKILLs the process.
 #[derive(Debug)]
 pub struct Supervised {
     pid: u32,
+    /// Whether the program leads a process group of its own, which signals go to.
+    group: bool,
     watchdog: Child,
 }
 
@@ -43,7 +55,7 @@ impl Supervised {
         env: &[(&str, &str)],
         log: &Path,
     ) -> Result<Self, String> {
-        Self::spawn_owning(program, args, env, log, None)
+        Self::launch(program, args, env, log, None, false)
     }
 
     /// As [`spawn`](Self::spawn), and the watchdog removes `dir` once this process is gone.
@@ -54,6 +66,29 @@ impl Supervised {
         log: &Path,
         dir: Option<&Path>,
     ) -> Result<Self, String> {
+        Self::launch(program, args, env, log, dir, false)
+    }
+
+    /// As [`spawn_owning`](Self::spawn_owning), for a server that forks processes of its own
+    /// (PostgreSQL's backends): it runs in a process group of its own, and every signal goes to
+    /// the whole group.
+    pub fn spawn_group(
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        dir: Option<&Path>,
+    ) -> Result<Self, String> {
+        Self::launch(program, args, &[], log, dir, true)
+    }
+
+    fn launch(
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+        dir: Option<&Path>,
+        group: bool,
+    ) -> Result<Self, String> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(WATCHDOG)
@@ -61,6 +96,7 @@ impl Supervised {
             .arg(std::process::id().to_string())
             .arg(log)
             .arg(dir.unwrap_or(Path::new("")))
+            .arg(if group { "1" } else { "0" })
             .arg(program)
             .args(args)
             .stdin(Stdio::null())
@@ -78,7 +114,11 @@ impl Supervised {
             let _ = BufReader::new(out).read_line(&mut line);
         }
         match line.trim().parse() {
-            Ok(pid) => Ok(Self { pid, watchdog }),
+            Ok(pid) => Ok(Self {
+                pid,
+                group,
+                watchdog,
+            }),
             Err(_) => {
                 let _ = watchdog.kill();
                 let _ = watchdog.wait();
@@ -92,11 +132,18 @@ impl Supervised {
         self.pid
     }
 
-    /// Sends a signal (`KILL`, `STOP`, `CONT`, ...) to the program.
+    /// Sends a signal (`KILL`, `STOP`, `CONT`, ...) to the program (to its whole group, for
+    /// [`spawn_group`](Self::spawn_group)).
     pub fn signal(&self, name: &str) -> Result<(), String> {
+        let target = if self.group {
+            format!("-{}", self.pid)
+        } else {
+            self.pid.to_string()
+        };
         let status = Command::new("kill")
             .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
+            .arg("--")
+            .arg(target)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -168,12 +215,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A port that was free on 127.0.0.1 a moment ago (never Redis's 6379, which a developer's own
-/// server may hold).
+/// A port that was free on 127.0.0.1 a moment ago (never Redis's 6379 or PostgreSQL's 5432,
+/// which a developer's own server may be about to take).
 pub fn free_port() -> u16 {
     loop {
         let port = free_addr().port();
-        if port != 6379 {
+        if port != 6379 && port != 5432 {
             return port;
         }
     }

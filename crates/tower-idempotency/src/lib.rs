@@ -104,6 +104,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod completion;
 mod config;
 mod extensions;
 mod extract;
@@ -135,6 +136,7 @@ pub mod record;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
+pub use completion::{Completer, Completion};
 pub use config::{
     ConfigError, DEFAULT_LOCK_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
     DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, OnConflict, default_storable,
@@ -157,6 +159,9 @@ pub use store::{
     BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, StorageKey, Store,
     StoreError,
 };
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};

@@ -362,13 +362,16 @@ impl Args {
     }
 }
 
-/// `--store` and the options of a Redis store.
+/// `--store` and the options of the store it names.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct StoreArgs {
     /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
-    /// `rediss://...` (TLS), or `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
-    /// over TLS). Proxies that share a Redis share their records. A password goes in the URL
-    /// (`redis://:PASSWORD@HOST:PORT`) and is never logged.
+    /// `rediss://...` (TLS), `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://`
+    /// over TLS), or `postgres://USER@HOST:PORT/DB` (durable: records survive restarts; the
+    /// table `idempotency_records` is created when missing). Proxies that share a store share
+    /// their records. A password goes in the URL (`redis://:PASSWORD@HOST:PORT`) and is never
+    /// logged. PostgreSQL keeps the proxy's records, not the upstream's writes, which are out of
+    /// its reach: for exactly once with a database, use the library's transactional mode.
     #[arg(
         long = "store",
         id = "store",

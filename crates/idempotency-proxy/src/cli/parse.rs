@@ -121,6 +121,8 @@ pub(crate) enum StoreSpec {
     Memory,
     /// A Redis URL: `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://`.
     Redis(String),
+    /// A PostgreSQL URL: `postgres://` or `postgresql://`.
+    Postgres(String),
 }
 
 impl StoreSpec {
@@ -131,24 +133,31 @@ impl StoreSpec {
         let Some((scheme, rest)) = s.split_once("://") else {
             return Err(store_usage());
         };
-        if !matches!(
-            scheme,
-            "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
-        ) {
+        let postgres = matches!(scheme, "postgres" | "postgresql");
+        if !postgres
+            && !matches!(
+                scheme,
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
+            )
+        {
             return Err(store_usage());
         }
         let hosts = rest.rsplit('@').next().unwrap_or(rest);
-        let hosts = hosts.split('/').next().unwrap_or(hosts);
+        let hosts = hosts.split(['/', '?']).next().unwrap_or(hosts);
         if hosts.is_empty() || hosts.split(',').any(|h| h.trim().is_empty()) {
             return Err(format!("{scheme}:// URL names no host; {}", store_usage()));
         }
-        Ok(Self::Redis(s.to_owned()))
+        Ok(if postgres {
+            Self::Postgres(s.to_owned())
+        } else {
+            Self::Redis(s.to_owned())
+        })
     }
 }
 
 fn store_usage() -> String {
-    "expected `memory`, `redis://HOST:PORT[/DB]`, `rediss://HOST:PORT[/DB]` or \
-     `redis+cluster://HOST:PORT[,HOST:PORT...]`"
+    "expected `memory`, `redis://HOST:PORT[/DB]`, `rediss://HOST:PORT[/DB]`, \
+     `redis+cluster://HOST:PORT[,HOST:PORT...]` or `postgres://USER@HOST:PORT/DB`"
         .into()
 }
 
@@ -164,12 +173,16 @@ impl fmt::Display for StoreSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreSpec::Memory => f.write_str("memory"),
-            StoreSpec::Redis(url) => match url.split_once("://") {
-                Some((scheme, rest)) => match rest.rsplit_once('@') {
-                    Some((_, hosts)) => write!(f, "{scheme}://***@{hosts}"),
-                    None => f.write_str(url),
-                },
-                None => f.write_str("redis"),
+            StoreSpec::Redis(url) | StoreSpec::Postgres(url) => match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    // The query may carry a password too (`?password=`): never shown.
+                    let rest = rest.split('?').next().unwrap_or(rest);
+                    match rest.rsplit_once('@') {
+                        Some((_, hosts)) => write!(f, "{scheme}://***@{hosts}"),
+                        None => write!(f, "{scheme}://{rest}"),
+                    }
+                }
+                None => f.write_str("store"),
             },
         }
     }
@@ -300,11 +313,20 @@ mod tests {
         assert!(StoreSpec::parse("redis+cluster://a:1,b:2").is_ok());
         assert!(StoreSpec::parse("redis+cluster://a:1,").is_err());
         assert!(StoreSpec::parse("redis://").is_err());
-        assert!(StoreSpec::parse("postgres://x").is_err());
+        assert!(matches!(
+            StoreSpec::parse("postgres://shop@db:5432/shop"),
+            Ok(StoreSpec::Postgres(_))
+        ));
+        assert!(StoreSpec::parse("postgresql://db/shop?sslmode=require").is_ok());
+        assert!(StoreSpec::parse("postgres:///shop").is_err());
+        assert!(StoreSpec::parse("mysql://db/shop").is_err());
         assert!(StoreSpec::parse("mem").is_err());
         let s = StoreSpec::parse("redis://user:secret@h:6379").unwrap();
         assert_eq!(s.to_string(), "redis://***@h:6379");
         assert!(!format!("{s:?}").contains("secret"));
+        let s = StoreSpec::parse("postgres://shop:secret@db/shop?password=other").unwrap();
+        assert_eq!(s.to_string(), "postgres://***@db/shop");
+        assert!(!format!("{s:?}").contains("secret") && !s.to_string().contains("other"));
     }
 
     #[test]

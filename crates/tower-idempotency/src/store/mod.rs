@@ -18,9 +18,13 @@ use bytes::Bytes;
 use crate::fingerprint::Fingerprint;
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
@@ -167,6 +171,16 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// For a store that keeps records in the application's own database: what a handler's
+    /// extractor opens a transaction with. When it is `Some`, the layer puts a
+    /// [`Completion`](crate::Completion) in the extensions of every request it covers, and a
+    /// transaction handed over through it is ended by the layer after the handler, with the
+    /// record written in it. `None` (the default): records are written by
+    /// [`complete`](Store::complete) alone.
+    fn transaction_source(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -204,6 +218,9 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await
+    }
+    fn transaction_source(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
+        (**self).transaction_source()
     }
 }
 
