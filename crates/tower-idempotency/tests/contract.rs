@@ -1,4 +1,4 @@
-//! The idempotency contract (SPEC sections 1-4), rule by rule, through a real axum server on
+//! The idempotency contract, rule by rule, through a real axum server on
 //! 127.0.0.1:0 and a real HTTP client. Every handler counts its executions; every test names the
 //! rule it proves and fails when that rule breaks.
 
@@ -66,7 +66,7 @@ fn assert_replay_of(replay: &Reply, original: &Reply) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Which requests are tracked: key sources
+// Which requests are tracked: key sources
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -124,7 +124,7 @@ async fn key_from_x_idempotent_key_header() {
     assert_replay_of(&send(post("seed-key-1")).await, &first);
     assert_eq!(count.get(), 1);
     assert_fresh(&send(post("seed-key-2")).await, 2);
-    // The seed's header and the draft's header name one key.
+    // Flask-Idempotent's header (`X-Idempotent-Key`) and the draft's header name one key.
     let draft = send(
         c.post(srv.url("/orders"))
             .header("Idempotency-Key", "\"seed-key-1\"")
@@ -305,7 +305,7 @@ async fn methods_are_configurable() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Bad keys: 400 problem+json, the handler never runs
+// Bad keys: 400 problem+json, the handler never runs
 // ---------------------------------------------------------------------------------------------
 
 async fn assert_bad_key(req: reqwest::RequestBuilder, slug: &str, count: &Counter) {
@@ -457,7 +457,7 @@ async fn sf_string_escapes_and_parameters_are_parsed() {
     let srv = serve(app).await;
     let c = client();
     let post = || c.post(srv.url("/orders")).body("x");
-    // `"a\"b\\c"` unquotes to the key `a"b\c`, which the seed's header carries as it is.
+    // `"a\"b\\c"` unquotes to the key `a"b\c`, which `X-Idempotent-Key` carries as it is.
     let quoted = send(post().header("Idempotency-Key", r#""a\"b\\c""#)).await;
     assert_fresh(&quoted, 1);
     assert_replay_of(
@@ -577,7 +577,7 @@ async fn require_key_refuses_keyless_requests() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Pass-through
+// Pass-through
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -622,7 +622,7 @@ async fn keyless_post_passes_through_untouched() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. Scope, storage key, fingerprint
+// Scope, storage key, fingerprint
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1136,7 +1136,7 @@ async fn namespaces_separate_services_sharing_a_store() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.2 / 3.5 Replay fidelity
+// Replay fidelity
 // ---------------------------------------------------------------------------------------------
 
 const OLD_DATE: &str = "Mon, 01 Jan 2001 00:00:00 GMT";
@@ -1278,7 +1278,7 @@ async fn empty_and_json_bodies_replay() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.4 Storable outcomes
+// Storable outcomes
 // ---------------------------------------------------------------------------------------------
 
 /// `/status/{code}` counts and answers `code` with `exec-N`.
@@ -1428,7 +1428,7 @@ async fn a_response_marked_not_run_releases_the_key_whatever_the_predicate() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.1 / 3.3 In flight: wait, wait timeout, reject, Prefer: wait
+// In flight: wait, wait timeout, reject, Prefer: wait
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1662,7 +1662,7 @@ async fn the_lease_is_renewed_while_a_slow_handler_runs() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.1 TTL
+// TTL
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1700,7 +1700,7 @@ async fn completed_records_expire_after_the_ttl() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.6 Bodies
+// Bodies
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1948,7 +1948,7 @@ async fn a_response_with_more_headers_than_a_record_holds_is_not_replayable_neve
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.7 - 3.10 Disconnects, panics, crashes, lost leases
+// Disconnects, panics, crashes, lost leases
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -2190,7 +2190,7 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3 Bounded store, 3.11 store unavailable
+// Bounded store, store unavailable
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -2460,7 +2460,7 @@ async fn a_request_whose_caller_left_keeps_its_place_until_its_outcome_is_stored
 }
 
 // ---------------------------------------------------------------------------------------------
-// Acceptance 3: exactly once under load
+// Exactly once under load
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

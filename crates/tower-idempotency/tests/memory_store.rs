@@ -35,7 +35,7 @@ fn spray_key(salt: u128, n: usize) -> StorageKey {
     StorageKey(k)
 }
 
-/// Issue 2, acceptance 4: ten times the capacity in distinct keys, from concurrent tasks, a mix
+/// Ten times the capacity in distinct keys, from concurrent tasks, a mix
 /// of completed requests and requests still in flight. The store never holds more than its
 /// bound, makes room by evicting completed records, and never evicts a live lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -157,7 +157,7 @@ mod lease_lost {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issue 3, acceptance 3: the command budget
+// The command budget
 
 /// Through the layer, with a fast handler: a new request costs Redis two commands (begin and
 /// complete), a replay one.
@@ -212,7 +212,7 @@ async fn command_budget(url: &str, nodes: &[RedisServer]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issue 3, acceptance 4: waiters share one subscriber connection
+// Waiters share one subscriber connection
 
 /// 500 duplicates waiting on one key in one process add at most two connections to Redis,
 /// and every one of them is answered with the stored response once the owner completes.
@@ -296,7 +296,7 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issue 3, acceptance 5: fencing through the layer
+// Fencing through the layer
 
 /// A handler slower than its lease, whose renewals are blocked, loses the lease to a new
 /// owner; its late completion is refused and counted, and the new owner's response is the one
@@ -365,7 +365,7 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issue 3, acceptance 6: faults
+// Faults
 
 /// Redis killed while requests are in flight: 503 problem+json when failing closed, an
 /// untracked pass-through when failing open, never a panic or a hang past the wait timeout. A
