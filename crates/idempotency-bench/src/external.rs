@@ -1,5 +1,5 @@
-//! The other processes a benchmark run starts: redis-server, idempotency-proxy, nginx, and the
-//! seed (a Flask app under gunicorn with Flask-Idempotent). Each is killed on drop.
+//! The other processes a benchmark run starts: redis-server, idempotency-proxy, nginx, and
+//! Flask-Idempotent (a Flask app under gunicorn with it). Each is killed on drop.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -202,7 +202,7 @@ http {{
     spawn(cmd, addr).await
 }
 
-/// The seed's Flask app, with or without Flask-Idempotent, under gunicorn from `venv`.
+/// The Flask app, with or without Flask-Idempotent, under gunicorn from `venv`.
 pub(crate) async fn flask(
     venv: &Path,
     dir: &Path,
@@ -212,7 +212,7 @@ pub(crate) async fn flask(
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let (module, source) = match redis {
         Some(redis) => (
-            "seed_app",
+            "idempotent_app",
             format!(
                 "import itertools
 from flask import Flask, jsonify

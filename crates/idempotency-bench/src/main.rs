@@ -205,11 +205,11 @@ enum Shape {
 const REPLAY_KEYS: u64 = 1000;
 const BODY: &[u8] = br#"{"product":"Teapot","quantity":2}"#;
 
-/// The key header: the IETF draft's, or the seed's (which Flask-Idempotent reads).
+/// The key header: the IETF draft's, or `X-Idempotent-Key` (the one Flask-Idempotent reads).
 #[derive(Clone, Copy)]
 enum KeyHeader {
     Draft,
-    Seed,
+    XIdempotentKey,
 }
 
 fn request(key: Option<String>, header: KeyHeader) -> Request<Full<Bytes>> {
@@ -219,7 +219,7 @@ fn request(key: Option<String>, header: KeyHeader) -> Request<Full<Bytes>> {
     if let Some(key) = key {
         b = match header {
             KeyHeader::Draft => b.header("idempotency-key", format!("\"{key}\"")),
-            KeyHeader::Seed => b.header("x-idempotent-key", key),
+            KeyHeader::XIdempotentKey => b.header("x-idempotent-key", key),
         };
     }
     b.body(Full::new(Bytes::from_static(BODY)))
@@ -432,30 +432,36 @@ async fn proxies(
     compare(report, G, rows, args).await;
 }
 
-async fn seed(report: &mut Report, args: &Args, redis: &external::Proc, scratch: &std::path::Path) {
-    const G: &str = "4. seed vs proxy";
-    let venv = scratch.join("seed-venv");
+async fn flask_idempotent(
+    report: &mut Report,
+    args: &Args,
+    redis: &external::Proc,
+    scratch: &std::path::Path,
+) {
+    const G: &str = "4. Flask-Idempotent vs proxy";
+    let venv = scratch.join("flask-idempotent-venv");
     if !venv.join("bin/gunicorn").exists() {
         report.notes.push(format!(
-            "4. the seed was not measured: no venv at {} (scripts/bench makes it)",
+            "4. Flask-Idempotent was not measured: no venv at {} (scripts/bench makes it)",
             venv.display()
         ));
         return;
     }
-    let seed = match external::flask(&venv, &scratch.join("seed"), Some(redis.addr)).await {
-        Ok(p) => p,
-        Err(e) => {
-            return report
-                .notes
-                .push(format!("4. the seed was not measured: {e}"));
-        }
-    };
+    let flask_idempotent =
+        match external::flask(&venv, &scratch.join("flask-idempotent"), Some(redis.addr)).await {
+            Ok(p) => p,
+            Err(e) => {
+                return report
+                    .notes
+                    .push(format!("4. Flask-Idempotent was not measured: {e}"));
+            }
+        };
     let plain = match external::flask(&venv, &scratch.join("plain"), None).await {
         Ok(p) => p,
         Err(e) => {
             return report
                 .notes
-                .push(format!("4. the seed was not measured: {e}"));
+                .push(format!("4. Flask-Idempotent was not measured: {e}"));
         }
     };
     let proxy = match external::proxy(plain.addr, "memory").await {
@@ -466,32 +472,32 @@ async fn seed(report: &mut Report, args: &Args, redis: &external::Proc, scratch:
                 .push(format!("4. the proxy was not measured: {e}"));
         }
     };
-    warm_replays(seed.addr, KeyHeader::Seed).await;
-    warm_replays(proxy.addr, KeyHeader::Seed).await;
-    let seeded = |addr, shape| Target {
+    warm_replays(flask_idempotent.addr, KeyHeader::XIdempotentKey).await;
+    warm_replays(proxy.addr, KeyHeader::XIdempotentKey).await;
+    let x_keyed = |addr, shape| Target {
         addr,
         shape,
-        header: KeyHeader::Seed,
+        header: KeyHeader::XIdempotentKey,
     };
     let rows = vec![
         row(
             "Flask-Idempotent, fresh keys (baseline)",
-            seeded(seed.addr, Shape::Fresh),
+            x_keyed(flask_idempotent.addr, Shape::Fresh),
             None,
         ),
         row(
             "Flask-Idempotent, replays (baseline)",
-            seeded(seed.addr, Shape::Replay),
+            x_keyed(flask_idempotent.addr, Shape::Replay),
             None,
         ),
         row(
             "Flask behind proxy, fresh keys",
-            seeded(proxy.addr, Shape::Fresh),
+            x_keyed(proxy.addr, Shape::Fresh),
             Some(0),
         ),
         row(
             "Flask behind proxy, replays",
-            seeded(proxy.addr, Shape::Replay),
+            x_keyed(proxy.addr, Shape::Replay),
             Some(1),
         ),
     ];
@@ -894,7 +900,7 @@ fn main() {
                 let group = "2. layer + RedisStore";
                 layer_vs_bare(&mut report, &args, group, &url, &shapes[..2]).await;
                 proxies(&mut report, &args, &redis, &scratch).await;
-                seed(&mut report, &args, &redis, &scratch).await;
+                flask_idempotent(&mut report, &args, &redis, &scratch).await;
                 fan_in_redis(&mut report, &redis).await;
                 drop(redis);
                 replica_acks(&mut report, &args).await;

@@ -96,7 +96,7 @@ async fn tracked_post_runs_once_and_the_duplicate_is_replayed_byte_identical(sto
     assert_eq!(second_body, first_body, "replay must be byte-identical");
     assert_eq!(up.hits("/orders"), 1);
 
-    // The bare token form and Flask-Idempotent's `X-Idempotent-Key` name the same key.
+    // The bare token form and Flask-Idempotent's header name the same key.
     let third = c
         .post(proxy.url("/orders"))
         .header("X-Idempotent-Key", "order-1")

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -19,6 +20,10 @@ pin_project! {
         kind: Kind<B>,
     }
 }
+
+/// What the layer answers: the inner service's response, with its body streamed or held, or
+/// an answer of the layer's own.
+pub(crate) type IdempotencyResponse<B> = Response<IdempotencyBody<B>>;
 
 pin_project! {
     #[project = KindProj]

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::extract::KeySources;
 use crate::scope::{HeaderScope, ScopeExtractor};
 
-/// How long a completed record is kept: 240 s, the seed's default.
+/// How long a completed record is kept: 240 s, Flask-Idempotent's default.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(240);
 /// How long a lease lives without renewal: 30 s. It is renewed every third of that while the
 /// handler runs.
@@ -25,26 +25,19 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
 /// The largest response kept for replay: 1 MiB.
 pub const DEFAULT_MAX_RESPONSE_BODY: usize = 1024 * 1024;
 
+/// The longest duration the layer and its stores keep anything (ten years): "forever", without
+/// overflowing a clock. A longer TTL or lease is held to it, and so is a wait past it.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// What a duplicate does while the original request is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnConflict {
-    /// Wait for the original's outcome and replay it (the seed's behaviour). A request may ask
+    /// Wait for the original's outcome and replay it (Flask-Idempotent's behaviour). A request may ask
     /// for less waiting with `Prefer: wait=N`.
     #[default]
     Wait,
     /// Answer 409 with `Retry-After` at once (the IETF draft's advice).
     Reject,
-}
-
-impl std::str::FromStr for OnConflict {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "wait" => Ok(Self::Wait),
-            "reject" => Ok(Self::Reject),
-            other => Err(format!("expected `wait` or `reject`, got `{other}`")),
-        }
-    }
 }
 
 /// The default storable predicate: any status below 500 except 408, 409, 425 and 429, which

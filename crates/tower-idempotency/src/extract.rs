@@ -1,13 +1,4 @@
-//! Where keys come from: the `Idempotency-Key` and `X-Idempotent-Key` headers, the
-//! `__idempotent_key` query parameter, and the `__idempotent_key` field of a form body.
-//!
-//! The last three are keys the page (or the client's code) chose. Sources that name different
-//! keys are a conflict (400), with one exception: browsers (Firefox) add an `Idempotency-Key`
-//! of their own to the POSTs of forms, `fetch()` and XHR, a new one for every click. Where the
-//! page chose a key, an `Idempotency-Key` that names another one, or no valid key at all, is
-//! ignored and counted ([`Event::KeyHeaderIgnored`]): the page's key wins. Alone, the header is
-//! the key, and an invalid one is a 400. A repeated `Idempotency-Key` is a 400 whatever the page
-//! chose: no browser repeats it.
+//! Where keys come from: the two key headers, the query parameter and the form field.
 
 use std::convert::Infallible;
 
@@ -16,17 +7,28 @@ use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName};
 
 use crate::key::{IdempotencyKey, KeyError};
-use crate::metrics::{Event, record};
+use crate::metrics::{Event, count};
 
-/// The name of the query parameter and form field that carry a key (the seed's).
+/// The name of the query parameter and form field that carry a key (Flask-Idempotent's).
 pub const FORM_FIELD: &str = "__idempotent_key";
 
 /// The IETF draft's header.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The seed's header.
+/// Flask-Idempotent's header.
 pub static X_IDEMPOTENT_KEY: HeaderName = HeaderName::from_static("x-idempotent-key");
 
 /// One place a key can come from. All are on by default.
+///
+/// Keys come from the `Idempotency-Key` and `X-Idempotent-Key` headers, the `__idempotent_key`
+/// query parameter, and the `__idempotent_key` field of a form body.
+///
+/// The last three are keys the page (or the client's code) chose. Sources that name different
+/// keys are a conflict (400), with one exception: browsers (Firefox) add an `Idempotency-Key`
+/// of their own to the POSTs of forms, `fetch()` and XHR, a new one for every click. Where the
+/// page chose a key, an `Idempotency-Key` that names another one, or no valid key at all, is
+/// ignored and counted ([`Event::KeyHeaderIgnored`](crate::Event::KeyHeaderIgnored)): the
+/// page's key wins. Alone, the header is the key, and an invalid one is a 400. A repeated
+/// `Idempotency-Key` is a 400 whatever the page chose: no browser repeats it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KeySource {
@@ -170,7 +172,7 @@ fn weigh(
             tracing::debug!(
                 "ignoring an Idempotency-Key header that disagrees with the page's own key"
             );
-            record(Event::KeyHeaderIgnored);
+            count(Event::KeyHeaderIgnored);
             Ok(Some(page))
         }
     }

@@ -1,31 +1,4 @@
-//! HTML form helpers: a fresh key in every rendered form, so a double-clicked submit button runs
-//! once (the seed's `idempotent_input()`).
-//!
-//! ```
-//! let html = format!(
-//!     r#"<form method="post" action="/orders">{}<button>Pay</button></form>"#,
-//!     tower_idempotency::idempotent_input()
-//! );
-//! assert!(html.contains(r#"name="__idempotent_key""#));
-//! ```
-//!
-//! With the `minijinja` feature, `form::minijinja::register` makes both helpers template functions,
-//! so a template says `{{ idempotent_input() }}` as in the seed. From askama, call the function by
-//! path and mark it safe (the markup holds nothing but a UUID):
-//!
-//! ```
-//! use askama::Template;
-//!
-//! #[derive(Template)]
-//! #[template(
-//!     source = r#"<form method="post">{{ tower_idempotency::idempotent_input()|safe }}<button>Pay</button></form>"#,
-//!     ext = "html"
-//! )]
-//! struct PayForm;
-//!
-//! let html = PayForm.render().unwrap();
-//! assert!(html.contains(r#"<input type="hidden" name="__idempotent_key" value=""#));
-//! ```
+//! HTML form helpers: a fresh key in every rendered form.
 
 use crate::extract::FORM_FIELD;
 
@@ -34,9 +7,38 @@ pub fn idempotent_key() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
-/// A hidden form input carrying a fresh key under the `__idempotent_key` field name.
+/// A hidden form input carrying a fresh key under the `__idempotent_key` field name
+/// (Flask-Idempotent's `idempotent_input()`): with a fresh key in every rendered form, a
+/// double-clicked submit button runs once.
 ///
 /// The markup is safe to insert into HTML as it is: the key is a UUID.
+///
+/// ```
+/// let html = format!(
+///     r#"<form method="post" action="/orders">{}<button>Pay</button></form>"#,
+///     tower_idempotency::idempotent_input()
+/// );
+/// assert!(html.contains(r#"name="__idempotent_key""#));
+/// ```
+///
+/// With the `minijinja` feature, `tower_idempotency::minijinja::register` makes both helpers
+/// template functions, so a template says `{{ idempotent_input() }}` as in Flask-Idempotent.
+/// From askama, call the function by path and mark it safe (the markup holds nothing but a
+/// UUID):
+///
+/// ```
+/// use askama::Template;
+///
+/// #[derive(Template)]
+/// #[template(
+///     source = r#"<form method="post">{{ tower_idempotency::idempotent_input()|safe }}<button>Pay</button></form>"#,
+///     ext = "html"
+/// )]
+/// struct PayForm;
+///
+/// let html = PayForm.render().unwrap();
+/// assert!(html.contains(r#"<input type="hidden" name="__idempotent_key" value=""#));
+/// ```
 pub fn idempotent_input() -> String {
     format!(
         r#"<input type="hidden" name="{FORM_FIELD}" value="{}">"#,

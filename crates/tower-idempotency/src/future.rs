@@ -9,7 +9,8 @@ use pin_project_lite::pin_project;
 
 use crate::body::IdempotencyBody;
 
-type Tracked<B, E> =
+/// The boxed future of a tracked request.
+type TrackedFuture<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<B>>, E>> + Send + 'static>>;
 
 pin_project! {
@@ -28,7 +29,7 @@ pin_project! {
     enum Kind<F, B, E> {
         Inner { #[pin] future: F },
         Ready { response: Option<Response<IdempotencyBody<B>>> },
-        Tracked { future: Tracked<B, E> },
+        Tracked { future: TrackedFuture<B, E> },
     }
 }
 
@@ -47,7 +48,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn tracked(future: Tracked<B, E>) -> Self {
+    pub(crate) fn tracked(future: TrackedFuture<B, E>) -> Self {
         Self {
             kind: Kind::Tracked { future },
         }

@@ -61,7 +61,7 @@ pub fn prefer_wait(value: &[u8]) -> Option<Duration> {
     let value = HeaderValue::from_bytes(value).ok()?;
     let mut headers = HeaderMap::new();
     headers.insert(HeaderName::from_static("prefer"), value);
-    crate::service::prefer_wait(&headers)
+    crate::headers::prefer_wait(&headers)
 }
 
 /// A raw query string without its `__idempotent_key` parameters, as it is fingerprinted.

@@ -1,8 +1,4 @@
-//! Idempotency keys: parsing and validation.
-//!
-//! A key is 1 to 255 characters of visible ASCII (`0x21..=0x7E`). The `Idempotency-Key` header
-//! carries it as an RFC 8941 sf-string (`"abc"`), as the IETF draft says; a bare value (`abc`,
-//! or a bare UUID) is accepted as the same key.
+//! [`IdempotencyKey`]: parsing and validation.
 
 use std::fmt;
 
@@ -11,8 +7,12 @@ pub const MAX_KEY_LEN: usize = 255;
 
 /// A validated idempotency key.
 ///
+/// A key is 1 to [`MAX_KEY_LEN`] characters of visible ASCII (`0x21..=0x7E`). The
+/// `Idempotency-Key` header carries it as an RFC 8941 sf-string (`"abc"`), as the IETF draft
+/// says; a bare value (`abc`, or a bare UUID) is accepted as the same key.
+///
 /// The raw key never reaches the store: it is hashed together with the scope and the
-/// namespace into a [`StorageKey`](crate::store::StorageKey).
+/// namespace into a [`StorageKey`](crate::StorageKey).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(String);
 
@@ -99,7 +99,7 @@ pub enum KeyError {
     Malformed,
     /// The request names the key more than once, in one source or in several, with
     /// different values or in a repeated header. (An `Idempotency-Key` header that disagrees
-    /// with a key the page chose is ignored instead; see [`crate::extract`].)
+    /// with a key the page chose is ignored instead; see [`KeySource`](crate::KeySource).)
     Conflicting,
     /// A covered request came without a key while keys are required.
     Missing,

@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
-use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, OnConflict};
+use crate::config::{Config, ConfigError, InFlightLimit, KeySecret, MAX_DURATION, OnConflict};
 use crate::extract::{IDEMPOTENCY_KEY, KeySources, X_IDEMPOTENT_KEY};
 use crate::record::MAX_BODY_LEN;
 use crate::scope::{GlobalScope, HeaderScope, ScopeExtractor};
-use crate::service::{Idempotency, storage_key};
-use crate::store::{StorageKey, Store};
+use crate::service::Idempotency;
+use crate::shared::Shared;
+use crate::storage_key::StorageKey;
+use crate::store::Store;
 
 /// Makes every covered request that carries an idempotency key run once, and replays its
 /// response to every duplicate. See the [crate docs](crate) for the contract.
@@ -35,23 +36,18 @@ use crate::store::{StorageKey, Store};
 /// ```
 #[derive(Clone)]
 pub struct IdempotencyLayer {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) config: Arc<Config>,
-    /// The work that outlives its caller: handlers whose caller went away, and outcomes still
-    /// being written after a store failure. Shared by every clone of the layer.
-    pub(crate) background: TaskTracker,
+    /// Copied on write by the builder methods; the work in its background is shared by every
+    /// clone of the layer all the same.
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
-
-/// The longest TTL or lease the layer keeps (ten years): "forever", without overflowing a clock.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 impl IdempotencyLayer {
     /// A layer over `store` with the default options.
@@ -62,26 +58,24 @@ impl IdempotencyLayer {
     /// A layer over a store shared with other parts of the program.
     pub fn from_shared(store: Arc<dyn Store>) -> Self {
         Self {
-            store,
-            config: Arc::new(Config::default()),
-            background: TaskTracker::new(),
+            shared: Arc::new(Shared::new(store)),
         }
     }
 
     fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(Arc::make_mut(&mut self.config));
+        f(&mut Arc::make_mut(&mut self.shared).config);
         self
     }
 
-    /// How long a completed response is kept for replay (default 240 s, the seed's; at most
-    /// ten years).
+    /// How long a completed response is kept for replay (default 240 s, Flask-Idempotent's; at
+    /// most [`MAX_DURATION`](crate::MAX_DURATION)).
     pub fn with_ttl(self, ttl: Duration) -> Self {
         self.config(|c| c.ttl = ttl.min(MAX_DURATION))
     }
 
     /// How long a lease lives without renewal (default 30 s); it is renewed every third of that
     /// while the handler runs. After a crash, the next attempt runs once this has passed.
-    /// Held between 3 ms and ten years.
+    /// Held between 3 ms and [`MAX_DURATION`](crate::MAX_DURATION).
     pub fn with_lock_ttl(self, lock_ttl: Duration) -> Self {
         self.config(|c| c.lock_ttl = lock_ttl.clamp(Duration::from_millis(3), MAX_DURATION))
     }
@@ -119,7 +113,8 @@ impl IdempotencyLayer {
     /// A request whose scope the extractor answers [`Scope::Unknown`](crate::Scope::Unknown) is
     /// refused with 500 `scope-unavailable`: the handler does not run and the store is not
     /// asked. When the scope comes from an authentication layer, that layer must run before
-    /// this one; see [`scope`](crate::scope) for the order in axum.
+    /// this one; see [`ScopeExtractor`](crate::ScopeExtractor#a-scope-from-an-authentication-layer)
+    /// for the order in axum.
     pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
         let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
         self.config(|c| c.scope = scope)
@@ -150,9 +145,8 @@ impl IdempotencyLayer {
     /// The largest response kept for replay (default 1 MiB). A larger response still reaches
     /// its caller in full; duplicates then get a 409 instead of a replay.
     ///
-    /// Held to [`record::MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) (4 GiB less one byte),
-    /// the longest body a record can hold: a larger limit would keep responses that no
-    /// duplicate could read back.
+    /// Held to 4 GiB less one byte, the longest body a record can hold: a larger limit would
+    /// keep responses that no duplicate could read back.
     pub fn with_max_response_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_response_body = bytes.min(MAX_BODY_LEN))
     }
@@ -214,7 +208,7 @@ impl IdempotencyLayer {
     /// [`still-running`](crate::Problem::StillRunning) with `Retry-After`, and the handler is
     /// not cancelled: it keeps running with its lease held and renewed, and its outcome is
     /// stored when it comes (counted as
-    /// [`LateAnswerStored`](crate::metrics::Event::LateAnswerStored)). Duplicates meanwhile
+    /// [`LateAnswerStored`](crate::Event::LateAnswerStored)). Duplicates meanwhile
     /// wait or get 409 as for any request in flight, then replay it. Nothing runs twice
     /// because a caller stopped waiting. The proxy's `--upstream-timeout` is this option.
     ///
@@ -232,7 +226,7 @@ impl IdempotencyLayer {
     /// touches the store; so does it for a covered form body, to look for its key. A body that
     /// has not arrived in full by then is answered 408
     /// [`body-timeout`](crate::Problem::BodyTimeout) and counted as
-    /// [`BodyTimeout`](crate::metrics::Event::BodyTimeout): the handler does not run, no lease
+    /// [`BodyTimeout`](crate::Event::BodyTimeout): the handler does not run, no lease
     /// is taken, and the key stays free for a retry. Bodies the layer does not read (requests
     /// without a key, methods it does not cover) stream to the handler as they come and are not
     /// timed by this option.
@@ -245,7 +239,7 @@ impl IdempotencyLayer {
     ///
     /// Past the bound, a tracked request is answered 503
     /// [`too-many-in-flight`](crate::Problem::Overloaded) with `Retry-After`, counted as
-    /// [`Overloaded`](crate::metrics::Event::Overloaded), before the store is asked for
+    /// [`Overloaded`](crate::Event::Overloaded), before the store is asked for
     /// anything: no lease is taken and the key stays free for a retry. The check comes before
     /// each attempt to take the lease, so at the bound a duplicate (of a request in flight or
     /// completed) gets the 503 too, and its retry waits or replays as usual. A request that
@@ -274,9 +268,10 @@ impl IdempotencyLayer {
     /// once its lease expires. Every clone of this layer, and every service made from them,
     /// shares the work it waits for.
     pub async fn drain(&self) {
-        self.background.close();
-        self.background.wait().await;
-        self.background.reopen();
+        let background = &self.shared.background;
+        background.close();
+        background.wait().await;
+        background.reopen();
     }
 
     /// The `Retry-After` advised with 409 and 503 answers (default 1 s).
@@ -312,8 +307,8 @@ impl IdempotencyLayer {
     ///
     /// [`storage_key_for_request`]: IdempotencyLayer::storage_key_for_request
     pub fn storage_key_for(&self, scope: Option<&[u8]>, key: &str) -> StorageKey {
-        let config = &*self.config;
-        storage_key(
+        let config = &self.shared.config;
+        StorageKey::derive(
             config.key_secret.as_ref(),
             &config.namespace,
             scope,
@@ -326,7 +321,7 @@ impl IdempotencyLayer {
     /// cannot tell the request's scope ([`Scope::Unknown`](crate::Scope::Unknown)): the layer
     /// refuses such a request, so no record of it exists.
     pub fn storage_key_for_request(&self, parts: &Parts, key: &str) -> Option<StorageKey> {
-        let scope = self.config.scope.scope(parts);
+        let scope = self.shared.config.scope.scope(parts);
         scope
             .storage()
             .map(|scope| self.storage_key_for(scope, key))
@@ -334,7 +329,7 @@ impl IdempotencyLayer {
 
     /// The store this layer uses.
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.shared.store
     }
 }
 
@@ -342,7 +337,7 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::new(inner, self.clone())
+        Idempotency::from_shared(inner, self.shared.clone())
     }
 }
 
@@ -355,9 +350,9 @@ mod tests {
     fn the_response_limit_is_held_to_what_a_record_holds() {
         let layer = IdempotencyLayer::new(MemoryStore::default());
         let huge = layer.clone().with_max_response_body(usize::MAX);
-        assert_eq!(huge.config.max_response_body, MAX_BODY_LEN);
+        assert_eq!(huge.shared.config.max_response_body, MAX_BODY_LEN);
         let small = layer.with_max_response_body(1024);
-        assert_eq!(small.config.max_response_body, 1024);
+        assert_eq!(small.shared.config.max_response_body, 1024);
     }
 
     #[test]
@@ -366,6 +361,6 @@ mod tests {
         let layer = IdempotencyLayer::new(MemoryStore::default())
             .with_fingerprint_headers([over.clone(), http::header::CONTENT_ENCODING, over.clone()])
             .unwrap();
-        assert_eq!(layer.config.fingerprint_headers, [over]);
+        assert_eq!(layer.shared.config.fingerprint_headers, [over]);
     }
 }

@@ -22,16 +22,16 @@
 //! except that an `Idempotency-Key` header that disagrees with a key the page chose (form field,
 //! query parameter, `X-Idempotent-Key`) is ignored, and the page's key wins: browsers (Firefox)
 //! add an `Idempotency-Key` of their own to form and fetch POSTs (counted as
-//! [`Event::KeyHeaderIgnored`](metrics::Event::KeyHeaderIgnored)).
+//! [`Event::KeyHeaderIgnored`]).
 //! Requests without a key pass through, unless [keys are required](IdempotencyLayer::with_require_key).
 //!
 //! **Scope and fingerprint.** A record belongs to (scope, key); the default scope is the
 //! `Authorization` header (anonymous callers share the global scope), so one caller can never
 //! replay another's response. A [custom extractor](IdempotencyLayer::with_scope) answers a
 //! caller's scope, the global scope on purpose, or [`Scope::Unknown`]: a request whose caller
-//! cannot be told (say, the authentication layer runs after this one, see [`scope`]) is a 500
+//! cannot be told (say, the authentication layer runs after this one, see [`ScopeExtractor`]) is a 500
 //! `scope-unavailable`, counted as
-//! [`Event::ScopeUnavailable`](metrics::Event::ScopeUnavailable); the handler does not run, and
+//! [`Event::ScopeUnavailable`]; the handler does not run, and
 //! the request is never put in the global scope. The store sees
 //! only a SHA-256 of (namespace, scope, key), or an HMAC-SHA256 with a
 //! [server secret](IdempotencyLayer::with_key_secret), so that a reader of the store cannot test
@@ -61,9 +61,9 @@
 //! [`OutcomeUnknown`], or the response body fails after its status), duplicates get 502
 //! `outcome-unknown` for the TTL and the handler never runs again for the key. A response larger
 //! than the replay limit reaches its caller in full; duplicates then get a 409 instead of
-//! running the handler twice. So does a response the [record format](record) cannot hold (more
+//! running the handler twice. So does a response the stored-record format cannot hold (more
 //! than 65 535 headers, a header value or a body over 4 GiB; counted as
-//! [`Event::Unstorable`](metrics::Event::Unstorable)): it is never stored cut to fit. A
+//! [`Event::Unstorable`]): it is never stored cut to fit. A
 //! completion or release that fails for want of the store is written again in the background
 //! until it lands; [`IdempotencyLayer::drain`] waits for that work on shutdown.
 //!
@@ -82,14 +82,14 @@
 //! [in flight](IdempotencyLayer::with_max_in_flight) (with `Retry-After`; nothing taken), 500 a
 //! stored record that cannot be read (corrupt, or written by
 //! another tool: never replayed, never run again, never failed open; counted as
-//! [`Event::CorruptRecord`](metrics::Event::CorruptRecord)), 500 `scope-unavailable` a request
+//! [`Event::CorruptRecord`]), 500 `scope-unavailable` a request
 //! whose scope the extractor cannot tell (never run, the store not asked).
 //!
 //! # Stores
 //!
 //! [`MemoryStore`] is the embedded default, for one process: bounded, woken by notification.
 //! `RedisStore` (feature `redis`) shares records between every process and machine that talks
-//! to one Redis or Redis Cluster, at one round trip per step (see [`store`]). Any backend
+//! to one Redis or Redis Cluster, at one round trip per step (see [`Store`]). Any backend
 //! implements the small [`Store`] trait; every atomic step of the lifecycle is one call, and the
 //! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
 //! proves itself.
@@ -103,28 +103,40 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The public items live in private modules and are re-exported here, so each has one path.
+// A tracked request goes through them in this order: `service` routes it, `tracked` reads its
+// body and takes the lease or waits, `owner` runs the handler under its `lease` (which
+// `detached` keeps alive when the caller goes away), and `replay` answers its duplicates.
 mod body;
-mod completion;
 mod config;
+mod detached;
 mod extensions;
 mod extract;
 mod fingerprint;
 mod form;
 mod future;
+mod headers;
 mod key;
 mod layer;
+mod lease;
 mod metrics;
+mod owner;
 mod problem;
+mod replay;
 mod scope;
 mod service;
+mod shared;
+mod storage_key;
 mod store;
+mod tracked;
+mod transaction;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
-/// The stored-record format, public only for this workspace's benchmarks, which fill stores
-/// with records directly. Not a stable API: it may change in any release.
+// The stored-record format: public only for this workspace's benchmarks, which fill stores
+// with records directly, and hidden from the docs, as it may change in any release.
 #[doc(hidden)]
 pub mod record;
 
@@ -136,10 +148,9 @@ pub mod record;
 pub mod __fuzz;
 
 pub use body::IdempotencyBody;
-pub use completion::{Completer, Completion};
 pub use config::{
     ConfigError, DEFAULT_LOCK_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
-    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, OnConflict, default_storable,
+    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION, OnConflict, default_storable,
 };
 pub use extensions::{NotRun, OutcomeUnknown, Tracked};
 pub use extract::{FORM_FIELD, IDEMPOTENCY_KEY, KeySource, KeySources, X_IDEMPOTENT_KEY};
@@ -149,15 +160,17 @@ pub use fingerprint::Fingerprint;
 pub use form::minijinja;
 pub use form::{idempotent_input, idempotent_key};
 pub use future::ResponseFuture;
+pub use headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use metrics::{EVENTS_TOTAL, Event};
 pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
-pub use service::{IDEMPOTENT_REPLAYED, Idempotency, strip_hop_by_hop};
+pub use service::Idempotency;
+pub use storage_key::StorageKey;
 pub use store::{
-    BeginOutcome, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, StorageKey, Store,
-    StoreError,
+    BeginOutcome, Completer, Completion, LeaseToken, MemoryStore, MemoryStoreBuilder,
+    MemoryStoreStats, Store, StoreError,
 };
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -1,11 +1,12 @@
-//! What the layer counts, through the `metrics` facade.
-//!
-//! Every event increments the counter `idempotency_events_total` with the label `event` set to
-//! [`Event::as_str`]. Without a recorder installed this costs next to nothing.
+//! [`Event`]: what the layer counts, through the `metrics` facade.
 
 use metrics::{Key, Label, Level, Metadata};
 
-/// Something the layer did with a request.
+/// Something the layer did with a request, counted through the `metrics` facade.
+///
+/// Every event increments the counter [`EVENTS_TOTAL`] (`idempotency_events_total`) with the
+/// label `event` set to [`Event::as_str`]. Without a recorder installed this costs next to
+/// nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Event {
@@ -129,7 +130,8 @@ events! {
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-pub(crate) fn record(event: Event) {
+/// Counts `event` once under [`EVENTS_TOTAL`].
+pub(crate) fn count(event: Event) {
     metrics::with_recorder(|recorder| recorder.register_counter(key(event), &METADATA))
         .increment(1);
 }

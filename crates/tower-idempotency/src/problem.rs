@@ -1,9 +1,5 @@
-//! Errors as `application/problem+json` (RFC 9457).
-//!
-//! [`ProblemDetails`] is one problem document and the response that carries it; the layer, the
-//! proxy and the demo answer every error of their own through it. Every error the layer answers
-//! by itself is a [`Problem`]: one place maps each case to its status, its `type` and its words.
-//! No problem reveals another request's stored response.
+//! Errors as `application/problem+json` (RFC 9457): [`ProblemDetails`], one document, and
+//! [`Problem`], every error the layer answers by itself.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -13,7 +9,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::{Map, Value};
 
+use crate::body::{IdempotencyBody, IdempotencyResponse};
 use crate::key::KeyError;
+use crate::metrics::{Event, count};
 
 /// Media type of every problem document: `application/problem+json`.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -25,6 +23,8 @@ const TYPE_PREFIX: &str = "urn:tower-idempotency:problem:";
 const STANDARD_MEMBERS: [&str; 5] = ["type", "title", "status", "detail", "instance"];
 
 /// A problem document (RFC 9457) and the `application/problem+json` response that carries it.
+///
+/// The layer, the proxy and the demo answer every error of their own through it.
 ///
 /// It holds the standard members `type`, `title`, `status` and `detail`, any extension members,
 /// and two headers of the response: `Retry-After`, and `Cache-Control: no-store` for a problem
@@ -188,6 +188,9 @@ impl fmt::Display for ProblemDetails {
 }
 
 /// An error the layer answers by itself, without running the handler.
+///
+/// One place maps each case to its status, its `type` and its words. No problem reveals
+/// another request's stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Problem {
@@ -254,6 +257,10 @@ pub enum Problem {
         /// Seconds for `Retry-After`.
         retry_after: Duration,
     },
+    /// 409: the request's lease expired while its handler ran and another request with the key
+    /// took over. With the handler's transaction ([`Completion`](crate::Completion)), its
+    /// writes were rolled back with its record, so its response is not given.
+    LeaseLost,
 }
 
 impl Problem {
@@ -275,6 +282,7 @@ impl Problem {
             Problem::ScopeUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
             Problem::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Problem::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::LeaseLost => StatusCode::CONFLICT,
         }
     }
 
@@ -299,6 +307,7 @@ impl Problem {
             Problem::ScopeUnavailable => "scope-unavailable",
             Problem::BodyTimeout => "body-timeout",
             Problem::Overloaded { .. } => "too-many-in-flight",
+            Problem::LeaseLost => "lease-lost",
         }
     }
 
@@ -321,6 +330,7 @@ impl Problem {
             Problem::ScopeUnavailable => "The caller's scope is unavailable",
             Problem::BodyTimeout => "Request body timed out",
             Problem::Overloaded { .. } => "Too many requests in flight",
+            Problem::LeaseLost => "The request lost its hold on the idempotency key",
         }
     }
 
@@ -371,6 +381,9 @@ impl Problem {
             Problem::Overloaded { .. } => {
                 "Too many requests with idempotency keys are running. This one was not run: retry later with the same key.".into()
             }
+            Problem::LeaseLost => {
+                "This request ran past its lease and another request with the same idempotency key took over; this one's writes were rolled back. Retry with the same key to get the other request's outcome.".into()
+            }
         }
     }
 
@@ -409,6 +422,17 @@ impl Problem {
     pub fn to_response(&self) -> Response<Bytes> {
         self.details().to_response()
     }
+
+    /// The problem as the layer's answer, in the body type of the service it wraps.
+    pub(crate) fn respond<B>(&self) -> IdempotencyResponse<B> {
+        self.to_response().map(IdempotencyBody::full)
+    }
+}
+
+/// The answer to a request refused for its key: a counted 400.
+pub(crate) fn bad_key<B>(e: KeyError) -> IdempotencyResponse<B> {
+    count(Event::BadKey);
+    Problem::BadKey(e).respond()
 }
 
 impl From<Problem> for ProblemDetails {
@@ -467,6 +491,7 @@ mod tests {
             Problem::ScopeUnavailable,
             Problem::BodyTimeout,
             Problem::Overloaded { retry_after: after },
+            Problem::LeaseLost,
         ]
     }
 

@@ -1,7 +1,10 @@
 //! The stored response and its versioned binary codec.
 //!
+//! Public only for this workspace's benchmarks, which fill stores with records directly. Not a
+//! stable API: it may change in any release.
+//!
 //! The format is ours, small and explicit (no serializer that could run code on decode, unlike
-//! the seed's pickle):
+//! Flask-Idempotent's pickle):
 //!
 //! ```text
 //! version u8 (= 1) | flags u8 (bit 0: replayable, bit 1: outcome unknown) | fingerprint [32]
@@ -15,7 +18,7 @@
 //! [`MAX_HEADER_NAME_LEN`] bytes and values of [`MAX_HEADER_VALUE_LEN`], a body of
 //! [`MAX_BODY_LEN`]. A response past any bound is never cut to fit: [`Record::try_encode`]
 //! refuses it, and the layer stores it as not replayable instead ([`Unreplayable::TooLarge`],
-//! counted as [`Event::Unstorable`](crate::metrics::Event::Unstorable)), so duplicates get 409
+//! counted as [`Event::Unstorable`](crate::Event::Unstorable)), so duplicates get 409
 //! and nothing runs twice. [`IdempotencyLayer::with_max_response_body`] holds its limit to
 //! [`MAX_BODY_LEN`].
 //!

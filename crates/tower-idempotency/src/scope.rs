@@ -1,71 +1,4 @@
-//! Who a request belongs to.
-//!
-//! Every record belongs to a (scope, key) pair, and a record is never visible from another
-//! scope: the same key sent by another caller runs anew. The default scope is the
-//! `Authorization` header; requests without it share the global scope.
-//!
-//! A [`ScopeExtractor`] answers one of three things for a request: the caller's own scope
-//! ([`Scope::Caller`]), the global scope on purpose ([`Scope::Global`]), or "I cannot tell"
-//! ([`Scope::Unknown`]). The layer refuses an unknown scope with a 500 problem of type
-//! `scope-unavailable` ([`Problem::ScopeUnavailable`](crate::Problem::ScopeUnavailable)),
-//! logged at error and counted as
-//! [`Event::ScopeUnavailable`](crate::metrics::Event::ScopeUnavailable): the handler does not
-//! run and the store is not asked. An unknown caller is never put in the global scope, where
-//! anyone who sends the same key and body would get its response.
-//!
-//! # A scope from an authentication layer
-//!
-//! The usual scope is the authenticated user, which an authentication middleware puts in the
-//! request's extensions. That middleware must run **before** the idempotency layer: in axum,
-//! a layer added later wraps the ones added before it, so add the idempotency layer first and
-//! the authentication layer after it.
-//!
-//! ```
-//! use axum::extract::Request;
-//! use axum::http::StatusCode;
-//! use axum::middleware::{self, Next};
-//! use axum::response::Response;
-//! use axum::{Router, routing::post};
-//! use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
-//!
-//! /// Who the authentication middleware says the caller is.
-//! #[derive(Clone)]
-//! struct UserId(u64);
-//!
-//! /// Checks the credentials and puts the user in the request's extensions.
-//! async fn authenticate(mut req: Request, next: Next) -> Result<Response, StatusCode> {
-//!     let user = match req.headers().get("x-api-key").map(|v| v.as_bytes()) {
-//!         Some(b"alice-secret") => UserId(1),
-//!         Some(b"bob-secret") => UserId(2),
-//!         _ => return Err(StatusCode::UNAUTHORIZED),
-//!     };
-//!     req.extensions_mut().insert(user);
-//!     Ok(next.run(req).await)
-//! }
-//!
-//! async fn create_order() -> &'static str { "order 1" }
-//!
-//! // The scope is the authenticated user. Without one, the scope is unknown: never global.
-//! let idempotency = IdempotencyLayer::new(MemoryStore::default()).with_scope(
-//!     |parts: &http::request::Parts| {
-//!         parts
-//!             .extensions
-//!             .get::<UserId>()
-//!             .map_or(Scope::Unknown, |user| Scope::caller(user.0.to_be_bytes()))
-//!     },
-//! );
-//!
-//! let app: Router = Router::new()
-//!     .route("/orders", post(create_order))
-//!     .layer(idempotency)                              // runs second: the user is known
-//!     .layer(middleware::from_fn(authenticate));       // runs first
-//! ```
-//!
-//! With the two `.layer` calls the other way round, the idempotency layer runs before the
-//! user is known: every keyed request gets 500 `scope-unavailable` and nothing runs, which a
-//! first test shows at once. An extractor that answered [`Scope::Global`] for a request without
-//! a user would instead put every such request in one scope, where user B replays user A's
-//! response by sending A's key and body.
+//! [`Scope`]: who a request belongs to, and the extractors that tell it.
 
 use http::HeaderName;
 use http::request::Parts;
@@ -106,8 +39,77 @@ impl Scope {
 
 /// Decides which scope a request belongs to.
 ///
+/// Every record belongs to a (scope, key) pair, and a record is never visible from another
+/// scope: the same key sent by another caller runs anew. The default scope is the
+/// `Authorization` header; requests without it share the global scope.
+///
+/// An extractor answers one of three things for a request: the caller's own scope
+/// ([`Scope::Caller`]), the global scope on purpose ([`Scope::Global`]), or "I cannot tell"
+/// ([`Scope::Unknown`]). The layer refuses an unknown scope with a 500 problem of type
+/// `scope-unavailable` ([`Problem::ScopeUnavailable`](crate::Problem::ScopeUnavailable)),
+/// logged at error and counted as [`Event::ScopeUnavailable`](crate::Event::ScopeUnavailable):
+/// the handler does not run and the store is not asked. An unknown caller is never put in the
+/// global scope, where anyone who sends the same key and body would get its response.
+///
+/// # A scope from an authentication layer
+///
+/// The usual scope is the authenticated user, which an authentication middleware puts in the
+/// request's extensions. That middleware must run **before** the idempotency layer: in axum,
+/// a layer added later wraps the ones added before it, so add the idempotency layer first and
+/// the authentication layer after it.
+///
+/// ```
+/// use axum::extract::Request;
+/// use axum::http::StatusCode;
+/// use axum::middleware::{self, Next};
+/// use axum::response::Response;
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
+///
+/// /// Who the authentication middleware says the caller is.
+/// #[derive(Clone)]
+/// struct UserId(u64);
+///
+/// /// Checks the credentials and puts the user in the request's extensions.
+/// async fn authenticate(mut req: Request, next: Next) -> Result<Response, StatusCode> {
+///     let user = match req.headers().get("x-api-key").map(|v| v.as_bytes()) {
+///         Some(b"alice-secret") => UserId(1),
+///         Some(b"bob-secret") => UserId(2),
+///         _ => return Err(StatusCode::UNAUTHORIZED),
+///     };
+///     req.extensions_mut().insert(user);
+///     Ok(next.run(req).await)
+/// }
+///
+/// async fn create_order() -> &'static str { "order 1" }
+///
+/// // The scope is the authenticated user. Without one, the scope is unknown: never global.
+/// let idempotency = IdempotencyLayer::new(MemoryStore::default()).with_scope(
+///     |parts: &http::request::Parts| {
+///         parts
+///             .extensions
+///             .get::<UserId>()
+///             .map_or(Scope::Unknown, |user| Scope::caller(user.0.to_be_bytes()))
+///     },
+/// );
+///
+/// let app: Router = Router::new()
+///     .route("/orders", post(create_order))
+///     .layer(idempotency)                              // runs second: the user is known
+///     .layer(middleware::from_fn(authenticate));       // runs first
+/// ```
+///
+/// With the two `.layer` calls the other way round, the idempotency layer runs before the
+/// user is known: every keyed request gets 500 `scope-unavailable` and nothing runs, which a
+/// first test shows at once. An extractor that answered [`Scope::Global`] for a request without
+/// a user would instead put every such request in one scope, where user B replays user A's
+/// response by sending A's key and body.
+///
+/// # An extractor from a closure
+///
 /// Any `Fn(&Parts) -> Scope` is an extractor, so a scope can come from a request extension set
-/// by an authentication layer (see the [module docs](self) for the layer order):
+/// by an authentication layer (see [above](#a-scope-from-an-authentication-layer) for the layer
+/// order):
 ///
 /// ```
 /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};

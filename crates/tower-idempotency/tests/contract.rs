@@ -1,6 +1,6 @@
-//! The idempotency contract, rule by rule, through a real axum server on
-//! 127.0.0.1:0 and a real HTTP client. Every handler counts its executions; every test names the
-//! rule it proves and fails when that rule breaks.
+//! The idempotency contract (which requests, scope and fingerprint, lifecycle, errors), rule by
+//! rule, through a real axum server on 127.0.0.1:0 and a real HTTP client. Every handler counts
+//! its executions; every test names the rule it proves and fails when that rule breaks.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -124,7 +124,7 @@ async fn key_from_x_idempotent_key_header() {
     assert_replay_of(&send(post("seed-key-1")).await, &first);
     assert_eq!(count.get(), 1);
     assert_fresh(&send(post("seed-key-2")).await, 2);
-    // Flask-Idempotent's header (`X-Idempotent-Key`) and the draft's header name one key.
+    // Flask-Idempotent's header and the draft's header name one key.
     let draft = send(
         c.post(srv.url("/orders"))
             .header("Idempotency-Key", "\"seed-key-1\"")
@@ -457,7 +457,7 @@ async fn sf_string_escapes_and_parameters_are_parsed() {
     let srv = serve(app).await;
     let c = client();
     let post = || c.post(srv.url("/orders")).body("x");
-    // `"a\"b\\c"` unquotes to the key `a"b\c`, which `X-Idempotent-Key` carries as it is.
+    // `"a\"b\\c"` unquotes to the key `a"b\c`, which Flask-Idempotent's header carries as it is.
     let quoted = send(post().header("Idempotency-Key", r#""a\"b\\c""#)).await;
     assert_fresh(&quoted, 1);
     assert_replay_of(
@@ -2460,7 +2460,7 @@ async fn a_request_whose_caller_left_keeps_its_place_until_its_outcome_is_stored
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exactly once under load
+// Exactly once under load: many keys, many duplicates each, one execution per key
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! `RedisStore` against real Redis processes started by the tests on free ports: the store
-//! conformance suite on a standalone server and on a 3-master Redis Cluster, then the
-//! checks that can run in one process: the command budget, 500 waiters on one
+//! conformance suite on a standalone server and on a 3-master Redis Cluster, then what a shared
+//! store must keep that can be checked in one process: the command budget, 500 waiters on one
 //! subscriber connection, fencing through the layer, a Redis outage and restart, and TLS.
 
 #![cfg(all(feature = "redis", feature = "conformance"))]
@@ -157,7 +157,7 @@ mod lease_lost {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The command budget
+// The command budget: one round trip per step
 
 /// Through the layer, with a fast handler: a new request costs Redis two commands (begin and
 /// complete), a replay one.
@@ -212,7 +212,7 @@ async fn command_budget(url: &str, nodes: &[RedisServer]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Waiters share one subscriber connection
+// Waiters share one subscriber connection, so a burst of duplicates cannot exhaust Redis
 
 /// 500 duplicates waiting on one key in one process add at most two connections to Redis,
 /// and every one of them is answered with the stored response once the owner completes.
@@ -296,7 +296,7 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fencing through the layer
+// Fencing through the layer: a lost lease's late completion never overwrites the new owner's
 
 /// A handler slower than its lease, whose renewals are blocked, loses the lease to a new
 /// owner; its late completion is refused and counted, and the new owner's response is the one
@@ -365,7 +365,7 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Faults
+// Faults: an outage answers fast and cleanly, and the store recovers after a restart
 
 /// Redis killed while requests are in flight: 503 problem+json when failing closed, an
 /// untracked pass-through when failing open, never a panic or a hang past the wait timeout. A

@@ -1,13 +1,4 @@
-//! The store seam: the one trait a backend implements.
-//!
-//! Its verbs follow the lifecycle of a tracked request (see the crate docs):
-//! [`begin`](Store::begin) takes a lease or finds the completed record or the request in flight,
-//! [`complete`](Store::complete), [`release`](Store::release) and [`renew`](Store::renew) act only
-//! for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
-//!
-//! Every verb is meant to be one atomic step: one round trip for a networked store. A backend
-//! proves itself by passing the conformance suite, `tower_idempotency::conformance` (feature
-//! `conformance`), from its own tests.
+//! [`Store`]: the seam between the layer and a backend, and what the verbs answer.
 
 use std::fmt;
 use std::time::Duration;
@@ -17,47 +8,21 @@ use bytes::Bytes;
 
 use crate::fingerprint::Fingerprint;
 
+mod completion;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
+pub use self::completion::{Completer, Completion};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
-/// Where a record lives: a fixed-size hash of (namespace, scope, key).
-///
-/// No raw key or scope ever reaches a store, so keys cannot be long, injected or read back.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StorageKey(pub [u8; 32]);
-
-impl StorageKey {
-    /// The key as 64 lowercase hex digits, the form networked stores use.
-    pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        self.push_hex(&mut s);
-        s
-    }
-
-    /// Appends the key in lower-case hex to `out`.
-    pub(crate) fn push_hex(&self, out: &mut String) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for b in self.0 {
-            out.push(DIGITS[usize::from(b >> 4)] as char);
-            out.push(DIGITS[usize::from(b & 0xf)] as char);
-        }
-    }
-}
-
-impl fmt::Debug for StorageKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StorageKey({})", &self.to_hex()[..16])
-    }
-}
+pub(crate) use crate::storage_key::StorageKey;
 
 /// The owner token of a lease. Only its holder may complete, release or renew the lease.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -76,7 +41,7 @@ pub enum BeginOutcome {
     /// There was no record (or only an expired lease): the caller now holds a lease and must
     /// run the request, then complete or release.
     Acquired(LeaseToken),
-    /// The request completed earlier: the encoded [`Record`](crate::record::Record).
+    /// The request completed earlier: its record, as the layer encoded it (opaque to the store).
     Completed(Bytes),
     /// Another caller holds a live lease for a request with this fingerprint.
     InFlight {
@@ -120,6 +85,15 @@ impl std::error::Error for StoreError {
 }
 
 /// A backend that keeps idempotency records and leases, shared by every process that uses it.
+///
+/// Its verbs follow the lifecycle of a tracked request (see the [crate docs](crate#the-contract)):
+/// [`begin`](Store::begin) takes a lease or finds the completed record or the request in flight,
+/// [`complete`](Store::complete), [`release`](Store::release) and [`renew`](Store::renew) act only
+/// for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
+///
+/// Every verb is meant to be one atomic step: one round trip for a networked store. A backend
+/// proves itself by passing the conformance suite, `tower_idempotency::conformance` (feature
+/// `conformance`), from its own tests.
 ///
 /// Expiry is by the store's own clock: a lease lives `lease_ttl` from its last grant or renewal,
 /// a completed record `ttl` from its completion. A lease that has expired belongs to nobody: its
@@ -221,21 +195,5 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     fn transaction_source(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
         (**self).transaction_source()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_keys_print_as_lower_case_hex() {
-        let mut k = [0u8; 32];
-        for (i, b) in k.iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(37).wrapping_add(0x0f);
-        }
-        let expected: String = k.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(StorageKey(k).to_hex(), expected);
-        assert_eq!(StorageKey([0xff; 32]).to_hex(), "f".repeat(64));
     }
 }

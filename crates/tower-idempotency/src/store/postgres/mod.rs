@@ -221,7 +221,7 @@ impl PostgresStore {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) if retries < IO_RETRIES && broken_connection(&e) => {
                     retries += 1;
-                    metrics::record(Event::StoreRetried);
+                    metrics::count(Event::StoreRetried);
                     tracing::debug!(error = %e, "idempotency store: a connection broke; sending again");
                 }
                 Ok(Err(e)) => return Err(self.error(e)),

@@ -10,8 +10,8 @@ use http::StatusCode;
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::{Inner, owner};
-use crate::completion::{Completer, Completion};
-use crate::{LeaseToken, ProblemDetails, StorageKey, StoreError};
+use crate::ProblemDetails;
+use crate::store::{Completer, Completion, LeaseToken, StorageKey, StoreError};
 
 type PgTransaction = Transaction<'static, Postgres>;
 

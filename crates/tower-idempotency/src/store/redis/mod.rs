@@ -306,7 +306,7 @@ impl RedisStoreBuilder {
     ///   `fail_open`) instead of running under a lease that a failover could forget;
     /// - a **record** stays stored (the request ran, and its answer is kept on the master):
     ///   `complete` succeeds, logs a warning and counts the
-    ///   [`NotReplicated`](crate::metrics::Event::NotReplicated) event.
+    ///   [`NotReplicated`](crate::Event::NotReplicated) event.
     ///
     /// Acknowledged writes travel on connections of their own (four more to each Redis node,
     /// taken in turn), because a `WAIT` holds back every later command on its connection until
@@ -436,7 +436,7 @@ impl Store for RedisStore {
                 let reply = scripts::complete_reply(reply)?;
                 if reply != 0 && acks < acked.acks.replicas {
                     // Kept on the master all the same: the request ran, and this is its answer.
-                    metrics::record(Event::NotReplicated);
+                    metrics::count(Event::NotReplicated);
                     tracing::warn!(
                         ?key,
                         acks,

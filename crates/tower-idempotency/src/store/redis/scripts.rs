@@ -12,11 +12,13 @@ use redis::{Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, ToRedisArgs
 
 use super::connection::{AckedConnections, Connection};
 use super::error::{timed_out, unavailable};
+use crate::config::MAX_DURATION;
 use crate::fingerprint::Fingerprint;
 use crate::store::{BeginOutcome, LeaseToken, StoreError};
 
-/// The longest expiry passed to Redis (100 years): `PX` must not overflow Redis's clock.
-const MAX_PX: u64 = 100 * 365 * 24 * 3600 * 1000;
+/// The longest expiry passed to Redis, in milliseconds: [`MAX_DURATION`], well within what
+/// `PX` takes without overflowing Redis's clock.
+const MAX_PX: u64 = MAX_DURATION.as_millis() as u64;
 
 const TAG_LEASE: u8 = b'L';
 const TAG_COMPLETED: u8 = b'C';

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{LeaseToken, StorageKey, StoreError};
+use super::{LeaseToken, StorageKey, StoreError};
 
 /// Put by the layer in the extensions of every request it covers when its store can write
 /// records inside a transaction the handler opened (see

@@ -1,0 +1,101 @@
+//! The headers the layer reads and writes beside the key: `Idempotent-Replayed` on a replay,
+//! the hop-by-hop headers that are never stored or forwarded, and the client's `Prefer: wait`.
+
+use std::time::Duration;
+
+use http::header::{CONNECTION, DATE, SET_COOKIE};
+use http::{HeaderMap, HeaderName};
+
+/// The header that marks a replayed response.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Headers that belong to one connection (RFC 9110 section 7.6.1), never stored or forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// Removes the hop-by-hop headers (RFC 9110 section 7.6.1) and every header that `Connection`
+/// names, leaving the end-to-end headers.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_named(headers).iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Which of a response's `headers` a record keeps for replay: the end-to-end ones except
+/// `Set-Cookie` (another caller's session) and `Date` (a replay gets a fresh one).
+pub(crate) fn kept_for_replay(headers: &HeaderMap) -> impl Fn(&HeaderName) -> bool {
+    let named = connection_named(headers);
+    move |name: &HeaderName| {
+        name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
+    }
+}
+
+/// The headers the `Connection` header names (none, and no allocation, without one).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The `wait=N` preference of RFC 7240, in seconds.
+pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(http::header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|pref| {
+            let (name, value) = pref.split(';').next()?.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            let secs = value.trim().trim_matches('"').parse::<u64>().ok()?;
+            Some(Duration::from_secs(secs))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn prefer_wait_is_parsed() {
+        let mut h = HeaderMap::new();
+        h.append("prefer", HeaderValue::from_static("respond-async, wait=5"));
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(5)));
+        let mut h = HeaderMap::new();
+        h.append("prefer", HeaderValue::from_static("return=minimal"));
+        assert_eq!(prefer_wait(&h), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}
