@@ -147,7 +147,7 @@ pub(crate) async fn run(world: &mut World, t0: Instant, duration: Duration) -> R
         .enumerate()
     {
         let phase_start = t0 + half * phase as u32;
-        if world.redis.mode() != mode {
+        if world.redis.persistence() != mode {
             sleep_until(phase_start).await;
             redis_restart(world, &mut log, mode).await?;
         }
@@ -211,11 +211,12 @@ async fn proxy_kill(world: &mut World, log: &mut Log, p: usize) -> Result<(), St
 
 async fn redis_restart(world: &mut World, log: &mut Log, mode: Persistence) -> Result<(), String> {
     let before = world.redis.dbsize();
-    let previous = world.redis.mode();
+    let previous = world.redis.persistence();
     let start = Instant::now();
     world.redis.kill();
     tokio::time::sleep(REDIS_DOWN).await;
-    world.redis.restart(mode).await?;
+    // Blocks this task only: the traffic runs on the runtime's workers meanwhile.
+    world.redis.restart_with(mode)?;
     let recovered = Instant::now();
     let after = world.redis.dbsize();
     let kind = if previous == Persistence::Aof && mode == Persistence::Aof {

@@ -236,7 +236,11 @@ async fn chaos(
         .build()
         .map_err(|e| format!("http client: {e}"))?;
     let upstream = Upstream::start(seed, UPSTREAM_TIMEOUT + Duration::from_secs(2)).await?;
-    let redis = Redis::start(&args.redis_server, dir, Persistence::None).await?;
+    let redis = Redis::builder()
+        .program(&args.redis_server)
+        .dir(dir)
+        .persistence(Persistence::None)
+        .start()?;
     let human = |d: Duration| humantime::format_duration(d).to_string();
     let flags: Vec<String> = [
         "--upstream",

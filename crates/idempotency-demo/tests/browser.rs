@@ -4,96 +4,46 @@
 //! `CHROMEDRIVER` to use another driver, and `SHOP_SCREENSHOT=path.png` to save a screenshot of
 //! the shop.
 
-#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+#![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::actions::{InputSource, MOUSE_BUTTON_LEFT, MouseActions, PointerAction};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
+use idempotency_demo::Shop;
+use idempotency_test_support::harness::{Arrivals, TestServer, serve};
+use idempotency_test_support::process::{KillOnDrop, TempDir, free_port, wait_for_url};
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for(url: &str) {
-    for _ in 0..400 {
-        if reqwest::get(url).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{url} did not come up");
-}
+/// How long the shop takes to place an order: a double click's second submission leaves while
+/// the first is being placed.
+const WORK: Duration = Duration::from_millis(400);
 
 struct Session {
     browser: Client,
     base: String,
-    _demo: Proc,
-    _driver: Proc,
-    _profile: tempdir::Dir,
-}
-
-mod tempdir {
-    /// A throwaway browser profile folder.
-    pub(crate) struct Dir(pub(crate) std::path::PathBuf);
-    impl Dir {
-        pub(crate) fn new() -> Self {
-            let p = std::env::temp_dir().join(format!("shop-browser-{}", uuid_like()));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    fn uuid_like() -> String {
-        use std::time::{SystemTime, UNIX_EPOCH};
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        format!("{}-{t}", std::process::id())
-    }
+    shop: Shop,
+    /// Every request the shop received, noted before the idempotency layer sees it.
+    arrivals: Arrivals,
+    _server: TestServer,
+    _driver: KillOnDrop,
+    _profile: TempDir,
 }
 
 async fn session() -> Session {
-    let demo_port = free_port();
-    let demo = Proc(
-        Command::new(env!("CARGO_BIN_EXE_idempotency-demo"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{demo_port}"),
-                "--work",
-                "400ms",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start idempotency-demo"),
-    );
-    let base = format!("http://127.0.0.1:{demo_port}");
+    // The shop runs in this process, as `idempotency-demo` runs it, so the test sees what
+    // reached it and which orders it placed.
+    let shop = Shop::new(WORK);
+    let arrivals = Arrivals::default();
+    let app = idempotency_demo::app(shop.clone(), IdempotencyLayer::new(MemoryStore::default()));
+    let server = serve(arrivals.wrap(app)).await;
+    let base = format!("http://{}", server.addr);
 
     let driver_bin = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
     let driver_port = free_port();
-    let driver = Proc(
+    let driver = KillOnDrop(
         Command::new(&driver_bin)
             .arg(format!("--port={driver_port}"))
             .stdout(Stdio::null())
@@ -106,10 +56,9 @@ async fn session() -> Session {
             }),
     );
     let driver_url = format!("http://127.0.0.1:{driver_port}");
-    wait_for(&format!("{driver_url}/status")).await;
-    wait_for(&format!("{base}/api/orders")).await;
+    wait_for_url(&format!("{driver_url}/status")).await;
 
-    let profile = tempdir::Dir::new();
+    let profile = TempDir::new("shop-browser");
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -120,7 +69,7 @@ async fn session() -> Session {
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                 "--window-size=900,760",
-                format!("--user-data-dir={}", profile.0.display()),
+                format!("--user-data-dir={}", profile.path().display()),
             ]
         }),
     );
@@ -132,19 +81,12 @@ async fn session() -> Session {
     Session {
         browser,
         base,
-        _demo: demo,
+        shop,
+        arrivals,
+        _server: server,
         _driver: driver,
         _profile: profile,
     }
-}
-
-async fn orders(base: &str) -> Vec<serde_json::Value> {
-    reqwest::get(format!("{base}/api/orders"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// Waits until the browser shows an order page, and returns the order's id.
@@ -168,11 +110,6 @@ async fn hidden_key(browser: &Client) -> String {
         .await
         .unwrap();
     input.prop("value").await.unwrap().unwrap()
-}
-
-/// Lets every request the browser sent finish on the server.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1200)).await;
 }
 
 #[tokio::test]
@@ -207,15 +144,17 @@ async fn double_clicked_place_order_places_one_order() {
     s.browser.perform_actions(double_click).await.unwrap();
 
     let shown = shown_order(&s.browser).await;
-    settle().await;
-    let orders = orders(&s.base).await;
+    // Both clicks reached the shop, and every request the browser sent has been answered.
+    let submissions = s.arrivals.settled("/orders", 2).await;
+    let orders = s.shop.orders();
     assert_eq!(
         orders.len(),
         1,
-        "a double click placed {} orders: {orders:?}",
+        "a double click sent {} submissions and placed {} orders: {orders:?}",
+        submissions.len(),
         orders.len()
     );
-    assert_eq!(orders[0]["id"], shown);
+    assert_eq!(orders[0].id, shown);
     s.browser.clone().close().await.unwrap();
 }
 
@@ -259,15 +198,15 @@ async fn submit_back_and_submit_again_places_one_order() {
         "the resubmitted form lands on the same order"
     );
 
-    settle().await;
-    let orders = orders(&s.base).await;
+    s.arrivals.settled("/orders", 2).await;
+    let orders = s.shop.orders();
     assert_eq!(
         orders.len(),
         1,
         "submit, back, submit placed {} orders",
         orders.len()
     );
-    assert_eq!(orders[0]["product"], "Mug");
+    assert_eq!(orders[0].product, "Mug");
 
     if let Ok(path) = std::env::var("SHOP_SCREENSHOT") {
         s.browser.goto(&s.base).await.unwrap();

@@ -14,21 +14,16 @@
 
 mod marionette;
 
-#[path = "../../tower-idempotency/tests/events/mod.rs"]
-mod events;
+use idempotency_test_support::events;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::Method;
-use axum::middleware::Next;
-use axum::response::Response;
 use events::Events;
 use idempotency_demo::Shop;
+use idempotency_test_support::harness::{Arrival, Arrivals};
 use marionette::Marionette;
 use serde_json::json;
 use tower_idempotency::Event;
@@ -204,38 +199,6 @@ impl Drop for Firefox {
     }
 }
 
-/// One POST the shop received, as it arrived.
-#[derive(Debug, Clone)]
-struct Post {
-    path: String,
-    idempotency_key: Option<String>,
-}
-
-/// Notes every POST before the idempotency layer sees it.
-#[derive(Clone, Default)]
-struct Posts(Arc<Mutex<Vec<Post>>>);
-
-impl Posts {
-    fn to(&self, path: &str) -> Vec<Post> {
-        let posts = self.0.lock().unwrap();
-        posts.iter().filter(|p| p.path == path).cloned().collect()
-    }
-}
-
-async fn note_posts(State(posts): State<Posts>, req: Request, next: Next) -> Response {
-    if req.method() == Method::POST {
-        let key = req
-            .headers()
-            .get("idempotency-key")
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        posts.0.lock().unwrap().push(Post {
-            path: req.uri().path().to_owned(),
-            idempotency_key: key,
-        });
-    }
-    next.run(req).await
-}
-
 /// Whether `value` is what Firefox sends: an sf-string of a decimal number, `"8315709230293478211"`.
 fn is_firefox_key(value: &str) -> bool {
     value
@@ -248,7 +211,7 @@ fn is_firefox_key(value: &str) -> bool {
 
 /// Asserts that Firefox sent a key of its own with every one of these POSTs, one per
 /// submission, as it does.
-fn assert_firefox_keys(posts: &[Post], what: &str) {
+fn assert_firefox_keys(posts: &[Arrival], what: &str) {
     let keys: Vec<&str> = posts
         .iter()
         .filter_map(|p| p.idempotency_key.as_deref())
@@ -316,11 +279,11 @@ async fn a_double_click_in_firefox_places_one_order() {
     let events = Events::default();
     let _local = metrics::set_default_local_recorder(&events);
     let shop = Shop::new(WORK);
-    let posts = Posts::default();
-    let app =
-        idempotency_demo::app(shop.clone(), IdempotencyLayer::new(MemoryStore::default())).layer(
-            axum::middleware::from_fn_with_state(posts.clone(), note_posts),
-        );
+    let posts = Arrivals::default();
+    let app = posts.wrap(idempotency_demo::app(
+        shop.clone(),
+        IdempotencyLayer::new(MemoryStore::default()),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -372,7 +335,7 @@ async fn a_double_click_in_firefox_places_one_order() {
         format!("Order #{shown}")
     );
 
-    let submissions = posts.to("/orders");
+    let submissions = posts.posts_to("/orders");
     assert!(
         submissions.len() >= 2,
         "the double click sent {} submission(s), not two: {submissions:?}",
@@ -416,7 +379,7 @@ async fn a_double_click_in_firefox_places_one_order() {
     assert_eq!(retry["replayed"], "true", "{answers}");
     assert_eq!(retry["body"], first["body"], "{answers}");
     assert_eq!(shop.orders().await.len(), 2);
-    let fetches = posts.to("/api/orders");
+    let fetches = posts.posts_to("/api/orders");
     assert_eq!(fetches.len(), 2, "{fetches:?}");
     assert_firefox_keys(&fetches, "the page script's fetch() calls");
     assert_eq!(

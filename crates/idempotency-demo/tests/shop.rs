@@ -1,37 +1,21 @@
 //! The demo binary, started as users start it, against a real HTTP client.
 
-#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+#![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 
-#[path = "../../tower-idempotency/tests/support/mod.rs"]
-mod support;
+use idempotency_test_support::harness::get_text;
+use idempotency_test_support::process::{KillOnDrop, free_port, wait_for_url};
+use idempotency_test_support::redis as servers;
 
-#[path = "../../tower-idempotency/tests/events/mod.rs"]
-mod events;
+use idempotency_test_support::events;
 
 struct Demo {
-    child: Child,
+    _child: KillOnDrop,
     base: String,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start_demo() -> Demo {
@@ -59,19 +43,12 @@ async fn start_demo_in(store: &str, extra: &[&str]) -> Demo {
         .spawn()
         .expect("start idempotency-demo");
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if client
-            .get(format!("{base}/api/orders"))
-            .send()
-            .await
-            .is_ok()
-        {
-            return Demo { child, base };
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let child = KillOnDrop(child);
+    wait_for_url(&format!("{base}/api/orders")).await;
+    Demo {
+        _child: child,
+        base,
     }
-    panic!("idempotency-demo did not start on {base}");
 }
 
 #[tokio::test]
@@ -168,22 +145,8 @@ async fn a_form_posted_twice_places_one_order_and_lands_on_it() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let page1 = client
-        .get(&demo.base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let page2 = client
-        .get(&demo.base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page1 = get_text(&client, &demo.base).await;
+    let page2 = get_text(&client, &demo.base).await;
     let key = hidden_key(&page1);
     assert_ne!(
         key,
@@ -252,7 +215,7 @@ fn no_redirects() -> reqwest::Client {
 
 /// The order form of a freshly loaded page, as the browser posts it: the hidden key first.
 async fn order_form(client: &reqwest::Client, base: &str) -> Vec<(&'static str, String)> {
-    let page = client.get(base).send().await.unwrap().text().await.unwrap();
+    let page = get_text(client, base).await;
     vec![
         ("__idempotent_key", hidden_key(&page)),
         ("product", "Teapot".to_owned()),
@@ -290,14 +253,7 @@ async fn a_double_click_in_firefox_places_one_order_and_both_land_on_it() {
     let orders = orders(&client, &demo).await;
     assert_eq!(orders.len(), 1, "{orders:?}");
     assert_eq!(orders[0]["product"], "Teapot");
-    let page = client
-        .get(format!("{}/orders/1", demo.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&client, &format!("{}/orders/1", demo.base)).await;
     assert!(page.contains("Order #1"), "{page}");
 }
 
@@ -375,7 +331,7 @@ async fn orders(client: &reqwest::Client, demo: &Demo) -> Vec<serde_json::Value>
 
 #[tokio::test]
 async fn two_instances_sharing_a_redis_create_one_order() {
-    let redis = support::RedisServer::start();
+    let redis = servers::RedisServer::start();
     let url = redis.url();
     let (a, b) = tokio::join!(start_demo_with(&url), start_demo_with(&url));
     let client = reqwest::Client::new();
@@ -428,7 +384,7 @@ async fn the_memory_store_keeps_to_the_bounds_the_flags_give() {
 
 #[tokio::test]
 async fn shops_with_their_own_namespace_on_one_redis_never_share_an_order() {
-    let redis = support::RedisServer::start();
+    let redis = servers::RedisServer::start();
     let url = redis.url();
     let (tea, mugs) = tokio::join!(
         start_demo_in(&url, &["--namespace", "tea-shop"]),

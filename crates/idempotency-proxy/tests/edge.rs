@@ -25,17 +25,6 @@ fn keyed_post(path: &str, key: &str, length: usize) -> String {
     )
 }
 
-async fn metrics(proxy: &Proxy) -> String {
-    client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Waits until `path` ran `n` times upstream.
 async fn reached(up: &Upstream, path: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -85,7 +74,7 @@ async fn a_keyed_body_that_does_not_arrive_in_time_is_408_and_never_reaches_the_
     assert_eq!(trickled.status, 408, "{trickled:?}");
     assert_eq!(trickled.problem_slug(), "body-timeout");
     assert_eq!(up.total_hits(), 0, "the upstream never saw a late body");
-    assert_eq!(event_count(&metrics(&proxy).await, "body_timeout"), Some(2));
+    assert_eq!(event_count(&proxy.metrics().await, "body_timeout"), Some(2));
 
     // The key was left free: the whole request runs once, then replays.
     let c = client();
@@ -288,7 +277,7 @@ async fn past_max_in_flight_a_keyed_request_is_503_and_takes_nothing() {
     assert_eq!(retry.status(), 201);
     assert!(retry.headers().get("idempotent-replayed").is_none());
     assert_eq!(up.hits("/orders"), 2);
-    assert_eq!(event_count(&metrics(&proxy).await, "overloaded"), Some(1));
+    assert_eq!(event_count(&proxy.metrics().await, "overloaded"), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,8 +240,12 @@ fn help_explains_every_flag() {
     }
 }
 
+/// Every variable this test sets takes effect, each shown by a request or by what the ready line
+/// and `/metrics` report. The flags it leaves unset (the store, TTLs, waits, fail-open, the
+/// response limit, replica acks, the key secret file) read their variables the same way, and
+/// their effect is tested with the flags themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_environment_configures_every_flag() {
+async fn the_environment_configures_each_flag_it_sets() {
     let up = Upstream::start().await;
     let addr = free_addr();
     let admin = free_addr();
@@ -261,7 +265,7 @@ async fn the_environment_configures_every_flag() {
             "IDEMPOTENCY_PROXY_FINGERPRINT_HEADER",
             "X-HTTP-Method-Override,X-Variant".to_owned(),
         ),
-        ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "5s".to_owned()),
+        ("IDEMPOTENCY_PROXY_UPSTREAM_TIMEOUT", "3s".to_owned()),
         ("IDEMPOTENCY_PROXY_UPSTREAM_DEADLINE", "20s".to_owned()),
         ("IDEMPOTENCY_PROXY_LOG_FORMAT", "json".to_owned()),
         ("IDEMPOTENCY_PROXY_STORE_MAX_BYTES", "3MiB".to_owned()),
@@ -276,6 +280,7 @@ async fn the_environment_configures_every_flag() {
         ("IDEMPOTENCY_PROXY_MAX_CONNECTIONS", "1000".to_owned()),
         ("IDEMPOTENCY_PROXY_MAX_IN_FLIGHT", "2".to_owned()),
         ("IDEMPOTENCY_PROXY_TRUST_FORWARDED", "true".to_owned()),
+        ("IDEMPOTENCY_PROXY_KEY_SECRET", "env-secret".to_owned()),
     ];
     let proxy = Proxy::spawn(Vec::new(), &env, addr, admin).await;
     let c = client();
@@ -358,6 +363,22 @@ async fn the_environment_configures_every_flag() {
     assert_eq!(second.await.unwrap(), 200);
     assert_eq!(up.hits("/slow"), 2);
     assert_eq!(up.hits("/orders"), 1);
+
+    // upstream-timeout 3 s: the caller of a slower upstream gets a 504 once it passed, not
+    // before (the upstream's answer is still stored for the retry).
+    let started = Instant::now();
+    let late = c
+        .post(proxy.url("/slow?ms=4500"))
+        .header("Idempotency-Key", "late")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 504);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "504 after {:?}, before the upstream timeout",
+        started.elapsed()
+    );
 
     // release-status without 5xx: an upstream 500 is stored and replayed.
     for n in 0..2 {
@@ -448,7 +469,10 @@ async fn the_environment_configures_every_flag() {
     }
     // What the ready line says of the limits and the namespace.
     let ready = ready.unwrap_or_else(|| panic!("no ready line: {logs}"));
+    let upstream = ready["upstream"].as_str().unwrap_or_default();
+    assert!(upstream.starts_with(&up.url()), "{ready}");
     assert_eq!(ready["namespace"], "env-shop", "{ready}");
+    assert_eq!(ready["key_secret"], true, "{ready}");
     assert_eq!(ready["max_connections"], 1000, "{ready}");
     assert_eq!(ready["max_in_flight"], 2, "{ready}");
     assert_eq!(ready["trust_forwarded"], true, "{ready}");
@@ -462,14 +486,7 @@ async fn healthz_and_metrics_count_what_happened() {
 
     let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let before = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = proxy.metrics().await;
     assert_eq!(event_count(&before, "executed"), Some(0), "{before}");
 
     for key in ["m1", "m2"] {

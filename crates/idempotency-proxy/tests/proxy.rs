@@ -258,15 +258,6 @@ async fn problem_of(res: reqwest::Response, status: u16, slug: &str) -> serde_js
     doc
 }
 
-async fn metrics(proxy: &common::Proxy) -> String {
-    let res = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    res.text().await.unwrap()
-}
-
 async fn a_connect_failure_releases_the_key(store: Backend) {
     let closed = common::free_addr();
     let proxy = store.proxy(&format!("http://{closed}"), &[]).await;
@@ -328,7 +319,7 @@ async fn a_keyed_request_runs_once_across_the_upstream_timeout(store: Backend) {
     assert_eq!(retry.text().await.unwrap(), "slow run 1");
     assert_eq!(up.hits("/slow"), 1, "the upstream ran once for one key");
     assert_eq!(
-        event_count(&metrics(&proxy).await, "late_answer_stored"),
+        event_count(&proxy.metrics().await, "late_answer_stored"),
         Some(1)
     );
 }
@@ -381,7 +372,7 @@ async fn past_the_upstream_deadline_the_outcome_is_unknown_and_never_rerun(store
     problem_of(send().await.unwrap(), 502, "outcome-unknown").await;
     assert_eq!(up.hits("/slow"), 1);
     assert_eq!(
-        event_count(&metrics(&proxy).await, "outcome_unknown"),
+        event_count(&proxy.metrics().await, "outcome_unknown"),
         Some(1)
     );
 }
@@ -416,7 +407,7 @@ async fn an_upstream_that_drops_the_connection_after_the_work_runs_once(store: B
     }
     assert_eq!(up.runs(), 3);
     assert_eq!(
-        event_count(&metrics(&proxy).await, "outcome_unknown"),
+        event_count(&proxy.metrics().await, "outcome_unknown"),
         Some(1)
     );
 }
@@ -659,11 +650,11 @@ async fn the_memory_store_keeps_to_its_byte_bound() {
         let body = res.bytes().await.unwrap();
         assert_eq!(body.len(), 200 * 1024);
         assert!(body.starts_with(format!("run {}\n", n + 1).as_bytes()));
-        let m = metrics(&proxy).await;
+        let m = proxy.metrics().await;
         let held = gauge(&m, "idempotency_memory_store_bytes").unwrap();
         assert!(held <= MAX, "the store holds {held} bytes after key {n}");
     }
-    let m = metrics(&proxy).await;
+    let m = proxy.metrics().await;
     assert_eq!(gauge(&m, "idempotency_memory_store_max_bytes"), Some(MAX));
     assert_eq!(
         gauge(&m, "idempotency_memory_store_max_records"),
@@ -716,7 +707,7 @@ async fn a_response_larger_than_the_store_bound_runs_once_and_evicts_nothing() {
 
     let replay = send("/sized?kib=1", "small").await.unwrap();
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
-    let m = metrics(&proxy).await;
+    let m = proxy.metrics().await;
     assert_eq!(event_count(&m, "unstorable"), Some(1));
     let held = gauge(&m, "idempotency_memory_store_bytes").unwrap();
     assert!(held <= (100 << 10) as f64, "the store holds {held} bytes");

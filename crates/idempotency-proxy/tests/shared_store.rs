@@ -95,6 +95,8 @@ async fn a_killed_proxy_s_lease_expires_and_a_retry_elsewhere_succeeds() {
     let b = Proxy::start(&up.url(), &["--store", &redis.url(), "--lock-ttl", "2s"]).await;
     let c = client();
     let url_a = a.url("/slow?ms=1000");
+    // A's lease is granted after this, and lives at least its 2 s from then.
+    let sent = Instant::now();
     let orphan = tokio::spawn({
         let c = c.clone();
         async move {
@@ -125,6 +127,13 @@ async fn a_killed_proxy_s_lease_expires_and_a_retry_elsewhere_succeeds() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "slow run 2");
     assert!(took < Duration::from_secs(8), "the retry took {took:?}");
+    // It ran only once the dead lease had expired: 2 s after A took it at the earliest, then
+    // the upstream's 1 s.
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2 + 1),
+        "the retry ran before the dead proxy's lease expired ({:?} after the first send)",
+        sent.elapsed()
+    );
     assert_eq!(up.hits("/slow"), 2);
 }
 
@@ -220,14 +229,7 @@ async fn redis_down_fails_closed_or_open_and_healthz_says_so() {
         .unwrap();
     assert_eq!(passed.status(), 201);
     assert_eq!(up.hits("/orders"), 2);
-    let metrics = c
-        .get(open.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = open.metrics().await;
     assert_eq!(event_count(&metrics, "fail_open"), Some(1), "{metrics}");
     assert!(
         event_count(&metrics, "store_error").unwrap() >= 1,

@@ -17,7 +17,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
-use common::{DroppingUpstream, Proxy, client};
+use common::{DroppingUpstream, Proxy};
 
 /// Creates one charge with the SDK against `api_base`, retrying up to `retries` times, and
 /// prints what came of it as one JSON line.
@@ -60,14 +60,7 @@ async fn charge(api_base: String, retries: u32) -> serde_json::Value {
 
 /// How many POSTs the proxy answered with `status`, from its request-duration histogram.
 async fn answered(proxy: &Proxy, status: u16) -> u64 {
-    let text = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     let prefix = format!(
         "idempotency_proxy_request_duration_seconds_count{{method=\"POST\",status=\"{status}\"}} "
     );

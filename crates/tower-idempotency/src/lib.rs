@@ -91,8 +91,8 @@
 //! `RedisStore` (feature `redis`) shares records between every process and machine that talks
 //! to one Redis or Redis Cluster, at one round trip per step (see [`Store`]). Any backend
 //! implements the small [`Store`] trait; every atomic step of the lifecycle is one call, and the
-//! conformance suite in the repository (`crates/tower-idempotency/tests/conformance`) is how a
-//! backend proves itself.
+//! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
+//! proves itself.
 //!
 //! # Runtime
 //!
@@ -130,6 +130,10 @@ mod storage_key;
 mod store;
 mod tracked;
 mod transaction;
+
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 
 // The stored-record format: public only for this workspace's benchmarks, which fill stores
 // with records directly, and hidden from the docs, as it may change in any release.

@@ -12,13 +12,13 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
-mod recording;
+use idempotency_test_support::harness;
+use idempotency_test_support::recording;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Counter, Gate, Reply, TestServer, assert_problem, client, send, serve};
+use harness::{Counter, Gate, Reply, TestServer, assert_problem, client, send, serve};
 use http::{HeaderValue, StatusCode};
 use recording::RecordingStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -761,7 +761,7 @@ fn as_reply(raw: &RawReply) -> Reply {
 async fn check(row: Row) {
     let name = row.name;
     let store = RecordingStore::default();
-    let (app, count) = common::counting_app(layer(&store));
+    let (app, count) = harness::counting_app(layer(&store));
     let srv: TestServer = serve(app).await;
     let c = client();
     let url = srv.url("/orders");
@@ -851,7 +851,7 @@ async fn invalid_prefer_wait_is_ignored_and_the_request_served() {
     for prefer in BAD_PREFERS {
         let name = format!("Prefer: {prefer}");
         let store = RecordingStore::default();
-        let (app, count) = common::counting_app(layer(&store));
+        let (app, count) = harness::counting_app(layer(&store));
         let srv = serve(app).await;
         let c = client();
         let post = || {
@@ -887,7 +887,7 @@ async fn invalid_prefer_wait_keeps_the_configured_wait() {
         let name = format!("Prefer: {prefer}");
         let store = RecordingStore::default();
         let gate = Gate::default();
-        let (app, count): (_, Counter) = common::gated_app(layer(&store), gate.clone());
+        let (app, count): (_, Counter) = harness::gated_app(layer(&store), gate.clone());
         let srv = serve(app).await;
         let c = client();
         let post = || {
@@ -927,7 +927,7 @@ async fn invalid_prefer_wait_keeps_the_configured_wait() {
 async fn valid_prefer_wait_zero_is_honoured() {
     let store = RecordingStore::default();
     let gate = Gate::default();
-    let (app, count) = common::gated_app(layer(&store), gate.clone());
+    let (app, count) = harness::gated_app(layer(&store), gate.clone());
     let srv = serve(app).await;
     let c = client();
     let post = || c.post(srv.url("/slow")).header("Idempotency-Key", "\"z\"");

@@ -12,16 +12,16 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
-mod events;
+use idempotency_test_support::events;
+use idempotency_test_support::harness;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
 use bytes::Bytes;
-use common::{Counter, Gate, Reply, assert_problem, client, send, serve};
 use events::Events;
+use harness::{Counter, Gate, Reply, assert_problem, client, send, serve};
 use http::StatusCode;
 use tower_idempotency::Event;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};

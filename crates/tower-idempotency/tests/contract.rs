@@ -4,9 +4,9 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
-mod events;
-mod recording;
+use idempotency_test_support::events;
+use idempotency_test_support::harness;
+use idempotency_test_support::recording::RecordingStore;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,11 +18,11 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use common::{
+use futures_util::StreamExt;
+use harness::{
     CancelProbe, Counter, Gate, Reply, assert_problem, assert_retry_after, client, counting_app,
     gated_app, send, serve,
 };
-use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
 use tower_idempotency::Event;
 use tower_idempotency::Fingerprint;
@@ -66,7 +66,7 @@ fn assert_replay_of(replay: &Reply, original: &Reply) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Which requests are tracked: key sources
+// Which requests are tracked: key sources
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -305,7 +305,7 @@ async fn methods_are_configurable() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Bad keys: 400 problem+json, the handler never runs
+// Bad keys: 400 problem+json, the handler never runs
 // ---------------------------------------------------------------------------------------------
 
 async fn assert_bad_key(req: reqwest::RequestBuilder, slug: &str, count: &Counter) {
@@ -577,7 +577,7 @@ async fn require_key_refuses_keyless_requests() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Pass-through
+// Pass-through
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -622,7 +622,7 @@ async fn keyless_post_passes_through_untouched() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. Scope, storage key, fingerprint
+// Scope, storage key, fingerprint
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1005,7 +1005,7 @@ async fn a_scope_from_an_auth_layer_that_runs_first_keeps_users_apart() {
 async fn an_auth_layer_that_runs_after_the_layer_is_a_500_scope_unavailable_not_a_leak() {
     let events = events::Events::default();
     let _local = metrics::set_default_local_recorder(&events);
-    let store = recording::RecordingStore::default();
+    let store = RecordingStore::default();
     let (router, count) = user_app();
     // The wrong order: idempotency runs first, before any user is known.
     let app = router
@@ -1073,56 +1073,9 @@ async fn header_scopes_without_their_headers_are_global_or_refused_as_configured
     assert_eq!(count.get(), 2);
 }
 
-/// A real store that keeps everything it was given, over a [`MemoryStore`].
-#[derive(Clone, Default)]
-struct SpyStore {
-    inner: MemoryStore,
-    seen: Arc<Mutex<Vec<Vec<u8>>>>,
-    begins: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-#[async_trait]
-impl Store for SpyStore {
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.seen.lock().unwrap().push(key.0.to_vec());
-        self.begins
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.begin(key, fingerprint, lease_ttl).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        record: Bytes,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.seen.lock().unwrap().push(record.to_vec());
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.renew(key, token, lease_ttl).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.inner.wait(key, timeout).await
-    }
-}
-
 #[tokio::test]
 async fn store_never_sees_the_raw_key_or_scope() {
-    let spy = SpyStore::default();
+    let spy = RecordingStore::default();
     let (app, count) = counting_app(IdempotencyLayer::new(spy.clone()));
     let srv = serve(app).await;
     let c = client();
@@ -1138,7 +1091,10 @@ async fn store_never_sees_the_raw_key_or_scope() {
         assert_eq!(r.status, StatusCode::CREATED);
     }
     assert_eq!(count.get(), 2);
-    let seen = spy.seen.lock().unwrap();
+    // Everything the store was given: the storage keys and the records.
+    let seen: Vec<Vec<u8>> = (spy.keys().iter().map(|k| k.0.to_vec()))
+        .chain(spy.records().iter().map(|r| r.to_vec()))
+        .collect();
     let keys: HashSet<&Vec<u8>> = seen.iter().filter(|s| s.len() == 32).collect();
     assert_eq!(keys.len(), 2, "one fixed-size storage key per scope");
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
@@ -1166,7 +1122,7 @@ async fn namespaces_separate_services_sharing_a_store() {
         counting_app(IdempotencyLayer::from_shared(store).with_namespace("billing"));
     let (a, b, a2) = (serve(app_a).await, serve(app_b).await, serve(app_a2).await);
     let c = client();
-    let post = |srv: &common::TestServer| {
+    let post = |srv: &harness::TestServer| {
         c.post(srv.url("/orders"))
             .header("Idempotency-Key", "k")
             .body("x")
@@ -1180,7 +1136,7 @@ async fn namespaces_separate_services_sharing_a_store() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.2 / 3.5 Replay fidelity
+// Replay fidelity
 // ---------------------------------------------------------------------------------------------
 
 const OLD_DATE: &str = "Mon, 01 Jan 2001 00:00:00 GMT";
@@ -1322,7 +1278,7 @@ async fn empty_and_json_bodies_replay() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.4 Storable outcomes
+// Storable outcomes
 // ---------------------------------------------------------------------------------------------
 
 /// `/status/{code}` counts and answers `code` with `exec-N`.
@@ -1472,13 +1428,14 @@ async fn a_response_marked_not_run_releases_the_key_whatever_the_predicate() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.1 / 3.3 In flight: wait, wait timeout, reject, Prefer: wait
+// In flight: wait, wait timeout, reject, Prefer: wait
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn duplicates_wait_for_the_request_in_flight() {
     let gate = Gate::default();
-    let (app, count) = gated_app(layer(), gate.clone());
+    let store = RecordingStore::default();
+    let (app, count) = gated_app(IdempotencyLayer::new(store.clone()), gate.clone());
     let srv = serve(app).await;
     let c = client();
     let post = || {
@@ -1489,7 +1446,8 @@ async fn duplicates_wait_for_the_request_in_flight() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let dups: Vec<_> = (0..5).map(|_| tokio::spawn(send(post()))).collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every duplicate has asked the store to wait.
+    store.waiters(5).await;
     assert!(
         dups.iter().all(|d| !d.is_finished()),
         "duplicates wait while the original runs (no 409, no second run)"
@@ -1609,7 +1567,7 @@ async fn prefer_wait_never_lengthens_the_wait() {
 
 #[tokio::test]
 async fn waiting_is_pushed_by_the_store_not_polled() {
-    let spy = SpyStore::default();
+    let spy = RecordingStore::default();
     let gate = Gate::default();
     let (app, count) = gated_app(IdempotencyLayer::new(spy.clone()), gate.clone());
     let srv = serve(app).await;
@@ -1618,19 +1576,22 @@ async fn waiting_is_pushed_by_the_store_not_polled() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let dup = tokio::spawn(send(post()));
+    spy.reached("wait", 1).await;
+    // Half a second in which a polling waiter would ask the store again and again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     gate.open();
     let first = first.await.unwrap();
     assert_replay_of(&dup.await.unwrap(), &first);
     // The original's begin, the duplicate's first begin, and one more once woken. A layer that
     // polled the store while waiting would call begin again and again for half a second.
-    let begins = spy.begins.load(std::sync::atomic::Ordering::SeqCst);
+    let begins = spy.count("begin");
     assert!(begins <= 4, "{begins} calls to begin: the waiter polls");
 }
 
 #[tokio::test]
 async fn waiters_take_over_a_released_lease_and_one_runs() {
     let gate = Gate::default();
+    let store = RecordingStore::default();
     let count = Counter::default();
     let (c, g) = (count.clone(), gate.clone());
     let app = Router::new()
@@ -1646,7 +1607,7 @@ async fn waiters_take_over_a_released_lease_and_one_runs() {
                 }
             }),
         )
-        .layer(quick_waits());
+        .layer(IdempotencyLayer::new(store.clone()).with_wait_timeout(Duration::from_secs(5)));
     let srv = serve(app).await;
     let c = client();
     let post = || {
@@ -1656,7 +1617,7 @@ async fn waiters_take_over_a_released_lease_and_one_runs() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let waiters: Vec<_> = (0..4).map(|_| tokio::spawn(send(post()))).collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.waiters(4).await;
     gate.open();
     assert_eq!(first.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
     let mut replies = Vec::new();
@@ -1676,9 +1637,12 @@ async fn waiters_take_over_a_released_lease_and_one_runs() {
 #[tokio::test]
 async fn the_lease_is_renewed_while_a_slow_handler_runs() {
     let gate = Gate::default();
-    // Leases of 600 ms, a handler that runs 1.5 s: only renewal keeps the duplicate waiting.
+    let store = RecordingStore::default();
+    // Leases of 1.5 s, renewed every 500 ms, and a handler that runs past four renewals: only
+    // renewal keeps the duplicate waiting. (A renewal may come a second late on a loaded
+    // machine without the lease running out.)
     let (app, count) = gated_app(
-        layer().with_lock_ttl(Duration::from_millis(600)),
+        IdempotencyLayer::new(store.clone()).with_lock_ttl(Duration::from_millis(1500)),
         gate.clone(),
     );
     let srv = serve(app).await;
@@ -1687,7 +1651,9 @@ async fn the_lease_is_renewed_while_a_slow_handler_runs() {
     let first = tokio::spawn(send(post()));
     count.reached(1).await;
     let dup = tokio::spawn(send(post()));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.reached("wait", 1).await;
+    store.reached("renew", 4).await;
+    assert!(!dup.is_finished(), "the duplicate still waits");
     gate.open();
     let first = first.await.unwrap();
     assert_fresh(&first, 1);
@@ -1696,12 +1662,14 @@ async fn the_lease_is_renewed_while_a_slow_handler_runs() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.1 TTL
+// TTL
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn completed_records_expire_after_the_ttl() {
-    let (app, count) = counting_app(layer().with_ttl(Duration::from_millis(600)));
+    // Long enough for the replay to land within it on a loaded machine.
+    let ttl = Duration::from_secs(2);
+    let (app, count) = counting_app(layer().with_ttl(ttl));
     let srv = serve(app).await;
     let c = client();
     let post = || {
@@ -1709,17 +1677,30 @@ async fn completed_records_expire_after_the_ttl() {
             .header("Idempotency-Key", "ttl")
             .body("x")
     };
+    let sent = tokio::time::Instant::now();
     let first = send(post()).await;
     assert_fresh(&first, 1);
     assert_replay_of(&send(post()).await, &first);
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let after = send(post()).await;
+    // Replays until the record expires, then a new run; never before the TTL is over.
+    let after = loop {
+        let reply = send(post()).await;
+        if !reply.replayed() {
+            break reply;
+        }
+        assert_replay_of(&reply, &first);
+        assert!(
+            sent.elapsed() < ttl + Duration::from_secs(10),
+            "the record never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(sent.elapsed() >= ttl, "the record expired before its TTL");
     assert_fresh(&after, 2);
     assert_eq!(count.get(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.6 Bodies
+// Bodies
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1967,7 +1948,7 @@ async fn a_response_with_more_headers_than_a_record_holds_is_not_replayable_neve
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3.7 - 3.10 Disconnects, panics, crashes, lost leases
+// Disconnects, panics, crashes, lost leases
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -2126,6 +2107,8 @@ async fn a_lease_whose_process_died_is_taken_over() {
 #[tokio::test]
 async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
     let store = MemoryStore::default();
+    // What process A asks of the store it shares with B.
+    let store_a = RecordingStore::new(store.clone());
     // Process A freezes mid-handler (a stop-the-world pause): its one thread blocks, so its lease
     // is not renewed and expires.
     let (unfreeze, frozen) = std::sync::mpsc::channel::<()>();
@@ -2141,7 +2124,7 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
                 (StatusCode::CREATED, "from A")
             }),
         )
-        .layer(IdempotencyLayer::new(store.clone()).with_lock_ttl(Duration::from_millis(300)));
+        .layer(IdempotencyLayer::new(store_a.clone()).with_lock_ttl(Duration::from_millis(300)));
     let rt_a = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -2186,6 +2169,12 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
     assert_eq!(from_a.status, StatusCode::CREATED);
     assert_eq!(from_a.text(), "from A");
     assert!(!from_a.replayed());
+    store_a.refusals("complete", 1).await;
+    assert_eq!(
+        store_a.count("complete"),
+        1,
+        "A tried to store its response once"
+    );
 
     gate_b.open();
     let taken = to_b.await.unwrap();
@@ -2201,7 +2190,7 @@ async fn a_late_owner_whose_lease_was_taken_over_cannot_store() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3 Bounded store, 3.11 store unavailable
+// Bounded store, store unavailable
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -2350,11 +2339,11 @@ async fn a_tracked_body_that_does_not_arrive_in_time_is_408_and_takes_no_lease()
 
     // A body that stops after 10 of its 100 bytes.
     let stalled =
-        common::slow_request(srv.addr, &keyed_head("\"slow\"", ""), b"0123456789", None).await;
+        harness::slow_request(srv.addr, &keyed_head("\"slow\"", ""), b"0123456789", None).await;
     assert_eq!(stalled.status, 408, "{stalled:?}");
     assert!(stalled.problem_type().ends_with(":body-timeout"));
     // A body that keeps coming, a byte at a time, but not in full in time.
-    let trickled = common::slow_request(
+    let trickled = harness::slow_request(
         srv.addr,
         &keyed_head("\"slow\"", ""),
         b"",
@@ -2363,7 +2352,7 @@ async fn a_tracked_body_that_does_not_arrive_in_time_is_408_and_takes_no_lease()
     .await;
     assert_eq!(trickled.status, 408, "{trickled:?}");
     // A form body read for its key is timed the same way.
-    let form = common::slow_request(
+    let form = harness::slow_request(
         srv.addr,
         "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100",
         b"__idempotent_key=form-slow&a=",
@@ -2391,7 +2380,7 @@ async fn the_body_timeout_leaves_untracked_streams_alone() {
     let (app, count) = counting_app(layer().with_request_body_timeout(Duration::from_millis(100)));
     let srv = serve(app).await;
     // A keyless body that takes longer than the timeout streams to the handler whole.
-    let slow = common::slow_request(
+    let slow = harness::slow_request(
         srv.addr,
         "POST /orders HTTP/1.1\r\nHost: test\r\nContent-Length: 6",
         b"",

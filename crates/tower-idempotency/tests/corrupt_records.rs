@@ -6,18 +6,18 @@
 #![cfg(feature = "redis")]
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
-mod events;
-mod support;
+use idempotency_test_support::events;
+use idempotency_test_support::harness;
+use idempotency_test_support::redis as servers;
 
-use common::{Reply, TestServer, assert_problem, client, counting_app, send, serve};
 use events::Events;
+use harness::{Reply, TestServer, assert_problem, client, counting_app, send, serve};
 use http::StatusCode;
 use tower_idempotency::Event;
 use tower_idempotency::{IdempotencyLayer, Problem};
 use tower_idempotency::{LeaseToken, RedisStore};
 
-use support::RedisServer;
+use servers::RedisServer;
 
 /// A layer on `redis` under a prefix of its own, with the store kept apart for key look-ups.
 async fn layer_on(redis: &RedisServer) -> (IdempotencyLayer, RedisStore) {

@@ -4,11 +4,11 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
-mod recording;
-mod support;
+use idempotency_test_support::harness;
+use idempotency_test_support::recording;
+use idempotency_test_support::redis as servers;
 
-use common::{Reply, TestServer, client, counting_app, send, serve};
+use harness::{Reply, TestServer, client, counting_app, send, serve};
 use http::StatusCode;
 use recording::RecordingStore;
 use tower_idempotency::IdempotencyLayer;
@@ -154,7 +154,7 @@ fn the_secret_never_shows_in_debug_output() {
 async fn in_redis_the_record_lives_under_the_hmac_storage_key() {
     use tower_idempotency::{LeaseToken, RedisStore};
 
-    let redis = support::RedisServer::start();
+    let redis = servers::RedisServer::start();
     let prefix = format!("k{:x}:", LeaseToken::random().0 as u64);
     let connect = || {
         RedisStore::builder(redis.url())

@@ -1,9 +1,6 @@
 //! The store conformance suite against [`MemoryStore`], its bounds under a spray of keys, and
 //! the exactness of its count of bytes.
 
-#[macro_use]
-mod conformance;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +16,11 @@ use tower_idempotency::{
 const LEASE_BYTES: usize = MemoryStore::LEASE_BYTES;
 const RECORD_OVERHEAD: usize = MemoryStore::RECORD_OVERHEAD;
 
-store_conformance!(async { MemoryStore::default() });
+/// The conformance suite, one test per rule of the store contract.
+#[cfg(feature = "conformance")]
+mod conformance {
+    tower_idempotency::store_conformance!(async { tower_idempotency::MemoryStore::default() });
+}
 
 const CAPACITY: usize = 1_000;
 const KEYS: usize = 10 * CAPACITY;

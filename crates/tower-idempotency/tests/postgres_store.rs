@@ -3,13 +3,11 @@
 //! database crash and restart (records survive it), a corrupt row, the sweep, a lost listener,
 //! and the errors a misconfiguration gets.
 
-#![cfg(feature = "postgres")]
+#![cfg(all(feature = "postgres", feature = "conformance"))]
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod conformance;
-mod events;
-mod pg_server;
+use idempotency_test_support::events;
+use idempotency_test_support::postgres as pg_server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,11 +21,12 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
+use tower_idempotency::conformance;
 use tower_idempotency::{
     BeginOutcome, Event, IdempotencyLayer, LeaseToken, PostgresStore, Store, StoreError,
 };
 
-use pg_server::PgServer;
+use idempotency_test_support::postgres::PgServer;
 
 /// A store on `url` with a table of its own, created.
 async fn store_on(url: &str) -> PostgresStore {
@@ -43,7 +42,9 @@ async fn store_on(url: &str) -> PostgresStore {
 
 /// The conformance suite against one server shared by these tests, a table per test.
 mod conformance_suite {
-    store_conformance!(async { crate::store_on(&crate::pg_server::shared_server().url()).await });
+    tower_idempotency::store_conformance!(async {
+        crate::store_on(&crate::pg_server::shared_server().url()).await
+    });
 }
 
 async fn send(app: &Router, key: &str) -> (StatusCode, HeaderMap, Bytes) {

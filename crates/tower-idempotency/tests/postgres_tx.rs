@@ -5,7 +5,7 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)]
 
-mod pg_server;
+use idempotency_test_support::postgres as pg_server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

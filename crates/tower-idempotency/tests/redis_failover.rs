@@ -14,7 +14,7 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use idempotency_test_support::redis as servers;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,7 +32,7 @@ use tower_idempotency::Fingerprint;
 use tower_idempotency::IdempotencyLayer;
 use tower_idempotency::{BeginOutcome, LeaseToken, RedisStore, StorageKey, Store, StoreError};
 
-use support::{RedisCluster, RedisServer};
+use servers::{RedisCluster, RedisServer};
 
 /// Well above the cluster's node timeout (2 s) plus the election plus a renewal period
 /// (lock TTL / 3), as the README asks: a lease renewed just before the crash outlives the

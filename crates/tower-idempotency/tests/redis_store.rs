@@ -3,19 +3,18 @@
 //! store must keep that can be checked in one process: the command budget, 500 waiters on one
 //! subscriber connection, fencing through the layer, a Redis outage and restart, and TLS.
 
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "conformance"))]
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod conformance;
-mod support;
+use idempotency_test_support::process::{TempDir, free_port, path_arg};
+use idempotency_test_support::recording::RecordingStore;
+use idempotency_test_support::redis as servers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
@@ -24,11 +23,11 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_idempotency::Fingerprint;
 use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::conformance;
 use tower_idempotency::{BeginOutcome, LeaseToken, RedisStore, StorageKey, Store, StoreError};
 
-use support::RedisServer;
+use servers::RedisServer;
 
 /// A store with a key prefix of its own, so tests sharing a server never see each other.
 async fn store_on(url: &str) -> RedisStore {
@@ -41,12 +40,16 @@ async fn store_on(url: &str) -> RedisStore {
 
 /// The conformance suite against one standalone redis-server shared by these tests.
 mod standalone {
-    store_conformance!(async { crate::store_on(&crate::support::shared_server().url()).await });
+    tower_idempotency::store_conformance!(async {
+        crate::store_on(&crate::servers::shared_server().url()).await
+    });
 }
 
 /// The conformance suite against one 3-master Redis Cluster shared by these tests.
 mod cluster {
-    store_conformance!(async { crate::store_on(&crate::support::shared_cluster().url()).await });
+    tower_idempotency::store_conformance!(async {
+        crate::store_on(&crate::servers::shared_cluster().url()).await
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -96,76 +99,6 @@ fn client_commands(
         }
     }
     (sent.values().sum(), sent, scripted)
-}
-
-/// A store wrapper that counts refused completions and waiters, and can block renewals (as a
-/// network partition between the lease owner and Redis would).
-struct Instrumented<S> {
-    inner: S,
-    block_renewals: bool,
-    refused_completions: AtomicUsize,
-    waiting: AtomicUsize,
-}
-
-impl<S> Instrumented<S> {
-    fn new(inner: S, block_renewals: bool) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            block_renewals,
-            refused_completions: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-        })
-    }
-}
-
-#[async_trait]
-impl<S: Store> Store for Instrumented<S> {
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.inner.begin(key, fingerprint, lease_ttl).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        record: Bytes,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let done = self.inner.complete(key, token, record, ttl).await?;
-        if !done {
-            self.refused_completions.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(done)
-    }
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        if self.block_renewals {
-            return Err(StoreError::Unavailable(
-                "renewals blocked by the test".into(),
-            ));
-        }
-        self.inner.renew(key, token, lease_ttl).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let out = self.inner.wait(key, timeout).await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        out
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
 }
 
 /// Counts the layer's `lease_lost` events through the `metrics` facade.
@@ -237,7 +170,7 @@ async fn a_new_request_costs_two_commands_and_a_replay_one() {
 /// The same budget on a Redis Cluster, counted over all its nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_request_costs_two_commands_on_a_cluster_too() {
-    let cluster = support::RedisCluster::start();
+    let cluster = servers::RedisCluster::start();
     command_budget(&cluster.url(), &cluster.nodes).await;
 }
 
@@ -287,7 +220,7 @@ async fn command_budget(url: &str, nodes: &[RedisServer]) {
 async fn five_hundred_waiters_add_at_most_two_connections() {
     const WAITERS: usize = 500;
     let server = RedisServer::start();
-    let store = Instrumented::new(store_on(&server.url()).await, false);
+    let store = Arc::new(RecordingStore::new(store_on(&server.url()).await));
     let gate = Arc::new(tokio::sync::Notify::new());
     let executions = Arc::new(AtomicUsize::new(0));
     let app = {
@@ -323,11 +256,11 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
             tokio::spawn(async move { send(&app, "crowd").await })
         })
         .collect();
-    while store.waiting.load(Ordering::SeqCst) < WAITERS {
+    while store.waiting() < WAITERS {
         assert!(
             Instant::now() < give_up,
             "only {} waiters are waiting",
-            store.waiting.load(Ordering::SeqCst)
+            store.waiting()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -372,7 +305,11 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
 async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
     lease_lost::install();
     let lost_before = lease_lost::COUNT.load(Ordering::SeqCst);
-    let store = Instrumented::new(store_on(&support::shared_server().url()).await, true);
+    let store = Arc::new(RecordingStore::new(
+        store_on(&servers::shared_server().url()).await,
+    ));
+    // As a network partition between the lease owner and Redis would.
+    store.fail_always("renew");
     let executions = Arc::new(AtomicUsize::new(0));
     let app = {
         let executions = executions.clone();
@@ -416,7 +353,7 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(first, "from the first owner");
     // ...but its completion was refused and counted.
-    assert_eq!(store.refused_completions.load(Ordering::SeqCst), 1);
+    assert_eq!(store.refused("complete"), 1);
     assert!(lease_lost::COUNT.load(Ordering::SeqCst) > lost_before);
 
     // The new owner's response is the one replayed.
@@ -570,7 +507,7 @@ async fn a_redis_outage_fails_closed_or_open_and_the_store_recovers() {
 /// gets the notices (on a Cluster, through sharded pub/sub on the key's shard).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keys_share_a_hash_tag_and_expire_by_redis() {
-    let server = support::shared_server();
+    let server = servers::shared_server();
     let store = store_on(&server.url()).await;
     let key = conformance::key();
     let record_key = store.record_key(&key);
@@ -623,8 +560,8 @@ async fn keys_share_a_hash_tag_and_expire_by_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_repeated_completion_that_landed_succeeds_and_changes_nothing() {
     for url in [
-        support::shared_server().url(),
-        support::shared_cluster().url(),
+        servers::shared_server().url(),
+        servers::shared_cluster().url(),
     ] {
         let store = store_on(&url).await;
         let key = conformance::key();
@@ -659,7 +596,7 @@ async fn a_repeated_completion_that_landed_succeeds_and_changes_nothing() {
 /// waiters spin until their timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_without_an_expiry_is_corrupt() {
-    let server = support::shared_server();
+    let server = servers::shared_server();
     let store = store_on(&server.url()).await;
     let mut conn = redis::Client::open(server.url())
         .unwrap()
@@ -783,13 +720,13 @@ async fn waiters_are_woken_by_notices(url: &str, nodes: &[RedisServer]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standalone_waiters_are_woken_by_notices() {
-    let server = support::shared_server();
+    let server = servers::shared_server();
     waiters_are_woken_by_notices(&server.url(), std::slice::from_ref(server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_waiters_are_woken_by_sharded_notices() {
-    let cluster = support::shared_cluster();
+    let cluster = servers::shared_cluster();
     waiters_are_woken_by_notices(&cluster.url(), &cluster.nodes).await;
 }
 
@@ -854,7 +791,7 @@ async fn standalone_subscriber_loss_is_survived() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_subscriber_loss_is_survived() {
-    let cluster = support::RedisCluster::start();
+    let cluster = servers::RedisCluster::start();
     subscriber_loss_is_survived(&cluster.url(), &cluster.nodes).await;
 }
 
@@ -903,7 +840,7 @@ async fn waiters_poll_while_subscriptions_fail() {
 /// The cluster store keeps each record and its channel on the node that owns the key's slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_records_live_on_the_slot_owner() {
-    let cluster = support::shared_cluster();
+    let cluster = servers::shared_cluster();
     let store = store_on(&cluster.url()).await;
     assert!(store.is_cluster());
     let mut owners = std::collections::HashSet::new();
@@ -939,12 +876,10 @@ async fn cluster_records_live_on_the_slot_owner() {
 /// `#insecure`) and the store works the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rediss_urls_connect_over_tls() {
-    let dir = std::env::temp_dir().join(format!(
-        "tower-idempotency-tls-{}-{:x}",
-        std::process::id(),
-        LeaseToken::random().0 as u64
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("tower-idempotency-tls");
+    let dir = dir.path();
+    // Without openssl the test cannot make its certificates: that fails the test, since a
+    // skipped TLS test proves nothing (scripts/test installs openssl).
     let made = std::process::Command::new("openssl")
         .args([
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -953,17 +888,16 @@ async fn rediss_urls_connect_over_tls() {
         .arg(dir.join("key.pem"))
         .arg("-out")
         .arg(dir.join("cert.pem"))
-        .output();
-    if !made.is_ok_and(|o| o.status.success()) {
-        eprintln!("openssl is not available; skipping the TLS test");
-        return;
-    }
-    let tls_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let cert = support::path_arg(&dir, "cert.pem");
-    let key = support::path_arg(&dir, "key.pem");
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl to make the test's certificates: {e}"));
+    assert!(
+        made.status.success(),
+        "openssl could not make the test's certificates: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let tls_port = free_port();
+    let cert = path_arg(dir, "cert.pem");
+    let key = path_arg(dir, "key.pem");
     let server = RedisServer::start_with(&[
         "--tls-port",
         &tls_port.to_string(),
@@ -989,5 +923,4 @@ async fn rediss_urls_connect_over_tls() {
         .count();
     assert!(tls_clients >= 1, "no client on the TLS port");
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,13 +6,11 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-mod common;
+use idempotency_test_support::harness;
+use idempotency_test_support::recording::RecordingStore;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
@@ -20,11 +18,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use common::{Counter, Gate, assert_problem, assert_retry_after, client, gated_app, send, serve};
+use harness::{Counter, Gate, assert_problem, assert_retry_after, client, gated_app, send, serve};
 use http::StatusCode;
-use tower_idempotency::Fingerprint;
-use tower_idempotency::{BeginOutcome, LeaseToken, StorageKey};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, OutcomeUnknown, Store, StoreError};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, OutcomeUnknown};
 
 const KEY: &str = "Idempotency-Key";
 
@@ -174,81 +170,19 @@ async fn a_response_body_that_fails_after_its_status_is_never_run_again() {
     assert_eq!(count.get(), 1, "the handler ran; it is not run again");
 }
 
-/// A memory store whose next `complete` and `release` calls fail as if the store were away (a
-/// failover, a dropped connection), as many times as asked.
-#[derive(Clone, Default)]
-struct Blips {
-    inner: MemoryStore,
-    failures_left: Arc<AtomicUsize>,
-    writes: Arc<AtomicUsize>,
-}
-
-impl Blips {
-    fn fail_next(&self, n: usize) {
-        self.failures_left.store(n, Ordering::SeqCst);
-    }
-
-    fn blip(&self) -> Result<(), StoreError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        let left = self.failures_left.load(Ordering::SeqCst);
-        if left == 0 {
-            return Ok(());
-        }
-        self.failures_left.store(left - 1, Ordering::SeqCst);
-        Err(StoreError::Unavailable("the shard has no master".into()))
-    }
-}
-
-#[async_trait]
-impl Store for Blips {
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.inner.begin(key, fingerprint, lease_ttl).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        record: Bytes,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.blip()?;
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        self.blip()?;
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.renew(key, token, lease_ttl).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.inner.wait(key, timeout).await
-    }
-}
-
 #[tokio::test]
 async fn a_completion_that_fails_for_want_of_the_store_is_retried_until_it_lands() {
-    let store = Blips::default();
+    let store = RecordingStore::default();
     // A short lease: were the completion given up, the retry would run once it expired.
     let layer = IdempotencyLayer::new(store.clone())
         .with_lock_ttl(Duration::from_millis(600))
         .with_wait_timeout(Duration::from_secs(10));
-    let (app, count) = common::counting_app(layer);
+    let (app, count) = harness::counting_app(layer);
     let srv = serve(app).await;
     let c = client();
     let post = || c.post(srv.url("/orders")).header(KEY, "\"blip\"").body("x");
 
-    store.fail_next(3);
+    store.fail_next(3, &["complete", "release"]);
     let first = send(post()).await;
     assert_eq!(
         first.status,
@@ -262,14 +196,14 @@ async fn a_completion_that_fails_for_want_of_the_store_is_retried_until_it_lands
     assert!(send(post()).await.replayed());
     assert_eq!(count.get(), 1);
     assert!(
-        store.writes.load(Ordering::SeqCst) >= 4,
+        store.count("complete") + store.count("release") >= 4,
         "three failures, then the write"
     );
 }
 
 #[tokio::test]
 async fn a_release_that_fails_for_want_of_the_store_is_retried() {
-    let store = Blips::default();
+    let store = RecordingStore::default();
     let count = Counter::default();
     let c = count.clone();
     // A long lease and a short wait: a release given up would leave the key held, and the retry
@@ -295,7 +229,7 @@ async fn a_release_that_fails_for_want_of_the_store_is_retried() {
     let c = client();
     let post = || c.post(srv.url("/flaky")).header(KEY, "\"flaky\"");
 
-    store.fail_next(2);
+    store.fail_next(2, &["complete", "release"]);
     assert_eq!(send(post()).await.status, StatusCode::SERVICE_UNAVAILABLE);
     let retry = send(post()).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.text());

@@ -1,4 +1,5 @@
-//! Test helpers: a real upstream server that counts its executions, and the real proxy binary.
+//! The proxy's own test helpers: a real upstream server that counts its executions, and the
+//! real proxy binary. What the library's tests share too comes from `idempotency-test-support`.
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
@@ -20,15 +21,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
-/// Raw HTTP/1.1 over TCP, shared with the library's tests.
-#[path = "../../../tower-idempotency/tests/raw_http/mod.rs"]
-pub mod raw_http;
-#[allow(unused_imports)] // each test binary uses a part of it
-pub use raw_http::{RawAnswer, parse_answer, raw_request, read_answer};
-
-/// Real `redis-server` processes on free ports, shared with the library's tests.
-#[path = "../../../tower-idempotency/tests/support/mod.rs"]
-pub mod redis;
+#[allow(unused_imports)] // each test binary uses a part of them
+pub use idempotency_test_support::events::{event_count, gauge};
+use idempotency_test_support::harness::get_text;
+pub use idempotency_test_support::process::free_addr;
+use idempotency_test_support::process::without_proxy_env;
+#[allow(unused_imports)]
+pub use idempotency_test_support::raw_http::{RawAnswer, parse_answer, raw_request, read_answer};
+pub use idempotency_test_support::redis;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idempotency-proxy");
 
@@ -322,12 +322,6 @@ fn request_complete(buf: &[u8]) -> bool {
     buf.len() >= end + 4 + length
 }
 
-/// A free port on 127.0.0.1.
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 static NEXT_LOG: AtomicU64 = AtomicU64::new(0);
 
 fn log_path() -> PathBuf {
@@ -379,11 +373,7 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("IDEMPOTENCY_PROXY_") {
-                cmd.env_remove(k);
-            }
-        }
+        without_proxy_env(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -430,6 +420,11 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What `GET /metrics` on the admin listener answers now.
+    pub async fn metrics(&self) -> String {
+        get_text(&client(), &self.admin_url("/metrics")).await
     }
 
     /// What the proxy logged so far.
@@ -496,11 +491,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("IDEMPOTENCY_PROXY_") {
-            cmd.env_remove(k);
-        }
-    }
+    without_proxy_env(&mut cmd);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -516,24 +507,6 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
     (out.status.code(), text)
-}
-
-/// The value of `idempotency_events_total{event="..."}` in a Prometheus text exposition.
-pub fn event_count(metrics: &str, event: &str) -> Option<u64> {
-    let prefix = format!("idempotency_events_total{{event=\"{event}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The value of the gauge `name` (without labels) in a Prometheus text exposition.
-pub fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    let prefix = format!("{name} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Waits until the proxy closes `stream`, reading (and dropping) whatever it sends first.

@@ -92,8 +92,8 @@ impl std::error::Error for StoreError {
 /// for the lease's owner, and [`wait`](Store::wait) returns when the record may have changed.
 ///
 /// Every verb is meant to be one atomic step: one round trip for a networked store. A backend
-/// proves itself by passing the conformance suite in the library's repository
-/// (`crates/tower-idempotency/tests/conformance`).
+/// proves itself by passing the conformance suite, `tower_idempotency::conformance` (feature
+/// `conformance`), from its own tests.
 ///
 /// Expiry is by the store's own clock: a lease lives `lease_ttl` from its last grant or renewal,
 /// a completed record `ttl` from its completion. A lease that has expired belongs to nobody: its

@@ -1,10 +1,8 @@
-//! The test harness of the contract suite: a real axum server on 127.0.0.1:0, a real HTTP client,
+//! The HTTP harness: a real axum server on 127.0.0.1:0, a real HTTP client,
 //! handlers that count their executions, and a few helpers to read and judge responses.
 
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
-
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,13 +14,11 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-#[path = "../raw_http/mod.rs"]
-pub mod raw_http;
-#[allow(unused_imports)] // each test binary uses a part of it
-pub use raw_http::{RawAnswer, parse_answer, raw_request};
+use crate::raw_http::{RawAnswer, raw_request};
 
 /// A server bound to 127.0.0.1:0, stopped when dropped.
 pub struct TestServer {
+    /// Where it listens.
     pub addr: SocketAddr,
     task: JoinHandle<()>,
 }
@@ -106,10 +102,12 @@ impl Default for Gate {
 }
 
 impl Gate {
+    /// Opens the gate for every handler waiting at it, and every one to come.
     pub fn open(&self) {
         self.0.send_replace(true);
     }
 
+    /// Waits until the gate is open.
     pub async fn pass(&self) {
         let mut rx = self.0.subscribe();
         let _ = rx.wait_for(|open| *open).await;
@@ -119,8 +117,11 @@ impl Gate {
 /// What a client saw: status, headers and body bytes.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The status.
     pub status: StatusCode,
+    /// The headers.
     pub headers: HeaderMap,
+    /// The whole body.
     pub body: Bytes,
 }
 
@@ -136,10 +137,12 @@ impl Reply {
         }
     }
 
+    /// The body as text (lossy).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// A header's value as text, if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(|v| v.to_str().unwrap())
     }
@@ -156,6 +159,12 @@ pub async fn send(req: reqwest::RequestBuilder) -> Reply {
         headers,
         body,
     }
+}
+
+/// GETs `url` and returns the body as text, whatever the status.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    let res = client.get(url).send().await.expect("GET failed");
+    res.text().await.expect("response body failed")
 }
 
 /// Asserts that `reply` is an RFC 9457 problem with this status whose `type` ends in `slug`, and
@@ -296,4 +305,86 @@ pub async fn slow_request(
     let mut req = format!("{head}\r\n\r\n").into_bytes();
     req.extend_from_slice(first);
     raw_request(addr, &req, trickle).await
+}
+
+/// One request that reached a router, as it arrived.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// Its method.
+    pub method: Method,
+    /// Its path.
+    pub path: String,
+    /// Its `Idempotency-Key` header, if any.
+    pub idempotency_key: Option<String>,
+    /// Whether its answer has left, or its future was dropped (the client went away).
+    pub finished: bool,
+}
+
+/// Notes every request that reaches a router, before any of the router's layers sees it, and
+/// when it is finished: what a browser really sent, and when all of it has been answered.
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<Mutex<Vec<Arrival>>>);
+
+impl Arrivals {
+    /// `router` with the notes taken outside every layer it already has.
+    pub fn wrap(&self, router: Router) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(self.clone(), note))
+    }
+
+    /// The POSTs to `path` so far.
+    pub fn posts_to(&self, path: &str) -> Vec<Arrival> {
+        let all = self.0.lock().unwrap();
+        all.iter()
+            .filter(|a| a.method == Method::POST && a.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (up to 20 s) until at least `n` POSTs to `path` have arrived and every request
+    /// that arrived is finished; returns those POSTs.
+    pub async fn settled(&self, path: &str, n: usize) -> Vec<Arrival> {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let posts = self.posts_to(path);
+            let busy = self.0.lock().unwrap().iter().any(|a| !a.finished);
+            if posts.len() >= n && !busy {
+                return posts;
+            }
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "{} POSTs to {path} arrived ({n} expected); unfinished: {busy}",
+                posts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn note(
+    axum::extract::State(arrivals): axum::extract::State<Arrivals>,
+    req: Request,
+    next: Next,
+) -> Response {
+    struct Finished(Arrivals, usize);
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            self.0.0.lock().unwrap()[self.1].finished = true;
+        }
+    }
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let index = {
+        let mut all = arrivals.0.lock().unwrap();
+        all.push(Arrival {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            idempotency_key: key,
+            finished: false,
+        });
+        all.len() - 1
+    };
+    let _finished = Finished(arrivals, index);
+    next.run(req).await
 }

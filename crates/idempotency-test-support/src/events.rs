@@ -1,10 +1,9 @@
-//! Counts the layer's `idempotency_events_total` by event, through the `metrics` facade.
+//! Counts the layer's `idempotency_events_total` by event, through the `metrics` facade; and
+//! reads the counters and gauges of a Prometheus text exposition, as the proxy serves it.
 //!
 //! Install it for the current thread with `metrics::set_default_local_recorder(&events)` and run
 //! the test on a current-thread runtime: the server, the layer and the client then all count
 //! here, and tests running at the same time on other threads do not.
-
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -63,4 +62,25 @@ impl Recorder for Events {
     fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::noop()
     }
+}
+
+/// The value of `idempotency_events_total{event="..."}` in a Prometheus text exposition, or
+/// `None` when the exposition has no such line.
+pub fn event_count(metrics: &str, event: &str) -> Option<u64> {
+    let prefix = format!("{EVENTS_TOTAL}{{event=\"{event}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        // An exporter may print a counter as a float (`3` or `3.0`).
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// The value of the gauge `name` (without labels) in a Prometheus text exposition.
+pub fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -2,29 +2,31 @@
 //! (never the machine's 5432), in a private temporary directory, run as the `postgres` user
 //! when the tests run as root (the server refuses to run as root).
 //!
-//! Every server runs under a small shell watchdog that kills it when the test process exits,
-//! so a server shared by a whole test binary (held in a static, never dropped) does not outlive
+//! Every server runs under [`Supervised`]'s watchdog, in a process group of its own, so a
+//! server shared by a whole test binary (held in a static, never dropped) does not outlive
 //! it. A server owned by a test is killed when dropped. [`PgServer::kill`] is a crash
 //! (SIGKILL to the server and every backend); [`PgServer::restart`] brings it back on the same
 //! port with the same data.
 
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
-
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::process::{Supervised, TempDir, free_port};
+
+/// How long a server may take to accept connections after it was started.
 const STARTUP: Duration = Duration::from_secs(30);
 
 /// A PostgreSQL server on a free port, with trust authentication for user `postgres`.
+#[derive(Debug)]
 pub struct PgServer {
+    /// Its port on 127.0.0.1.
     pub port: u16,
-    dir: PathBuf,
-    pid: Option<u32>,
-    watchdog: Option<Child>,
+    dir: TempDir,
+    proc: Option<Supervised>,
 }
 
 /// The directory holding `initdb` and `postgres`: the PATH's, or Debian's newest
@@ -77,38 +79,29 @@ fn as_server_user(program: &Path) -> Command {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl PgServer {
     /// A fresh cluster, started.
     pub fn start() -> Self {
         let bin = bin_dir();
         for _attempt in 0..5 {
             let port = free_port();
-            let dir = std::env::temp_dir().join(format!(
-                "tower-idempotency-pg-{}-{port}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = TempDir::new(&format!("tower-idempotency-pg-{port}"));
             if running_as_root() {
                 let ok = Command::new("chown")
                     .args(["postgres:postgres"])
-                    .arg(&dir)
+                    .arg(dir.path())
                     .status()
                     .unwrap()
                     .success();
-                assert!(ok, "chown of {} to the postgres user failed", dir.display());
+                assert!(
+                    ok,
+                    "chown of {} to the postgres user failed",
+                    dir.path().display()
+                );
             }
             let init = as_server_user(&bin.join("initdb"))
                 .arg("-D")
-                .arg(dir.join("data"))
+                .arg(dir.path().join("data"))
                 .args([
                     "-U",
                     "postgres",
@@ -130,8 +123,7 @@ impl PgServer {
             let mut server = PgServer {
                 port,
                 dir,
-                pid: None,
-                watchdog: None,
+                proc: None,
             };
             if server.launch() {
                 return server;
@@ -143,15 +135,22 @@ impl PgServer {
     /// Starts the server process on this server's port; true once it accepts connections.
     fn launch(&mut self) -> bool {
         let bin = bin_dir();
-        let data = self.dir.join("data");
-        let log = self.dir.join("postgres.log");
-        let mut server = as_server_user(&bin.join("postgres"));
-        server
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &self.port.to_string(), "-k"])
-            .arg(&self.dir)
-            .args([
+        let dir = self.dir.path();
+        let data = dir.join("data");
+        let log = dir.join("postgres.log");
+        let server = as_server_user(&bin.join("postgres"));
+        let mut args: Vec<String> = server
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        args.extend(
+            [
+                "-D",
+                &data.to_string_lossy(),
+                "-p",
+                &self.port.to_string(),
+                "-k",
+                &dir.to_string_lossy(),
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
@@ -163,41 +162,15 @@ impl PgServer {
                 "fsync=off",
                 "-c",
                 "shared_preload_libraries=pg_stat_statements",
-            ]);
-        let command: Vec<String> = std::iter::once(server.get_program())
-            .chain(server.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        // The watchdog: runs the server in a process group of its own (so a kill reaches every
-        // backend), and kills that group once the test process is gone.
-        let script = r#"
-            parent=$1; dir=$2; log=$3; shift 3
-            setsid "$@" >>"$log" 2>&1 &
-            child=$!
-            echo "$child"
-            while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.2; done
-            kill -9 -- "-$child" 2>/dev/null
-            if ! kill -0 "$parent" 2>/dev/null; then sleep 0.5; rm -rf "$dir"; fi
-        "#;
-        let mut watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("pg-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(&self.dir)
-            .arg(&log)
-            .args(&command)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sh for postgres");
-        let mut line = String::new();
-        if let Some(out) = watchdog.stdout.take() {
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+            ]
+            .map(str::to_owned),
+        );
+        let program = PathBuf::from(server.get_program());
+        // In a process group of its own, so that a kill reaches every backend.
+        match Supervised::spawn_group(&program, &args, &log, Some(dir)) {
+            Ok(proc) => self.proc = Some(proc),
+            Err(_) => return false,
         }
-        self.pid = line.trim().parse().ok();
-        self.watchdog = Some(watchdog);
         let give_up = Instant::now() + STARTUP;
         while Instant::now() < give_up {
             if self.try_psql("SELECT pg_backend_pid()").is_some()
@@ -207,9 +180,7 @@ impl PgServer {
             {
                 return true;
             }
-            if let Some(w) = self.watchdog.as_mut()
-                && matches!(w.try_wait(), Ok(Some(_)))
-            {
+            if !self.proc.as_ref().is_some_and(Supervised::alive) {
                 return false;
             }
             sleep(Duration::from_millis(50));
@@ -245,13 +216,8 @@ impl PgServer {
 
     /// Crashes the server: SIGKILL to it and every backend. The data stays for a restart.
     pub fn kill(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            let _ = Command::new("kill")
-                .args(["-9", "--", &format!("-{pid}")])
-                .status();
-        }
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.wait();
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
         }
         let give_up = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < give_up {
@@ -271,7 +237,7 @@ impl PgServer {
         }
         panic!(
             "postgres did not come back: {}",
-            std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+            std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
         );
     }
 }
@@ -279,7 +245,6 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

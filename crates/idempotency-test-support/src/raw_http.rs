@@ -2,8 +2,6 @@
 //! cut short, request targets a client would normalise. Shared by the library's and the
 //! proxy's tests.
 
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,12 +10,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A raw HTTP/1.1 answer: its status, headers (names lowercased) and body.
 #[derive(Debug)]
 pub struct RawAnswer {
+    /// The status code.
     pub status: u16,
+    /// The headers, names lowercased, in order.
     pub headers: Vec<(String, String)>,
+    /// The body (`Content-Length` bytes).
     pub body: Vec<u8>,
 }
 
 impl RawAnswer {
+    /// The first value of a header (lowercase name).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

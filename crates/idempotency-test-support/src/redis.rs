@@ -1,30 +1,159 @@
-//! Real Redis processes for the tests: a standalone `redis-server` or a Redis Cluster (masters
-//! with or without replicas, which tests can fail over, kill and restart), each on free ports of
-//! 127.0.0.1 (never the machine's 6379), in a private temporary directory, without persistence.
+//! Real Redis processes: a standalone `redis-server` or a Redis Cluster (masters with or without
+//! replicas, which tests can fail over, kill and restart), each on free ports of 127.0.0.1
+//! (never the machine's 6379), in a private temporary directory, without persistence unless
+//! asked for.
 //!
-//! Every server is started under a small shell watchdog that kills it when the test process
-//! exits, so servers shared by a whole test binary (held in statics, which are never dropped)
-//! do not outlive it. Servers owned by a test are killed when dropped.
-
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+//! Every server runs under [`Supervised`]'s watchdog, so servers shared by a whole test binary
+//! (held in statics, which are never dropped) do not outlive it. Servers owned by a test are
+//! killed when dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-/// How long a server may take to answer after it was started.
-const STARTUP: Duration = Duration::from_secs(10);
+use crate::process::{Supervised, TempDir};
+
+/// How long a server may take to answer after it was started (a loaded machine, an AOF file
+/// to load).
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// What Redis keeps across a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// `--save "" --appendonly no`: a restart forgets everything.
+    None,
+    /// `--appendonly yes --appendfsync always`: every acknowledged write survives a SIGKILL.
+    Aof,
+}
+
+impl Persistence {
+    /// A short name, for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Persistence::None => "no persistence",
+            Persistence::Aof => "AOF, fsync always",
+        }
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Persistence::None => &["--appendonly", "no"],
+            Persistence::Aof => &["--appendonly", "yes", "--appendfsync", "always"],
+        }
+    }
+}
+
+/// How to start a [`RedisServer`]: which program, with what persistence and extra arguments,
+/// in which directory.
+#[derive(Debug, Clone)]
+pub struct RedisBuilder {
+    program: PathBuf,
+    extra: Vec<String>,
+    persistence: Persistence,
+    dir: Option<PathBuf>,
+}
+
+impl Default for RedisBuilder {
+    fn default() -> Self {
+        Self {
+            program: PathBuf::from("redis-server"),
+            extra: Vec::new(),
+            persistence: Persistence::None,
+            dir: None,
+        }
+    }
+}
+
+impl RedisBuilder {
+    /// The `redis-server` binary to run (default: the one on the `PATH`).
+    pub fn program(mut self, program: &Path) -> Self {
+        self.program = program.to_owned();
+        self
+    }
+
+    /// Extra `redis-server` arguments. `{dir}` and `{port}` in an argument are replaced by the
+    /// server's directory and port.
+    pub fn args(mut self, extra: &[&str]) -> Self {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// What the server keeps across a restart (default: nothing).
+    pub fn persistence(mut self, persistence: Persistence) -> Self {
+        self.persistence = persistence;
+        self
+    }
+
+    /// Keeps the server's data and log in `redis-<port>` under `parent`, left in place after
+    /// the server is gone (default: a temporary directory, removed with the server).
+    pub fn dir(mut self, parent: &Path) -> Self {
+        self.dir = Some(parent.to_owned());
+        self
+    }
+
+    /// Starts the server on a free port; returns once it answers.
+    pub fn start(self) -> Result<RedisServer, String> {
+        let mut last = String::new();
+        for _attempt in 0..5 {
+            let port = free_port(self.extra.iter().any(|a| a.contains("cluster-enabled")));
+            let dir = match &self.dir {
+                Some(parent) => {
+                    let dir = parent.join(format!("redis-{port}"));
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+                    Dir::Kept(dir)
+                }
+                None => Dir::Temp(TempDir::new(&format!("redis-{port}"))),
+            };
+            let mut server = RedisServer {
+                port,
+                dir,
+                program: self.program.clone(),
+                extra: self.extra.clone(),
+                persistence: self.persistence,
+                proc: None,
+            };
+            match server.launch() {
+                Ok(()) => return Ok(server),
+                // Someone took the port between our check and the server's bind: try another.
+                Err(e) => last = e,
+            }
+        }
+        Err(format!("redis-server did not start: {last}"))
+    }
+}
+
+/// Where a server keeps its data.
+#[derive(Debug)]
+enum Dir {
+    /// Removed with the server.
+    Temp(TempDir),
+    /// The caller's, left in place.
+    Kept(PathBuf),
+}
+
+impl Dir {
+    fn path(&self) -> &Path {
+        match self {
+            Dir::Temp(t) => t.path(),
+            Dir::Kept(p) => p,
+        }
+    }
+}
 
 /// A `redis-server` process on a free port.
+#[derive(Debug)]
 pub struct RedisServer {
+    /// Its port on 127.0.0.1.
     pub port: u16,
-    dir: PathBuf,
+    dir: Dir,
+    program: PathBuf,
     extra: Vec<String>,
-    pid: Option<u32>,
-    watchdog: Option<Child>,
+    persistence: Persistence,
+    proc: Option<Supervised>,
 }
 
 impl RedisServer {
@@ -36,79 +165,52 @@ impl RedisServer {
     /// A server with extra `redis-server` arguments. `{dir}` and `{port}` in an argument are
     /// replaced by the server's directory and port.
     pub fn start_with(extra: &[&str]) -> Self {
-        for _attempt in 0..5 {
-            let port = free_port(extra.iter().any(|a| a.contains("cluster-enabled")));
-            let dir = temp_dir(&format!("redis-{port}"));
-            let mut server = RedisServer {
-                port,
-                dir,
-                extra: extra.iter().map(|s| s.to_string()).collect(),
-                pid: None,
-                watchdog: None,
-            };
-            if server.launch() {
-                return server;
-            }
-            // Someone took the port between our check and the server's bind: try another.
-        }
-        panic!("could not start redis-server on a free port (is redis-server installed?)");
+        Self::builder().args(extra).start().unwrap_or_else(|e| {
+            panic!("could not start redis-server on a free port (is redis-server installed?): {e}")
+        })
     }
 
-    /// Starts (or restarts) the process on this server's port; true once it answers PING.
-    fn launch(&mut self) -> bool {
+    /// A server started the way the builder says.
+    pub fn builder() -> RedisBuilder {
+        RedisBuilder::default()
+    }
+
+    /// Starts (or restarts) the process on this server's port; returns once it answers PING.
+    fn launch(&mut self) -> Result<(), String> {
         let port = self.port.to_string();
-        let dir = self.dir.to_string_lossy().into_owned();
-        let mut args: Vec<String> = vec![
-            "--port".into(),
-            port.clone(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            dir.clone(),
-            "--logfile".into(),
-            format!("{dir}/redis.log"),
-            "--protected-mode".into(),
-            "no".into(),
-        ];
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let mut args: Vec<String> = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            &dir,
+            // To standard output, which the watchdog appends to the log.
+            "--logfile",
+            "",
+            "--protected-mode",
+            "no",
+        ]
+        .iter()
+        .chain(self.persistence.args())
+        .map(|s| s.to_string())
+        .collect();
         args.extend(
             self.extra
                 .iter()
                 .map(|a| a.replace("{dir}", &dir).replace("{port}", &port)),
         );
-        // The watchdog: runs the server, and kills it as soon as the test process is gone
-        // (then removes its directory, which a server held in a static never gets to do).
-        let script = r#"
-            parent=$1; dir=$2; shift 2
-            redis-server "$@" >/dev/null 2>&1 &
-            child=$!
-            echo "$child"
-            while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.2; done
-            kill -9 "$child" 2>/dev/null
-            if ! kill -0 "$parent" 2>/dev/null; then wait "$child"; rm -rf "$dir"; fi
-        "#;
-        let mut watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("redis-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(&dir)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sh for redis-server");
-        let mut line = String::new();
-        if let Some(out) = watchdog.stdout.take() {
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
-        }
-        let pid: Option<u32> = line.trim().parse().ok();
-        self.watchdog = Some(watchdog);
-        self.pid = pid;
+        let log = self.dir.path().join("redis.log");
+        let owned = match &self.dir {
+            Dir::Temp(t) => Some(t.path()),
+            Dir::Kept(_) => None,
+        };
+        let proc = Supervised::spawn_owning(&self.program, &args, &[], &log, owned)?;
+        let pid = proc.pid();
+        self.proc = Some(proc);
         let give_up = Instant::now() + STARTUP;
         while Instant::now() < give_up {
             if self
@@ -116,28 +218,40 @@ impl RedisServer {
                 .is_some_and(|out| out.trim() == "PONG")
             {
                 // Make sure it is our server, not someone else's on a reused port.
-                let info = self.cli(&["INFO", "server"]);
-                let answering: Option<u32> = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("process_id:"))
-                    .and_then(|p| p.trim().parse().ok());
-                if answering.is_some() && answering == pid {
-                    return true;
+                let answering: Option<u32> = self.try_cli(&["INFO", "server"]).and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("process_id:"))
+                        .and_then(|p| p.trim().parse().ok())
+                });
+                if answering == Some(pid) {
+                    return Ok(());
                 }
             }
-            if let Some(w) = self.watchdog.as_mut()
-                && matches!(w.try_wait(), Ok(Some(_)))
-            {
-                return false;
+            if !self.proc.as_ref().is_some_and(Supervised::alive) {
+                break;
             }
             sleep(Duration::from_millis(20));
         }
-        false
+        self.proc = None;
+        Err(format!(
+            "redis-server on port {port} did not answer (log {})",
+            log.display()
+        ))
     }
 
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's directory (its data and `redis.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The persistence it runs with now.
+    pub fn persistence(&self) -> Persistence {
+        self.persistence
     }
 
     /// Runs `redis-cli` against this server; its standard output.
@@ -146,7 +260,9 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("redis-cli {args:?} failed on port {}", self.port))
     }
 
-    fn try_cli(&self, args: &[&str]) -> Option<String> {
+    /// Runs `redis-cli` against this server; its standard output, or `None` when the server
+    /// does not answer.
+    pub fn try_cli(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
@@ -157,16 +273,12 @@ impl RedisServer {
         (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
     }
 
-    /// Kills the server at once (SIGKILL), as a crash would.
+    /// Kills the server at once (SIGKILL), as a crash would, and waits until its port no
+    /// longer answers.
     pub fn kill(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
         }
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        // Wait until the port is free again.
         let give_up = Instant::now() + STARTUP;
         while Instant::now() < give_up && self.try_cli(&["PING"]).is_some() {
             sleep(Duration::from_millis(20));
@@ -175,15 +287,30 @@ impl RedisServer {
 
     /// Starts the server again on the same port (empty: there is no persistence).
     pub fn restart(&mut self) {
-        self.kill();
-        let give_up = Instant::now() + STARTUP;
-        while Instant::now() < give_up {
-            if self.launch() {
-                return;
-            }
-            sleep(Duration::from_millis(100));
+        let persistence = self.persistence;
+        if let Err(e) = self.restart_with(persistence) {
+            panic!("could not restart redis-server on port {}: {e}", self.port);
         }
-        panic!("could not restart redis-server on port {}", self.port);
+    }
+
+    /// Kills the server and starts it again on the same port with `persistence`; with AOF
+    /// both times it reloads what it had.
+    pub fn restart_with(&mut self, persistence: Persistence) -> Result<(), String> {
+        self.kill();
+        self.persistence = persistence;
+        let give_up = Instant::now() + STARTUP;
+        loop {
+            match self.launch() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= give_up => return Err(e),
+                Err(_) => sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// `DBSIZE`, or `None` when the server does not answer.
+    pub fn dbsize(&self) -> Option<u64> {
+        self.try_cli(&["DBSIZE"])?.trim().parse().ok()
     }
 
     /// The number of clients connected now (`CLIENT LIST`, counting the asking `redis-cli`).
@@ -210,12 +337,13 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// A Redis Cluster: masters, each with its replicas, every node on free ports.
+#[derive(Debug)]
 pub struct RedisCluster {
+    /// Its nodes, masters and replicas, in the order they were started.
     pub nodes: Vec<RedisServer>,
 }
 
@@ -415,11 +543,7 @@ pub fn shared_cluster() -> &'static RedisCluster {
 /// A port free on 127.0.0.1 (and, for cluster nodes, its bus port + 10000 too).
 fn free_port(cluster: bool) -> u16 {
     loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local addr").port();
-        if port == 6379 {
-            continue;
-        }
+        let port = crate::process::free_port();
         if !cluster {
             return port;
         }
@@ -429,23 +553,4 @@ fn free_port(cluster: bool) -> u16 {
             return port;
         }
     }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tower-idempotency-{}-{name}-{:x}",
-        std::process::id(),
-        rand_u64()
-    ));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
-}
-
-fn rand_u64() -> u64 {
-    tower_idempotency::LeaseToken::random().0 as u64
-}
-
-/// The path of a directory's file, as a string argument.
-pub fn path_arg(dir: &Path, file: &str) -> String {
-    dir.join(file).to_string_lossy().into_owned()
 }
