@@ -135,7 +135,13 @@ pub(crate) async fn run(
     for db in ["crash_tx", "crash_redis"] {
         pg.psql(&format!("CREATE DATABASE {db}"));
     }
-    let db_url = |db: &str| pg.url().replace("/postgres", &format!("/{db}"));
+    let db_url = |db: &str| {
+        let url = pg.url();
+        let server = url
+            .rsplit_once('/')
+            .map_or(url.as_str(), |(server, _)| server);
+        format!("{server}/{db}")
+    };
     let modes: [(&'static str, Vec<String>); 2] = [
         (
             "PostgreSQL, transactional",
@@ -216,14 +222,16 @@ async fn one_mode(
         c.await.map_err(|e| format!("a client failed: {e}"))?;
     }
     let firsts = std::mem::take(&mut *firsts.lock().unwrap_or_else(|p| p.into_inner()));
-    let orders: Vec<serde_json::Value> = client
+    let orders = client
         .get(&base)
         .send()
         .await
         .map_err(|e| format!("GET /api/orders: {e}"))?
-        .json()
+        .text()
         .await
         .map_err(|e| format!("GET /api/orders: {e}"))?;
+    let orders: Vec<serde_json::Value> =
+        serde_json::from_str(&orders).map_err(|e| format!("GET /api/orders: {e}: {orders}"))?;
     let mut changed = 0;
     let mut unanswered = 0;
     for (key, first) in &firsts {
@@ -253,7 +261,8 @@ async fn post(
     let res = client
         .post(base)
         .header("Idempotency-Key", key)
-        .json(&serde_json::json!({ "product": "Mug", "quantity": 1 }))
+        .header("Content-Type", "application/json")
+        .body(r#"{"product":"Mug","quantity":1}"#)
         .send()
         .await
         .ok()?;
