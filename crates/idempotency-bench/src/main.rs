@@ -97,6 +97,8 @@ enum Cmd {
     },
     /// Measure the replica-acks group alone (a Redis primary with one replica) and print it.
     ReplicaAcks,
+    /// Measure the PostgreSQL groups alone (a server of their own) and print them.
+    Postgres,
 }
 
 /// One row of the table.
@@ -337,6 +339,106 @@ async fn layer_vs_bare(
         rows.push(row(name, target(layered.addr, shape), Some(0)));
     }
     compare(report, group, rows, args).await;
+}
+
+/// The PostgreSQL store against the bare handler, and transactional mode against a handler
+/// that makes the same insert in a transaction of its own; then the statements each request
+/// sends, counted by `pg_stat_statements`.
+async fn postgres(report: &mut Report, args: &Args) {
+    use idempotency_test_support::postgres::PgServer;
+    let pg = match tokio::task::spawn_blocking(|| {
+        std::panic::catch_unwind(PgServer::start).map_err(|_| "cannot start PostgreSQL")
+    })
+    .await
+    {
+        Ok(Ok(pg)) => pg,
+        _ => {
+            report.notes.push(
+                "PostgreSQL rows not measured: cannot start a server (is postgresql installed?)"
+                    .into(),
+            );
+            return;
+        }
+    };
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+    let url = pg.url();
+    let shapes = [
+        (Shape::Fresh, "layer, fresh keys"),
+        (Shape::Replay, "layer, replays"),
+    ];
+    layer_vs_bare(report, args, "8. layer + PostgresStore", &url, &shapes).await;
+
+    let bare = serve(&format!("pg-insert:{url}")).await;
+    let tx = serve(&format!("pg-tx:{url}")).await;
+    warm_replays(tx.addr, KeyHeader::Draft).await;
+    let rows = vec![
+        row(
+            "handler inserts in its own transaction (baseline)",
+            target(bare.addr, Shape::Keyless),
+            None,
+        ),
+        row(
+            "IdempotentTx, fresh keys (the insert and the record in one transaction)",
+            target(tx.addr, Shape::Fresh),
+            Some(0),
+        ),
+        row(
+            "IdempotentTx, replays",
+            target(tx.addr, Shape::Replay),
+            Some(0),
+        ),
+    ];
+    compare(report, "9. transactional mode", rows, args).await;
+
+    // Statements per request, from the server's own count: n fresh keys, then n replays.
+    let store = serve(&url).await;
+    let n = 200;
+    for (shape, what) in [(Shape::Fresh, "a new key"), (Shape::Replay, "a replay")] {
+        if matches!(shape, Shape::Replay) {
+            warm_replays(store.addr, KeyHeader::Draft).await;
+        }
+        pg.psql("SELECT pg_stat_statements_reset()");
+        send_n(store.addr, shape, n).await;
+        let calls = pg.psql(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
+             WHERE query LIKE '%idempotency_records%' AND query NOT LIKE '%pg_stat_statements%'",
+        );
+        let calls: f64 = calls.trim().parse().unwrap_or(f64::NAN);
+        report.notes.push(format!(
+            "8. PostgresStore: {:.2} statements (round trips) per request for {what}, {n} requests counted by pg_stat_statements",
+            calls / f64::from(n)
+        ));
+    }
+    drop((bare, tx, store, pg));
+}
+
+/// Sends `n` requests of `shape`.
+async fn send_n(addr: SocketAddr, shape: Shape, n: u32) {
+    load::run_count(addr, maker(shape, KeyHeader::Draft), u64::from(n)).await;
+}
+
+/// Prints a report's rows and notes, as the table would hold them.
+fn print_rows(report: &Report) {
+    println!("| group | row | req/s | p50 ms | p99 ms | errors | ratio |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &report.rows {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.group,
+            r.name,
+            r.stats.rps(),
+            ms(r.stats.p50),
+            ms(r.stats.p99),
+            r.stats.errors,
+            r.baseline.map_or("baseline".to_string(), |b| format!(
+                "{:.2}x",
+                r.stats.rps() / b
+            )),
+        );
+    }
+    for n in &report.notes {
+        println!("- {n}");
+    }
 }
 
 /// The layer on a Redis primary with one replica, without and with `with_replica_acks(1)`: what
@@ -802,6 +904,17 @@ fn main() {
             });
             return;
         }
+        Some(Cmd::Postgres) => {
+            rt.block_on(async {
+                let mut report = Report {
+                    rows: Vec::new(),
+                    notes: Vec::new(),
+                };
+                postgres(&mut report, &args).await;
+                print_rows(&report);
+            });
+            return;
+        }
         Some(Cmd::Load { addr, shape }) => {
             let shape = match shape.as_str() {
                 "fresh" => Shape::Fresh,
@@ -907,6 +1020,7 @@ fn main() {
             }
             Err(e) => report.notes.push(format!("Redis rows not measured: {e}")),
         }
+        postgres(&mut report, &args).await;
         if let Err(e) = write_report(&report, &args) {
             eprintln!("cannot write {}: {e}", args.out.display());
             std::process::exit(1);

@@ -35,6 +35,82 @@ fn app() -> Router {
     )
 }
 
+fn exit_with(url: &str, e: impl std::fmt::Display) -> ! {
+    eprintln!("idempotency-bench: {url}: {e}");
+    std::process::exit(2);
+}
+
+/// A PostgreSQL store on its own pool of `url`, its table created, and the pool, with the
+/// orders' table the ordering handler writes.
+async fn pg_store(url: &str) -> Result<(tower_idempotency::PostgresStore, sqlx::PgPool), String> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(48)
+        .connect(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let store = tower_idempotency::PostgresStore::from_pool(pool.clone());
+    store.migrate().await.map_err(|e| e.to_string())?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, product text NOT NULL, quantity int NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((store, pool))
+}
+
+/// A handler that inserts an order and answers it: in the layer's transaction
+/// (`IdempotentTx`, with `in_layer`), or in a transaction of its own that it commits, the
+/// baseline transactional mode is measured against.
+fn ordering_app(pool: sqlx::PgPool, in_layer: bool) -> Router {
+    const INSERT: &str =
+        "INSERT INTO bench_orders (product, quantity) VALUES ('Teapot', 2) RETURNING id";
+    let created = |id: i64| {
+        (
+            StatusCode::CREATED,
+            [("content-type", "application/json")],
+            format!(r#"{{"id":{id},"product":"Teapot","quantity":2}}"#),
+        )
+            .into_response()
+    };
+    if in_layer {
+        return Router::new().route(
+            "/orders",
+            post(
+                move |mut tx: tower_idempotency::IdempotentTx, _body: Bytes| async move {
+                    match sqlx::query_scalar::<_, i64>(INSERT)
+                        .fetch_one(&mut *tx)
+                        .await
+                    {
+                        Ok(id) => created(id),
+                        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                    }
+                },
+            ),
+        );
+    }
+    Router::new().route(
+        "/orders",
+        post(move |_body: Bytes| {
+            let pool = pool.clone();
+            async move {
+                let inserted = async {
+                    let mut tx = pool.begin().await?;
+                    let id = sqlx::query_scalar::<_, i64>(INSERT)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok::<_, sqlx::Error>(id)
+                };
+                match inserted.await {
+                    Ok(id) => created(id),
+                    Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                }
+            }
+        }),
+    )
+}
+
 /// An upstream on 127.0.0.1 whose every POST to `/large` answers 200 with `body` bytes, served
 /// by a task of this process; its address.
 pub(crate) async fn large_upstream(body: usize) -> SocketAddr {
@@ -68,6 +144,18 @@ pub(crate) async fn serve(kind: &str, listen: SocketAddr, replica_acks: u32) {
                     eprintln!("idempotency-bench: {url}: {e}");
                     std::process::exit(2);
                 }
+            }
+        }
+        url if url.starts_with("postgres") => match pg_store(url).await {
+            Ok((store, _)) => app().layer(IdempotencyLayer::new(store)),
+            Err(e) => exit_with(url, e),
+        },
+        other if other.starts_with("pg-insert:") || other.starts_with("pg-tx:") => {
+            let (kind, url) = other.split_once(':').unwrap_or_default();
+            match pg_store(url).await {
+                Ok((_, pool)) if kind == "pg-insert" => ordering_app(pool, false),
+                Ok((store, pool)) => ordering_app(pool, true).layer(IdempotencyLayer::new(store)),
+                Err(e) => exit_with(url, e),
             }
         }
         other => {

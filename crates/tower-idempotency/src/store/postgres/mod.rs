@@ -1,10 +1,13 @@
 //! [`PostgresStore`]: durable records in a PostgreSQL table, shared by every process that uses
 //! the database.
 
+mod builder;
+mod maintenance;
 mod notify;
 mod sql;
 mod tx;
 
+pub use self::builder::PostgresStoreBuilder;
 pub use self::tx::IdempotentTx;
 
 use std::sync::Arc;
@@ -12,10 +15,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::DropGuard;
 use uuid::Uuid;
 
 use self::notify::Waiters;
@@ -24,12 +26,6 @@ use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{self, Event};
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-const DEFAULT_POOL_SIZE: u32 = 16;
-const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
-const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Rows deleted per sweep statement: small enough that no sweep holds many row locks.
-const SWEEP_BATCH: i64 = 1000;
 /// How many times a verb is sent again after its connection failed (a restarted server leaves
 /// every pooled connection broken; each attempt drops one).
 const IO_RETRIES: usize = 3;
@@ -78,9 +74,12 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(5);
 ///
 /// # Waiting
 ///
-/// Completions and releases send a `NOTIFY` on a channel named after the table, in the same
-/// statement, so it is delivered when the change commits. Each store keeps one connection that
-/// `LISTEN`s and wakes the waiters of the key it names, however many requests wait. A waiter
+/// A duplicate that waits marks the lease first (the row's `waited`); the completion or
+/// release of a marked lease sends a `NOTIFY` on a channel named after the table, in the same
+/// statement, so it is delivered when the change commits. A request that nobody waits for
+/// sends none: a `NOTIFY` serialises the commits of every transaction that sends one. Each
+/// store keeps one connection that `LISTEN`s and wakes the waiters of the key it names, however
+/// many requests wait. A waiter
 /// registers before it re-checks the lease, so a completion between a duplicate's `begin` and
 /// its wait is not missed; a wait is capped by the lease's remaining life, so a lease whose
 /// owner died is taken over when it expires. When the listening connection is lost, every
@@ -137,16 +136,6 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Options for a [`PostgresStore`], from [`PostgresStore::builder`].
-#[derive(Debug, Clone)]
-pub struct PostgresStoreBuilder {
-    table: String,
-    timeout: Duration,
-    pool_size: u32,
-    poll_interval: Duration,
-    sweep_interval: Option<Duration>,
-}
-
 impl PostgresStore {
     /// The schema of the default table, for teams that run their own migrations.
     pub const SCHEMA: &'static str = sql::SCHEMA;
@@ -168,13 +157,7 @@ impl PostgresStore {
 
     /// A builder with the default options.
     pub fn builder() -> PostgresStoreBuilder {
-        PostgresStoreBuilder {
-            table: sql::DEFAULT_TABLE.to_owned(),
-            timeout: DEFAULT_TIMEOUT,
-            pool_size: DEFAULT_POOL_SIZE,
-            poll_interval: DEFAULT_POLL_INTERVAL,
-            sweep_interval: Some(DEFAULT_SWEEP_INTERVAL),
-        }
+        PostgresStoreBuilder::new()
     }
 
     /// The pool the store runs on: the application may run its own queries on it.
@@ -191,7 +174,7 @@ impl PostgresStore {
     /// processes at once: they take turns under an advisory lock.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let lock = format!("tower-idempotency {}", self.inner.sql.table);
-        let migrate = migrate(&self.inner.pool, lock, &self.inner.sql.schema);
+        let migrate = maintenance::migrate(&self.inner.pool, lock, &self.inner.sql.schema);
         match tokio::time::timeout(self.inner.timeout * 5, migrate).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(_) => Err(timed_out()),
@@ -201,7 +184,7 @@ impl PostgresStore {
     /// Deletes expired rows now, in bounded batches, and returns how many went. The store
     /// also does this by itself in the background.
     pub async fn sweep(&self) -> Result<u64, StoreError> {
-        sweep(&self.inner.pool, &self.inner.sql.sweep, self.inner.timeout)
+        maintenance::sweep(&self.inner.pool, &self.inner.sql.sweep, self.inner.timeout)
             .await
             .map_err(|e| self.error(e))
     }
@@ -247,213 +230,17 @@ impl PostgresStore {
         }
     }
 
-    /// How long the live lease under `key` still lives, or `None` when there is none.
-    async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
+    /// Marks the live lease under `key` as waited for, and returns how long it still lives;
+    /// `None` when there is none.
+    async fn wait_on(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
         let millis: Option<i64> = self
             .run(|| {
-                sqlx::query_scalar(&self.inner.sql.lease_left)
+                sqlx::query_scalar(&self.inner.sql.wait_on)
                     .bind(&key.0[..])
                     .fetch_optional(&self.inner.pool)
             })
             .await?;
         Ok(millis.map(|ms| Duration::from_millis(ms.max(0).unsigned_abs())))
-    }
-}
-
-impl PostgresStoreBuilder {
-    /// The table (default `idempotency_records`), also the name of the notification channel: a
-    /// lower-case identifier of at most 48 characters. Give each application sharing a
-    /// database its own, or share one to share records.
-    pub fn with_table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
-    /// Bounds each step (each verb, a connection from the pool) to `timeout` (default 2 s);
-    /// past it the step fails with [`StoreError::Unavailable`].
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// The most connections the store's own pool opens (default 16), one more for listening.
-    /// Not used with [`from_pool`](Self::from_pool), where the application sized the pool.
-    pub fn with_pool_size(mut self, connections: u32) -> Self {
-        self.pool_size = connections;
-        self
-    }
-
-    /// How often a waiter looks again while the listening connection is down (default 500 ms).
-    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
-
-    /// How often the background task deletes expired rows (default every minute); `None`
-    /// turns it off, for a deployment that sweeps by other means (see
-    /// [`PostgresStore::sweep`]).
-    pub fn with_sweep_interval(mut self, interval: Option<Duration>) -> Self {
-        self.sweep_interval = interval;
-        self
-    }
-
-    /// Connects a pool of its own to the database named by `url` and returns the store.
-    ///
-    /// Fails with [`StoreError::Unavailable`] when the URL or the table name is malformed or
-    /// the database cannot be reached.
-    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
-        self.check()?;
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(config_error(
-                "invalid PostgreSQL URL: it must start with postgres:// or postgresql://",
-            ));
-        }
-        let options: PgConnectOptions = url
-            .parse()
-            .map_err(|e| config_error(format!("invalid PostgreSQL URL: {e}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(self.pool_size.max(1))
-            .acquire_timeout(self.timeout)
-            // A broken connection is found by using it, and the verb is sent again on another:
-            // no round trip spent checking each connection first.
-            .test_before_acquire(false)
-            .connect_with(options);
-        let pool = match tokio::time::timeout(self.timeout * 3, pool).await {
-            Ok(pool) => pool.map_err(|e| StoreError::Unavailable(Box::new(e)))?,
-            Err(_) => return Err(timed_out()),
-        };
-        Ok(self.start(pool))
-    }
-
-    /// The store on the application's own pool. Panics never; a malformed table name is
-    /// reported by the first verb instead (use [`try_from_pool`](Self::try_from_pool) to learn
-    /// it at once).
-    pub fn from_pool(self, pool: PgPool) -> PostgresStore {
-        match self.check() {
-            Ok(()) => self.start(pool),
-            Err(_) => {
-                let table = sql::DEFAULT_TABLE.to_owned();
-                tracing::error!(table = %self.table, "idempotency store: invalid table name; using {table}");
-                Self { table, ..self }.start(pool)
-            }
-        }
-    }
-
-    /// The store on the application's own pool, or the reason the options cannot work.
-    pub fn try_from_pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
-        self.check()?;
-        Ok(self.start(pool))
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if !sql::valid_table(&self.table) {
-            return Err(config_error(format!(
-                "the table name {:?} is not a lower-case identifier of at most 48 characters",
-                self.table
-            )));
-        }
-        Ok(())
-    }
-
-    /// Starts the listener and the sweeper. Must run inside a tokio runtime.
-    fn start(self, pool: PgPool) -> PostgresStore {
-        let sql = Statements::new(&self.table);
-        let waiters = Arc::new(Waiters::default());
-        let stop = CancellationToken::new();
-        tokio::spawn(notify::listen(
-            pool.clone(),
-            sql.table.clone(),
-            waiters.clone(),
-            stop.clone(),
-        ));
-        if let Some(every) = self.sweep_interval {
-            tokio::spawn(sweep_every(
-                pool.clone(),
-                sql.sweep.clone(),
-                every,
-                self.timeout,
-                stop.clone(),
-            ));
-        }
-        PostgresStore {
-            inner: Arc::new(Inner {
-                pool,
-                sql,
-                timeout: self.timeout,
-                poll_interval: self.poll_interval,
-                waiters,
-                _tasks: stop.drop_guard(),
-            }),
-        }
-    }
-}
-
-/// Runs the schema in one transaction, under an advisory lock so that processes migrating at
-/// once take turns (`CREATE ... IF NOT EXISTS` alone races on the catalog).
-///
-/// Boxed, so that the future is known to be `Send` where it is made: spawning a caller's
-/// future otherwise trips the compiler's inference over the executor's lifetimes.
-fn migrate<'a>(
-    pool: &'a PgPool,
-    lock: String,
-    schema: &'a str,
-) -> futures_util::future::BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move {
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(lock)
-            .execute(&mut *tx)
-            .await?;
-        // One statement at a time: a prepared statement holds one.
-        for statement in schema.split_inclusive(";\n") {
-            if statement
-                .lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
-            {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-        }
-        tx.commit().await
-    })
-}
-
-async fn sweep(pool: &PgPool, statement: &str, timeout: Duration) -> Result<u64, sqlx::Error> {
-    let mut total = 0;
-    loop {
-        let batch = tokio::time::timeout(
-            timeout,
-            sqlx::query(statement).bind(SWEEP_BATCH).execute(pool),
-        )
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        total += batch.rows_affected();
-        if batch.rows_affected() < SWEEP_BATCH.unsigned_abs() {
-            return Ok(total);
-        }
-    }
-}
-
-async fn sweep_every(
-    pool: PgPool,
-    statement: String,
-    every: Duration,
-    timeout: Duration,
-    stop: CancellationToken,
-) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        match sweep(&pool, &statement, timeout).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(rows = n, "idempotency store: swept expired records"),
-            Err(e) => {
-                tracing::debug!(error = %e, "idempotency store: sweep failed; trying again later")
-            }
-        }
     }
 }
 
@@ -579,7 +366,7 @@ impl Store for PostgresStore {
         let notified = waiting.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(left) = self.lease_left(key).await? else {
+        let Some(left) = self.wait_on(key).await? else {
             return Ok(());
         };
         let mut until = deadline.min(Instant::now() + left + EXPIRY_SLACK);

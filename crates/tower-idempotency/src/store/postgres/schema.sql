@@ -14,6 +14,9 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     -- A row past it is never served, and the sweep deletes it.
     expires_at  timestamptz NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    renewals    integer     NOT NULL DEFAULT 0
+    renewals    integer     NOT NULL DEFAULT 0,
+    -- Set by a duplicate that waits for this lease, so that its completion or release sends
+    -- a NOTIFY; a request nobody waits for sends none (NOTIFY serialises commits).
+    waited      boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS idempotency_records_expires_at ON idempotency_records (expires_at);

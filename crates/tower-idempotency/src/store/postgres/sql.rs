@@ -20,7 +20,7 @@ pub(super) struct Statements {
     pub(super) complete: String,
     pub(super) release: String,
     pub(super) renew: String,
-    pub(super) lease_left: String,
+    pub(super) wait_on: String,
     pub(super) sweep: String,
     pub(super) completed_by: String,
 }
@@ -55,7 +55,8 @@ impl Statements {
                     WHERE NOT EXISTS (SELECT 1 FROM live) \
                     ON CONFLICT (key) DO UPDATE SET \
                         fingerprint = EXCLUDED.fingerprint, owner = EXCLUDED.owner, record = NULL, \
-                        expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, renewals = 0 \
+                        expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, renewals = 0, \
+                        waited = false \
                     WHERE r.expires_at <= statement_timestamp() \
                     RETURNING r.owner \
                  ) \
@@ -71,26 +72,31 @@ impl Statements {
                     UPDATE {t} SET record = $3, expires_at = statement_timestamp() + $4::float8 * interval '1 millisecond' \
                     WHERE key = $1 AND owner = $2 AND expires_at > statement_timestamp() \
                         AND (record IS NULL OR record = $3) \
-                    RETURNING key \
+                    RETURNING key, waited \
                  ) \
-                 SELECT pg_notify('{t}', encode(key, 'hex'))::text FROM done"
+                 SELECT CASE WHEN waited THEN pg_notify('{t}', encode(key, 'hex'))::text END FROM done"
             ),
             release: format!(
                 "WITH gone AS ( \
                     DELETE FROM {t} \
                     WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > statement_timestamp() \
-                    RETURNING key \
+                    RETURNING key, waited \
                  ) \
-                 SELECT pg_notify('{t}', encode(key, 'hex'))::text FROM gone"
+                 SELECT CASE WHEN waited THEN pg_notify('{t}', encode(key, 'hex'))::text END FROM gone"
             ),
             renew: format!(
                 "UPDATE {t} SET expires_at = statement_timestamp() + $3::float8 * interval '1 millisecond', \
                     renewals = renewals + 1 \
                  WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > statement_timestamp()"
             ),
-            lease_left: format!(
-                "SELECT ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8 FROM {t} \
-                 WHERE key = $1 AND record IS NULL AND expires_at > statement_timestamp()"
+            // A waiter marks the lease before it waits, so that its end sends a notice. The
+            // mark and the owner's completion lock the row in turn: either the completion
+            // sees the mark and notifies, or the mark finds the lease gone and the waiter
+            // does not wait.
+            wait_on: format!(
+                "UPDATE {t} SET waited = true \
+                 WHERE key = $1 AND record IS NULL AND expires_at > statement_timestamp() \
+                 RETURNING ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8"
             ),
             completed_by: format!(
                 "SELECT record IS NOT NULL FROM {t} WHERE key = $1 AND owner = $2"
