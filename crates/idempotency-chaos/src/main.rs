@@ -22,6 +22,11 @@
 //! (409, 502, 503, 504 as `application/problem+json`, or the upstream's own 500 passed through).
 //! It prints a table and exits 1 on any violation (2 when the run could not be set up).
 //!
+//! Then the crash run ([`crash`]): the demo shop SIGKILLed at random moments (20 times by
+//! default) while clients retry keyed orders until they get a 2xx, once on PostgreSQL in
+//! transactional mode (the orders must equal the keys) and once on Redis with the orders in
+//! PostgreSQL (where orders placed twice are counted, to show the difference).
+//!
 //! Everything runs on 127.0.0.1. Every child process is killed when the program ends, also on
 //! a panic, and by a watchdog if the program itself is killed.
 
@@ -34,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 
 mod check;
+mod crash;
 mod faults;
 mod load;
 mod procs;
@@ -85,6 +91,15 @@ struct Args {
     /// Keys in flight at once (each sent 2 to 4 times).
     #[arg(long, default_value_t = 24)]
     concurrency: usize,
+
+    /// The idempotency-demo binary, for the crash run (default: the one next to this program,
+    /// as `cargo build -p idempotency-demo` leaves it).
+    #[arg(long, value_name = "PATH")]
+    demo_bin: Option<PathBuf>,
+
+    /// How often the crash run kills the demo, in each of its two modes (0: no crash run).
+    #[arg(long, default_value_t = 20)]
+    crash_kills: usize,
 
     /// Keep the logs and Redis data directory even when the run passes.
     #[arg(long)]
@@ -157,14 +172,35 @@ async fn run(args: Args) -> Result<usize, String> {
         secs(UPSTREAM_TIMEOUT),
         dir.display()
     );
+    let demo_bin = match &args.demo_bin {
+        Some(p) => p.clone(),
+        None => proxy_bin.with_file_name("idempotency-demo"),
+    };
+    if args.crash_kills > 0 && !demo_bin.is_file() {
+        return Err(format!(
+            "no demo binary at {}: build it first (cargo build -p idempotency-demo), pass              --demo-bin, or --crash-kills 0",
+            demo_bin.display()
+        ));
+    }
     let limit = args.duration + OVERRUN;
-    let outcome = match tokio::time::timeout(limit, chaos(&args, seed, &proxy_bin, &dir)).await {
+    let mut outcome = match tokio::time::timeout(limit, chaos(&args, seed, &proxy_bin, &dir)).await
+    {
         Ok(outcome) => outcome,
         Err(_) => Err(format!(
             "the run did not finish within {}; abandoned",
             secs(limit)
         )),
     };
+    if let Ok(violations) = &mut outcome
+        && args.crash_kills > 0
+    {
+        let crash = crash::run(&demo_bin, &dir, seed, args.crash_kills);
+        match tokio::time::timeout(OVERRUN, crash).await {
+            Ok(Ok(tallies)) => *violations += crash::verdict(&tallies),
+            Ok(Err(e)) => outcome = Err(e),
+            Err(_) => outcome = Err("the crash run did not finish in time; abandoned".into()),
+        }
+    }
     let keep = args.keep_logs || !matches!(outcome, Ok(0));
     if keep {
         println!("logs kept in {}", dir.display());

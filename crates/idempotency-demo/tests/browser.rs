@@ -146,7 +146,7 @@ async fn double_clicked_place_order_places_one_order() {
     let shown = shown_order(&s.browser).await;
     // Both clicks reached the shop, and every request the browser sent has been answered.
     let submissions = s.arrivals.settled("/orders", 2).await;
-    let orders = s.shop.orders();
+    let orders = s.shop.orders().await;
     assert_eq!(
         orders.len(),
         1,
@@ -199,7 +199,7 @@ async fn submit_back_and_submit_again_places_one_order() {
     );
 
     s.arrivals.settled("/orders", 2).await;
-    let orders = s.shop.orders();
+    let orders = s.shop.orders().await;
     assert_eq!(
         orders.len(),
         1,

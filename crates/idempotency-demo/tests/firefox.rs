@@ -321,7 +321,7 @@ async fn a_double_click_in_firefox_places_one_order() {
     let shown = shown_order(&mut browser).await;
     // Let every submission the browser sent finish on the server.
     tokio::time::sleep(3 * WORK).await;
-    let orders = shop.orders();
+    let orders = shop.orders().await;
     assert_eq!(
         orders.len(),
         1,
@@ -378,7 +378,7 @@ async fn a_double_click_in_firefox_places_one_order() {
     assert_eq!(retry["status"], 201, "{answers}");
     assert_eq!(retry["replayed"], "true", "{answers}");
     assert_eq!(retry["body"], first["body"], "{answers}");
-    assert_eq!(shop.orders().len(), 2);
+    assert_eq!(shop.orders().await.len(), 2);
     let fetches = posts.posts_to("/api/orders");
     assert_eq!(fetches.len(), 2, "{fetches:?}");
     assert_firefox_keys(&fetches, "the page script's fetch() calls");

@@ -310,7 +310,7 @@ async fn browser_keys_that_give_way_to_the_page_key_are_counted() {
         assert_eq!(res.status(), 303);
         assert_eq!(res.headers()["location"], "/orders/1");
     }
-    assert_eq!(shop.orders().len(), 1);
+    assert_eq!(shop.orders().await.len(), 1);
     assert_eq!(events.get(Event::KeyHeaderIgnored), 3);
     assert_eq!(events.get(Event::Executed), 1);
     assert_eq!(events.get(Event::Replayed), 2);
@@ -415,4 +415,47 @@ async fn shops_with_their_own_namespace_on_one_redis_never_share_an_order() {
         1,
         "the mug shop placed its own"
     );
+}
+
+/// `--store postgres://...`: 20 concurrent duplicates place one order, kept in PostgreSQL; the
+/// shop restarted on the same database lists it, replays its key with the same order, and
+/// numbers the next order after it. A keyless order (a plain transaction) is kept too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_orders_survive_a_restart_and_keys_still_replay() {
+    let pg = idempotency_test_support::postgres::PgServer::start();
+    let client = reqwest::Client::new();
+    let place = |demo: &Demo, key: Option<&str>| {
+        let mut req = client
+            .post(format!("{}/api/orders", demo.base))
+            .json(&serde_json::json!({"product": "Teapot", "quantity": 1}));
+        if let Some(key) = key {
+            req = req.header("Idempotency-Key", key);
+        }
+        req.send()
+    };
+    let demo = start_demo_with(&pg.url()).await;
+    let first = join_all((0..20).map(|_| place(&demo, Some("\"pg-order\"")))).await;
+    let mut bodies = Vec::new();
+    for res in first {
+        let res = res.unwrap();
+        assert_eq!(res.status(), 201);
+        bodies.push(res.text().await.unwrap());
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]), "{bodies:?}");
+    assert_eq!(orders(&client, &demo).await.len(), 1);
+    drop(demo);
+
+    let demo = start_demo_with(&pg.url()).await;
+    let listed = orders(&client, &demo).await;
+    assert_eq!(listed.len(), 1, "the order did not survive the restart");
+    let again = place(&demo, Some("\"pg-order\"")).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.text().await.unwrap(), bodies[0]);
+    let keyless = place(&demo, None).await.unwrap();
+    assert_eq!(keyless.status(), 201);
+    let keyless: serde_json::Value = keyless.json().await.unwrap();
+    assert_eq!(keyless["id"], 2);
+    assert_eq!(orders(&client, &demo).await.len(), 2);
+    let rows = pg.psql("SELECT count(*) FROM shop_orders");
+    assert_eq!(rows.trim(), "2");
 }

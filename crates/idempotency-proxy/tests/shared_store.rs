@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisServer};
 use common::{Proxy, Upstream, client, event_count};
+use idempotency_test_support::postgres::PgServer;
 
 /// Waits until the upstream has started `path` at least `n` times.
 async fn until_hits(up: &Upstream, path: &str, n: usize) {
@@ -23,11 +24,11 @@ async fn until_hits(up: &Upstream, path: &str, n: usize) {
     }
 }
 
-/// 20 concurrent duplicates, alternating between the proxies; all get the same answer and the
-/// upstream runs once.
-async fn duplicates_across(proxies: &[&Proxy], up: &Upstream, key: &str) {
+/// `n` concurrent duplicates, alternating between the proxies; all get the same answer and
+/// the upstream runs once.
+async fn duplicates_across(proxies: &[&Proxy], up: &Upstream, key: &str, n: usize) {
     let c = client();
-    let tasks: Vec<_> = (0..20)
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
             let url = proxies[i % proxies.len()].url("/slow?ms=700");
             let c = c.clone();
@@ -61,7 +62,7 @@ async fn two_proxies_on_one_redis_run_concurrent_duplicates_once() {
     let up = Upstream::start().await;
     let a = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
     let b = Proxy::start(&up.url(), &["--store", &redis.url()]).await;
-    duplicates_across(&[&a, &b], &up, "split-burst").await;
+    duplicates_across(&[&a, &b], &up, "split-burst", 20).await;
     // A later duplicate through either proxy is a replay.
     for p in [&a, &b] {
         let res = client()
@@ -82,9 +83,32 @@ async fn two_proxies_on_a_redis_cluster_run_concurrent_duplicates_once() {
     let up = Upstream::start().await;
     let a = Proxy::start(&up.url(), &["--store", &cluster.url()]).await;
     let b = Proxy::start(&up.url(), &["--store", &cluster.url()]).await;
-    duplicates_across(&[&a, &b], &up, "cluster-burst").await;
+    duplicates_across(&[&a, &b], &up, "cluster-burst", 20).await;
     let health = client().get(a.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// Two proxy processes on one PostgreSQL: 50 concurrent duplicates split across them run the
+/// upstream once. The records outlive both: a third proxy started afterwards replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_on_one_postgres_run_fifty_concurrent_duplicates_once() {
+    let pg = PgServer::start();
+    let up = Upstream::start().await;
+    let a = Proxy::start(&up.url(), &["--store", &pg.url()]).await;
+    let b = Proxy::start(&up.url(), &["--store", &pg.url()]).await;
+    duplicates_across(&[&a, &b], &up, "pg-burst", 50).await;
+    drop((a, b));
+    let later = Proxy::start(&up.url(), &["--store", &pg.url()]).await;
+    let res = client()
+        .post(later.url("/slow?ms=700"))
+        .header("Idempotency-Key", "pg-burst")
+        .body("same body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(res.text().await.unwrap(), "slow run 1");
+    assert_eq!(up.hits("/slow"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
