@@ -5,6 +5,7 @@
 //! binary or the chaos program may itself be killed: so every server runs under a small shell
 //! watchdog that SIGKILLs it as soon as its parent is gone.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -102,10 +103,7 @@ impl Supervised {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        without_proxy_env(&mut cmd);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        proxy_env(&mut cmd, env.iter().copied());
         let mut watchdog = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
@@ -193,15 +191,19 @@ impl Drop for Supervised {
     }
 }
 
-/// Keeps this process's `IDEMPOTENCY_PROXY_*` variables from `cmd`, so that a developer's own
-/// proxy settings do not change what a test or the chaos run starts.
-pub fn without_proxy_env(cmd: &mut Command) -> &mut Command {
+/// Gives `cmd` the environment `env` instead of this process's `IDEMPOTENCY_PROXY_*` variables,
+/// so that a developer's own proxy settings do not change what a test or the chaos run starts.
+pub fn proxy_env<K, V>(cmd: &mut Command, env: impl IntoIterator<Item = (K, V)>) -> &mut Command
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
     for (k, _) in std::env::vars() {
         if k.starts_with("IDEMPOTENCY_PROXY_") {
             cmd.env_remove(k);
         }
     }
-    cmd
+    cmd.envs(env)
 }
 
 /// A child started by the test itself (a demo binary, a browser driver), killed when dropped.

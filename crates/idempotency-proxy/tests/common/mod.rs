@@ -25,7 +25,7 @@ use tokio::io::AsyncReadExt;
 pub use idempotency_test_support::events::{event_count, gauge};
 use idempotency_test_support::harness::get_text;
 pub use idempotency_test_support::process::free_addr;
-use idempotency_test_support::process::without_proxy_env;
+use idempotency_test_support::process::proxy_env;
 #[allow(unused_imports)]
 pub use idempotency_test_support::raw_http::{RawAnswer, parse_answer, raw_request, read_answer};
 pub use idempotency_test_support::redis;
@@ -373,10 +373,7 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
-        without_proxy_env(&mut cmd);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        proxy_env(&mut cmd, env.iter().map(|(k, v)| (k, v)));
         if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
             cmd.env("RUST_LOG", "info");
         }
@@ -491,10 +488,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    without_proxy_env(&mut cmd);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    proxy_env(&mut cmd, env.iter().copied());
     let mut child = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
