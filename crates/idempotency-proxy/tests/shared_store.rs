@@ -287,17 +287,18 @@ async fn replica_acks_are_asked_for_through_the_flag_and_the_environment() {
     let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     let deadline = Instant::now() + Duration::from_secs(20);
-    // The replica's link is up before the primary counts it: with diskless sync the primary
-    // puts a replica online only on its first acknowledgement, and a `WAIT` before that
-    // counts no replica.
-    while !replica
-        .cli(&["INFO", "replication"])
-        .contains("master_link_status:up")
-        || !primary
-            .cli(&["INFO", "replication"])
-            .contains("state=online")
-    {
+    // The replica's link is up, and the primary calls it online, before the primary streams
+    // writes to it: after a diskless sync the stream starts on the replica's first
+    // acknowledgement, up to a second later, and a `WAIT` before that counts no replica. So
+    // wait until a write has reached the replica, then until its removal has.
+    primary.cli(&["SET", "replica-probe", "1"]);
+    while replica.cli(&["GET", "replica-probe"]).trim() != "1" {
         assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    primary.cli(&["DEL", "replica-probe"]);
+    while !replica.cli(&["GET", "replica-probe"]).trim().is_empty() {
+        assert!(Instant::now() < deadline, "the replica never caught up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let up = Upstream::start().await;
