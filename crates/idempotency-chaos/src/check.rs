@@ -526,6 +526,33 @@ pub(crate) fn verdict(ev: &Evidence<'_>) -> usize {
                 });
             }
         }
+        // What the race guarantees: the paused proxy is resumed half a second after a whole
+        // lock TTL from its stop, so each race key's lease, renewed at the latest when it
+        // stopped, has expired in Redis by then, whether or not the taker has stored its
+        // outcome yet. Its completion of each key, once it reads the body it holds, is then
+        // owner-checked against a lease that is gone or the taker's: refused, one lease_lost
+        // per race key at least. More are fine: the other keys it held when it was stopped
+        // lose their leases too.
+        match race.lease_lost {
+            Some(n) if n >= race.keys.len() as u64 => {}
+            Some(n) => v.push(Violation {
+                check: "race refused",
+                what: format!(
+                    "the race on paused proxy {} ({}): {n} lease_lost events there, but each of its {} late completions should have been refused",
+                    ev.names[race.proxy],
+                    race.keys.join(", "),
+                    race.keys.len()
+                ),
+            }),
+            None => v.push(Violation {
+                check: "race refused",
+                what: format!(
+                    "the race on paused proxy {} ({}): its metrics could not be read, so its refused completions are not shown",
+                    ev.names[race.proxy],
+                    race.keys.join(", ")
+                ),
+            }),
+        }
     }
 
     print_table(ev, &t, &v);
@@ -913,10 +940,12 @@ fn print_table(ev: &Evidence<'_>, t: &Tally, v: &[Violation]) {
     for race in ev.races {
         let _ = writeln!(
             out,
-            "  race on paused proxy {} ({}): lease_lost events there (completions or releases the store refused): {}",
+            "  race on paused proxy {} ({}): lease_lost events there (completions or releases the store refused, at least {} owed): {}",
             ev.names[race.proxy],
             race.keys.join(", "),
+            race.keys.len(),
             race.lease_lost
+                .map_or("metrics unreadable".to_owned(), |n| n.to_string())
         );
     }
     let allowed = Allowed::ALL
@@ -945,6 +974,7 @@ fn print_table(ev: &Evidence<'_>, t: &Tally, v: &[Violation]) {
         "documented errors",
         "eventually answered",
         "race set up",
+        "race refused",
         "no overlap",
         "processes",
     ];
@@ -960,6 +990,10 @@ fn print_table(ev: &Evidence<'_>, t: &Tally, v: &[Violation]) {
             "no overlap" => format!(
                 "  ({} keys checked, {} overlaps found, {allowed_total} allowed as a lease lost mid-execution)",
                 t.overlap_keys, t.overlaps_found
+            ),
+            "race refused" => format!(
+                "  ({} races, each owing a refused completion per key)",
+                ev.races.len()
             ),
             _ => String::new(),
         };
