@@ -417,28 +417,9 @@ async fn send_n(addr: SocketAddr, shape: Shape, n: u32) {
     load::run_count(addr, maker(shape, KeyHeader::Draft), u64::from(n)).await;
 }
 
-/// Prints a report's rows and notes, as the table would hold them.
+/// Prints a report's rows and notes, as the table holds them.
 fn print_rows(report: &Report) {
-    println!("| group | row | req/s | p50 ms | p99 ms | errors | ratio |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
-    for r in &report.rows {
-        println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} |",
-            r.group,
-            r.name,
-            r.stats.rps(),
-            ms(r.stats.p50),
-            ms(r.stats.p99),
-            r.stats.errors,
-            r.baseline.map_or("baseline".to_string(), |b| format!(
-                "{:.2}x",
-                r.stats.rps() / b
-            )),
-        );
-    }
-    for n in &report.notes {
-        println!("- {n}");
-    }
+    print!("{}", table(report));
 }
 
 /// The layer on a Redis primary with one replica, without and with `with_replica_acks(1)`: what
@@ -828,30 +809,9 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {mem} GiB")
 }
 
-fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
+/// The table of a report's rows, then its notes.
+fn table(report: &Report) -> String {
     let mut s = String::new();
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let _ = writeln!(s, "# Benchmarks\n");
-    let _ = writeln!(
-        s,
-        "- Command: `scripts/bench --duration {} --rounds {} --connections {}` (which runs `cargo run --release -p idempotency-bench` with the same flags)",
-        humantime::format_duration(args.duration),
-        args.rounds,
-        args.connections
-    );
-    let _ = writeln!(s, "- Machine: {}", machine());
-    let _ = writeln!(s, "- Date: {date}");
-    let _ = writeln!(
-        s,
-        "- Load: an in-repo hyper HTTP/1.1 generator, {} keep-alive connections, on the same machine as the servers (they share its cores). Every fresh-key request carries a unique key; replays cycle through {REPLAY_KEYS} completed keys. The rows of a group are measured in {} interleaved rounds of {} each (a round measures every row in turn, so that a drift of the machine's speed falls on baseline and rows alike); a row's figures are its rounds together. Ratios are to the baseline of the same group, measured in the same run.\n",
-        args.connections,
-        args.rounds,
-        humantime::format_duration(args.duration)
-    );
     let _ = writeln!(
         s,
         "| group | row | req/s | p50 ms | p99 ms | errors | ratio |"
@@ -879,6 +839,34 @@ fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
             let _ = writeln!(s, "- {n}");
         }
     }
+    s
+}
+
+fn write_report(report: &Report, args: &Args) -> std::io::Result<()> {
+    let mut s = String::new();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "- Command: `scripts/bench --duration {} --rounds {} --connections {}` (which runs `cargo run --release -p idempotency-bench` with the same flags)",
+        humantime::format_duration(args.duration),
+        args.rounds,
+        args.connections
+    );
+    let _ = writeln!(s, "- Machine: {}", machine());
+    let _ = writeln!(s, "- Date: {date}");
+    let _ = writeln!(
+        s,
+        "- Load: an in-repo hyper HTTP/1.1 generator, {} keep-alive connections, on the same machine as the servers (they share its cores). Every fresh-key request carries a unique key; replays cycle through {REPLAY_KEYS} completed keys. The rows of a group are measured in {} interleaved rounds of {} each (a round measures every row in turn, so that a drift of the machine's speed falls on baseline and rows alike); a row's figures are its rounds together. Ratios are to the baseline of the same group, measured in the same run.\n",
+        args.connections,
+        args.rounds,
+        humantime::format_duration(args.duration)
+    );
+    s.push_str(&table(report));
     std::fs::write(&args.out, s)
 }
 

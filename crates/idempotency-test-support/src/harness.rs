@@ -388,3 +388,30 @@ async fn note(
     let _finished = Finished(arrivals, index);
     next.run(req).await
 }
+
+/// Sends `POST /orders` with the idempotency key `key` (none when `None`) and `body` straight
+/// to `app`, in this process, and returns the answer's status, headers and body.
+pub async fn post_orders(
+    app: &Router,
+    key: Option<&str>,
+    body: impl Into<axum::body::Body>,
+) -> (StatusCode, HeaderMap, Bytes) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = http::Request::post("/orders");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let req = req.body(body.into()).expect("a request");
+    let res = app.clone().oneshot(req).await.expect("the router answers");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("the body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// Whether the answer says it is a replay (`Idempotent-Replayed: true`).
+pub fn is_replay(headers: &HeaderMap) -> bool {
+    headers
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}

@@ -89,7 +89,11 @@
 //!
 //! [`MemoryStore`] is the embedded default, for one process: bounded, woken by notification.
 //! `RedisStore` (feature `redis`) shares records between every process and machine that talks
-//! to one Redis or Redis Cluster, at one round trip per step (see [`Store`]). Any backend
+//! to one Redis or Redis Cluster, at one round trip per step (see [`Store`]). `PostgresStore`
+//! (feature `postgres`) keeps records in a PostgreSQL table, durable, and with its
+//! `IdempotentTx` extractor the record commits in the handler's own transaction, so that a
+//! crash at any instant leaves both the handler's writes and the record, or neither: exactly
+//! once for the database's effects (see [`Completion`] for the seam any such store uses). Any backend
 //! implements the small [`Store`] trait; every atomic step of the lifecycle is one call, and the
 //! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
 //! proves itself.

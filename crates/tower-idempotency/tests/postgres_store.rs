@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use idempotency_test_support::events;
+use idempotency_test_support::harness::{is_replay, post_orders};
 use idempotency_test_support::postgres as pg_server;
 
 use std::sync::Arc;
@@ -17,10 +18,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
-use tower::ServiceExt;
 use tower_idempotency::conformance;
 use tower_idempotency::{
     BeginOutcome, Event, IdempotencyLayer, LeaseToken, PostgresStore, Store, StoreError,
@@ -48,23 +47,7 @@ mod conformance_suite {
 }
 
 async fn send(app: &Router, key: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let req = Request::post("/orders")
-        .header("idempotency-key", key)
-        .body(Body::empty())
-        .unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    (
-        parts.status,
-        parts.headers,
-        body.collect().await.unwrap().to_bytes(),
-    )
-}
-
-fn replayed(headers: &HeaderMap) -> bool {
-    headers
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true")
+    post_orders(app, Some(key), Body::empty()).await
 }
 
 /// A router whose handler counts its runs and takes `delay`.
@@ -112,7 +95,7 @@ async fn fifty_concurrent_duplicates_through_two_stores_run_once() {
     for call in calls {
         let (status, headers, body) = call.await.unwrap();
         assert_eq!(status, StatusCode::CREATED, "{body:?}");
-        replays += usize::from(replayed(&headers));
+        replays += usize::from(is_replay(&headers));
         bodies.push(body);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler's runs");
@@ -155,7 +138,7 @@ async fn a_database_crash_fails_closed_or_open_and_records_survive_the_restart()
         (status, &body[..]),
         (StatusCode::CREATED, &b"untracked"[..])
     );
-    assert!(!replayed(&headers));
+    assert!(!is_replay(&headers));
     assert!(store.ping().await.is_err());
     assert_eq!(runs.load(Ordering::SeqCst), 1, "a 503 ran the handler");
 
@@ -164,7 +147,7 @@ async fn a_database_crash_fails_closed_or_open_and_records_survive_the_restart()
     loop {
         let (status, headers, body) = send(&closed, "before").await;
         if status == StatusCode::CREATED {
-            assert!(replayed(&headers), "the record did not survive the crash");
+            assert!(is_replay(&headers), "the record did not survive the crash");
             assert_eq!(body, before);
             break;
         }
@@ -178,7 +161,7 @@ async fn a_database_crash_fails_closed_or_open_and_records_survive_the_restart()
     println!("served again {:?} after the restart", back.elapsed());
     let (status, headers, _) = send(&closed, "after").await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(!replayed(&headers));
+    assert!(!is_replay(&headers));
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     store.ping().await.unwrap();
 }

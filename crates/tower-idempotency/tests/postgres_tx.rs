@@ -5,6 +5,7 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)]
 
+use idempotency_test_support::harness::{is_replay, post_orders};
 use idempotency_test_support::postgres as pg_server;
 
 use std::sync::Arc;
@@ -12,13 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
 use axum::routing::post;
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
+use http::{HeaderMap, StatusCode};
 use tower_idempotency::{IdempotencyLayer, IdempotentTx, LeaseToken, PostgresStore};
 
 /// What a test's handler does after inserting its order.
@@ -133,27 +131,7 @@ impl Shop {
 }
 
 async fn send(app: &Router, key: Option<&str>, item: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let mut req = Request::post("/orders");
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    let res = app
-        .clone()
-        .oneshot(req.body(Body::from(item.to_owned())).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = res.into_parts();
-    (
-        parts.status,
-        parts.headers,
-        body.collect().await.unwrap().to_bytes(),
-    )
-}
-
-fn replayed(headers: &HeaderMap) -> bool {
-    headers
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true")
+    post_orders(app, key, item.to_owned()).await
 }
 
 fn problem_type(body: &Bytes) -> String {
@@ -168,11 +146,11 @@ async fn a_stored_response_commits_with_the_handlers_writes() {
     let (app, shop) = shop(Then::Created).await;
     let (status, headers, first) = send(&app, Some("k1"), "teapot").await;
     assert_eq!(status, StatusCode::CREATED, "{first:?}");
-    assert!(!replayed(&headers));
+    assert!(!is_replay(&headers));
     assert_eq!(shop.orders().await, 1);
     let (status, headers, again) = send(&app, Some("k1"), "teapot").await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(replayed(&headers));
+    assert!(is_replay(&headers));
     assert_eq!(again, first);
     assert_eq!((shop.runs(), shop.orders().await), (1, 1));
 }
@@ -207,7 +185,7 @@ async fn an_unstored_status_rolls_back_and_the_retry_runs_on_a_clean_database() 
     assert_eq!(shop.orders().await, 0, "the failed run's insert was kept");
     let (status, headers, _) = send(&app, Some("k"), "mug").await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(!replayed(&headers));
+    assert!(!is_replay(&headers));
     assert_eq!((shop.runs(), shop.orders().await), (2, 1));
 }
 

@@ -6,6 +6,7 @@
 #![cfg(all(feature = "redis", feature = "conformance"))]
 #![allow(clippy::unwrap_used)]
 
+use idempotency_test_support::harness::{is_replay, post_orders};
 use idempotency_test_support::process::{TempDir, free_port, path_arg};
 use idempotency_test_support::recording::RecordingStore;
 use idempotency_test_support::redis as servers;
@@ -19,10 +20,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
-use tower::ServiceExt;
 use tower_idempotency::IdempotencyLayer;
 use tower_idempotency::conformance;
 use tower_idempotency::{BeginOutcome, LeaseToken, RedisStore, StorageKey, Store, StoreError};
@@ -56,23 +55,7 @@ mod cluster {
 // Helpers
 
 async fn send(app: &Router, key: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let req = Request::post("/orders")
-        .header("idempotency-key", key)
-        .body(Body::empty())
-        .unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    (
-        parts.status,
-        parts.headers,
-        body.collect().await.unwrap().to_bytes(),
-    )
-}
-
-fn replayed(headers: &HeaderMap) -> bool {
-    headers
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true")
+    post_orders(app, Some(key), Body::empty()).await
 }
 
 /// The commands the store's client sent between two `INFO commandstats` snapshots. Redis counts
@@ -196,10 +179,10 @@ async fn command_budget(url: &str, nodes: &[RedisServer]) {
 
     let before = calls();
     let (status, headers, body) = send(&app, "budget").await;
-    assert_eq!((status, replayed(&headers)), (StatusCode::CREATED, false));
+    assert_eq!((status, is_replay(&headers)), (StatusCode::CREATED, false));
     let after_new = calls();
     let (status, headers, replay) = send(&app, "budget").await;
-    assert_eq!((status, replayed(&headers)), (StatusCode::CREATED, true));
+    assert_eq!((status, is_replay(&headers)), (StatusCode::CREATED, true));
     assert_eq!(replay, body);
     let after_replay = calls();
 
@@ -275,7 +258,7 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
     let released = Instant::now();
     gate.notify_one();
     let (status, headers, first) = owner.await.unwrap();
-    assert_eq!((status, replayed(&headers)), (StatusCode::CREATED, false));
+    assert_eq!((status, is_replay(&headers)), (StatusCode::CREATED, false));
     let mut replays = 0;
     for w in waiters {
         let (status, headers, body) = tokio::time::timeout(Duration::from_secs(20), w)
@@ -284,7 +267,7 @@ async fn five_hundred_waiters_add_at_most_two_connections() {
             .unwrap();
         assert_eq!(status, StatusCode::CREATED);
         assert_eq!(body, first);
-        replays += usize::from(replayed(&headers));
+        replays += usize::from(is_replay(&headers));
     }
     println!(
         "all {WAITERS} waiters answered {:?} after the owner completed",
@@ -345,7 +328,7 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
     // A duplicate waits, sees the lease expire, takes it over and runs.
     let (status, headers, second) = send(&app, "fence").await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(!replayed(&headers));
+    assert!(!is_replay(&headers));
     assert_eq!(second, "from the second owner");
 
     // The first caller still gets its own handler's response...
@@ -359,7 +342,7 @@ async fn a_late_owner_is_fenced_and_the_new_owners_response_is_replayed() {
     // The new owner's response is the one replayed.
     let (status, headers, third) = send(&app, "fence").await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(replayed(&headers));
+    assert!(is_replay(&headers));
     assert_eq!(third, "from the second owner");
     assert_eq!(executions.load(Ordering::SeqCst), 2);
 }
@@ -444,7 +427,7 @@ async fn a_redis_outage_fails_closed_or_open_and_the_store_recovers() {
         (status, &body[..]),
         (StatusCode::CREATED, &b"ok: run 1 of during-open"[..])
     );
-    assert!(!replayed(&headers));
+    assert!(!is_replay(&headers));
 
     // The owner's caller still gets its handler's response; the duplicate gets an answer
     // within its wait timeout: a 503 once Redis is gone, or the owner's response replayed.
@@ -463,7 +446,7 @@ async fn a_redis_outage_fails_closed_or_open_and_the_store_recovers() {
             "application/problem+json"
         ),
         StatusCode::CREATED => {
-            assert!(replayed(&headers), "the duplicate's 201 is not a replay");
+            assert!(is_replay(&headers), "the duplicate's 201 is not a replay");
             assert_eq!(
                 body, owner_body,
                 "the duplicate's 201 is not the owner's response"
@@ -496,7 +479,7 @@ async fn a_redis_outage_fails_closed_or_open_and_the_store_recovers() {
     println!("recovered {:?} after Redis restarted", back.elapsed());
     let (status, headers, _) = send(&closed, &format!("after-{n}")).await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(replayed(&headers));
+    assert!(is_replay(&headers));
     store.ping().await.expect("ping after the restart");
 }
 
