@@ -102,8 +102,9 @@ pub(crate) struct Race {
     /// The proxy that was paused (the late owner).
     pub(crate) proxy: usize,
     /// `lease_lost` events of the paused proxy during the race: completions or releases its
-    /// store refused because the lease had passed on.
-    pub(crate) lease_lost: u64,
+    /// store refused because the lease had passed on. `None` when its metrics could not be
+    /// read before or after.
+    pub(crate) lease_lost: Option<u64>,
 }
 
 /// What the schedule produced.
@@ -255,10 +256,10 @@ async fn race(world: &mut World, log: &mut Log, p: usize, n: usize) -> Result<()
     let other = 1 - p;
     let client = world.target.client.clone();
     let keys: Vec<String> = (0..RACE_KEYS).map(|i| format!("race-{n}-{i}")).collect();
-    let lost_before = match world.proxies[p].metrics(&client).await {
-        Some(m) => event_count(&m, "lease_lost"),
-        None => 0,
-    };
+    let lost_before = world.proxies[p]
+        .metrics(&client)
+        .await
+        .map(|m| event_count(&m, "lease_lost"));
     let mut hooks = Vec::new();
     let mut originals = JoinSet::new();
     for (i, key) in keys.iter().enumerate() {
@@ -352,10 +353,10 @@ async fn race(world: &mut World, log: &mut Log, p: usize, n: usize) -> Result<()
     while let Some(r) = after.join_next().await {
         done.push(joined(r));
     }
-    let lost_after = match world.proxies[p].metrics(&client).await {
-        Some(m) => event_count(&m, "lease_lost"),
-        None => 0,
-    };
+    let lost_after = world.proxies[p]
+        .metrics(&client)
+        .await
+        .map(|m| event_count(&m, "lease_lost"));
     for key in &keys {
         let logicals: Vec<Logical> = done
             .iter()
@@ -370,7 +371,9 @@ async fn race(world: &mut World, log: &mut Log, p: usize, n: usize) -> Result<()
     log.races.push(Race {
         keys,
         proxy: p,
-        lease_lost: lost_after.saturating_sub(lost_before),
+        lease_lost: lost_before
+            .zip(lost_after)
+            .map(|(b, a)| a.saturating_sub(b)),
     });
     Ok(())
 }

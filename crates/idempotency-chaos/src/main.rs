@@ -15,7 +15,10 @@
 //! Every fault is logged with its start and recovery; a key sent while a fault was on (until
 //! recovery plus the lease lifetime) counts as touched by it. Then every key is checked:
 //! untouched keys ran exactly once; keys touched only by upstream errors succeeded exactly once;
-//! keys touched by a crash or an outage ran at least once (the documented promise); every 2xx
+//! keys touched by a crash or an outage ran at least once (the documented promise); no two
+//! executions of any key overlapped in time unless the first one's lease was lost while it ran
+//! (its proxy paused past the lease, or Redis lost its data); each race's paused proxy had its
+//! late completions refused; every 2xx
 //! answer carries bytes the upstream produced, and replays are byte-identical while Redis keeps
 //! its data; a replayed key never runs again until Redis loses its data; no request took longer
 //! than wait-timeout + upstream-timeout + a small slack; every error is a documented status

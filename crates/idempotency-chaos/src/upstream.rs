@@ -1,6 +1,7 @@
-//! The upstream service, in this process: an axum server on 127.0.0.1:0 that counts every
+//! The upstream service, in this process: an axum server on 127.0.0.1:0 that records every
 //! execution per idempotency key (the key reaches it as the `Idempotency-Key` header the proxy
-//! forwards) and answers each successful execution with a body no other execution produces.
+//! forwards), with when it started and when its answer was complete, and answers each
+//! successful execution with a body no other execution produces.
 //!
 //! On command it fails some keys with 500s, or answers them only after a hang longer than the
 //! proxy's `--upstream-timeout` (a slow payment: the work is done, the answer is late). Which keys is decided by a hash of the key under the run's seed
@@ -59,6 +60,10 @@ pub(crate) enum Outcome {
     Success(Bytes),
     /// A 500 (fault on).
     Failed,
+    /// None: the handler was dropped before it answered (hyper drops it when the proxy's
+    /// connection closes, as when the proxy is killed mid-hang). Counted by the overlap check
+    /// only: it never produced an outcome the other checks could see.
+    Unanswered,
 }
 
 /// One execution: the upstream's handler ran for the key.
@@ -66,6 +71,9 @@ pub(crate) enum Outcome {
 pub(crate) struct Execution {
     /// When the handler started.
     pub(crate) at: Instant,
+    /// When it was over: the handler returned its answer (a race's: once its held body was
+    /// released), or hyper dropped it. `None` while it runs.
+    pub(crate) end: Option<Instant>,
     /// Which proxy forwarded it.
     pub(crate) via: String,
     /// What it answered.
@@ -106,6 +114,50 @@ pub(crate) struct Upstream {
     pub(crate) addr: SocketAddr,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// An execution in progress: decides its outcome, and marks its end when dropped (once its
+/// answer is out, or when hyper drops the handler or the body).
+struct Running {
+    shared: Arc<Shared>,
+    key: String,
+    index: usize,
+}
+
+impl Running {
+    fn begin(shared: &Arc<Shared>, key: &str, via: &str) -> Self {
+        let mut all = shared.executions();
+        let list = all.entry(key.to_owned()).or_default();
+        list.push(Execution {
+            at: Instant::now(),
+            end: None,
+            via: via.to_owned(),
+            outcome: Outcome::Unanswered,
+        });
+        Self {
+            shared: shared.clone(),
+            key: key.to_owned(),
+            index: list.len() - 1,
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Execution) -> R) -> Option<R> {
+        let mut all = self.shared.executions();
+        all.get_mut(&self.key)
+            .and_then(|list| list.get_mut(self.index))
+            .map(f)
+    }
+
+    fn decide(&self, outcome: Outcome) {
+        self.with(|x| x.outcome = outcome);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.with(|x| x.end = Some(x.end.unwrap_or(now)));
+    }
 }
 
 impl Upstream {
@@ -193,21 +245,10 @@ async fn pay(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("?")
         .to_owned();
-    let at = Instant::now();
-    let record = |outcome: Outcome| {
-        shared
-            .executions()
-            .entry(key.clone())
-            .or_default()
-            .push(Execution {
-                at,
-                via: via.clone(),
-                outcome,
-            });
-    };
+    let running = Running::begin(&shared, &key, &via);
     let seed = shared.seed;
     if shared.error500.load(Ordering::SeqCst) && faulty(seed, UpstreamFault::Error500, &key) {
-        record(Outcome::Failed);
+        running.decide(Outcome::Failed);
         return marked(
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
@@ -229,14 +270,16 @@ async fn pay(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         "request_bytes": body.len(),
     });
     let out = Bytes::from(doc.to_string());
-    record(Outcome::Success(out.clone()));
+    running.decide(Outcome::Success(out.clone()));
     let hook = shared.races().remove(&key);
     if let Some(hook) = hook {
-        // The head goes out now; the body only once the controller says so.
+        // The head goes out now; the body only once the controller says so. The execution
+        // ends with its body.
         let _ = hook.started.send(());
         let release = hook.release;
         let stream = futures_util::stream::once(async move {
             let _ = release.await;
+            drop(running);
             Ok::<_, std::convert::Infallible>(out)
         });
         return marked(
