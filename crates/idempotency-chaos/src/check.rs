@@ -107,8 +107,8 @@ struct Tally {
 }
 
 /// Why two executions of one key may overlap in time: the earlier one's lease was lost while
-/// its upstream request ran, and the contract lets the next owner run then (SPEC 3.10: a lease
-/// lost while running passes on, and the late owner's completion is refused).
+/// its upstream request ran, and the contract lets the next owner run then (a lease lost while
+/// its handler runs passes on, and the late owner's completion is refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Allowed {
     /// Its proxy was SIGSTOPped while the upstream worked on it (a hang outlives the pause's
@@ -563,7 +563,7 @@ pub(crate) fn verdict(ev: &Evidence<'_>) -> usize {
 /// after a crash means a retry runs after the first attempt, never beside it, as long as the
 /// first one's lease holds. Only the cases of [`Allowed`] are exempt, each counted.
 ///
-/// A proxy killed mid-flight is not among them, though its lease is lost too (SPEC 3.9): the
+/// A proxy killed mid-flight is not among them, though its lease is lost too (it expires): the
 /// upstream's handler runs on (or is dropped, and ends then, if hyper notices the closed
 /// connection), but ends within the upstream's longest 700 ms, while the retry waits for the
 /// lease to expire, at least two thirds of the lock TTL (1.3 s) after the last renewal before
