@@ -185,20 +185,31 @@ where
             (record.encode(), answer)
         }
         // Nothing of the handler's writes is kept, so whatever it answered, the key is free
-        // again: a retry runs on a clean database. That holds for an outcome the inner service
-        // calls unknown too, as far as the database goes.
+        // again: a retry runs on a clean database.
         Err(_panic) => {
             tracing::error!(key = ?lease.key, "handler panicked; its transaction was rolled back and the lease released");
             return rolled_back(completer, &lease, Ok(Problem::HandlerFailed.respond())).await;
         }
         Ok(Outcome::Error(e)) => return rolled_back(completer, &lease, Err(e)).await,
-        Ok(Outcome::Release(res) | Outcome::Unknown(res)) => {
+        Ok(Outcome::Release(res)) => {
             let answer = Ok(res.map(IdempotencyBody::stream));
             return rolled_back(completer, &lease, answer).await;
         }
+        // The database's writes go back, but the inner service says the request may have
+        // acted where a rollback does not reach (a call to another company that timed out), or
+        // its answer broke after its status: as without a transaction, it never runs again for
+        // the key.
+        Ok(Outcome::Unknown(res)) => {
+            tracing::warn!(key = ?lease.key, status = %res.status(), "the request's outcome is unknown; its transaction was rolled back, and it will not run again for this key");
+            transaction::roll_back(Some(completer)).await;
+            outcome_unknown(&lease, fingerprint, ttl).await;
+            return unstored(Ok(res.map(IdempotencyBody::stream)));
+        }
         Ok(Outcome::BodyFailed) => {
-            let answer = Ok(Problem::HandlerFailed.respond());
-            return rolled_back(completer, &lease, answer).await;
+            tracing::warn!(key = ?lease.key, "response body failed after its status; its transaction was rolled back, and it will not run again for this key");
+            transaction::roll_back(Some(completer)).await;
+            outcome_unknown(&lease, fingerprint, ttl).await;
+            return unstored(Ok(Problem::OutcomeUnknown.respond()));
         }
     };
     match completer

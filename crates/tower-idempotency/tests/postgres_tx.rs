@@ -14,10 +14,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use tower_idempotency::{IdempotencyLayer, IdempotentTx, LeaseToken, PostgresStore};
+use tower_idempotency::{
+    IdempotencyLayer, IdempotentTx, LeaseToken, OutcomeUnknown, PostgresStore,
+};
 
 /// What a test's handler does after inserting its order.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -34,6 +37,8 @@ enum Then {
     Panic,
     /// Sleeps, so that duplicates wait.
     Slow,
+    /// Answers 201 marked `OutcomeUnknown`: it may have acted where a rollback cannot reach.
+    Unknown,
 }
 
 #[derive(Clone)]
@@ -44,11 +49,7 @@ struct Shop {
     then: Then,
 }
 
-async fn create_order(
-    State(shop): State<Shop>,
-    mut tx: IdempotentTx,
-    body: String,
-) -> (StatusCode, String) {
+async fn create_order(State(shop): State<Shop>, mut tx: IdempotentTx, body: String) -> Response {
     let run = shop.runs.fetch_add(1, Ordering::SeqCst) + 1;
     let id: i64 = sqlx::query_scalar(&format!(
         "INSERT INTO {} (item) VALUES ($1) RETURNING id",
@@ -61,7 +62,7 @@ async fn create_order(
     match shop.then {
         Then::Created => {}
         Then::FailFirst if run == 1 => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "try again".into());
+            return (StatusCode::INTERNAL_SERVER_ERROR, "try again").into_response();
         }
         Then::FailFirst => {}
         Then::BreakTheCommit => {
@@ -82,17 +83,26 @@ async fn create_order(
         }
         Then::Panic => panic!("the handler fails"),
         Then::Slow => tokio::time::sleep(Duration::from_millis(500)).await,
+        Then::Unknown => {
+            let mut res = (StatusCode::CREATED, format!("order {id}")).into_response();
+            res.extensions_mut().insert(OutcomeUnknown);
+            return res;
+        }
     }
-    (StatusCode::CREATED, format!("order {id}"))
+    (StatusCode::CREATED, format!("order {id}")).into_response()
 }
 
 /// A shop on its own tables: the store's and the orders', whose items are unique at commit.
 async fn shop(then: Then) -> (Router, Shop) {
-    let url = pg_server::shared_server().url();
+    shop_on(then, &pg_server::shared_server().url(), None).await
+}
+
+/// A shop on the database `url` names, with the layer's lock TTL when given.
+async fn shop_on(then: Then, url: &str, lock_ttl: Option<Duration>) -> (Router, Shop) {
     let suffix = format!("{:x}", LeaseToken::random().0 as u64);
     let store = PostgresStore::builder()
         .with_table(format!("keys_{suffix}"))
-        .connect(&url)
+        .connect(url)
         .await
         .unwrap();
     store.migrate().await.unwrap();
@@ -110,10 +120,14 @@ async fn shop(then: Then) -> (Router, Shop) {
         runs: Arc::default(),
         then,
     };
+    let mut layer = IdempotencyLayer::new(store);
+    if let Some(lock_ttl) = lock_ttl {
+        layer = layer.with_lock_ttl(lock_ttl);
+    }
     let app = Router::new()
         .route("/orders", post(create_order))
         .with_state(shop.clone())
-        .layer(IdempotencyLayer::new(store));
+        .layer(layer);
     (app, shop)
 }
 
@@ -295,4 +309,56 @@ async fn the_extractor_says_what_it_needs() {
         }
     }
     assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// A database whose default isolation is SERIALIZABLE: the handler's transaction still runs
+/// at READ COMMITTED, so the renewals and the waiting duplicates that update the lease's row
+/// while the handler runs do not make the record's write fail. One run, one order, every
+/// duplicate answered 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stricter_default_isolation_does_not_fail_the_record() {
+    let url = format!(
+        "{}?options=-c%20default_transaction_isolation%3Dserializable",
+        pg_server::shared_server().url()
+    );
+    // A 300 ms lease is renewed every 100 ms while the 500 ms handler runs.
+    let (app, shop) = shop_on(Then::Slow, &url, Some(Duration::from_millis(300))).await;
+    let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+        .fetch_one(shop.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(isolation, "serializable");
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, Some("strict"), "tray").await })
+        })
+        .collect();
+    for call in calls {
+        let (status, _, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body:?}");
+    }
+    assert_eq!((shop.runs(), shop.orders().await), (1, 1));
+}
+
+/// A response marked OutcomeUnknown (the handler may have acted where a rollback cannot
+/// reach): its database writes roll back, and the key never runs again for the TTL; the retry
+/// gets 502 `outcome-unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_rolls_back_and_never_runs_again() {
+    let (app, shop) = shop(Then::Unknown).await;
+    let (status, _, _) = send(&app, Some("k"), "jug").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        shop.orders().await,
+        0,
+        "the writes of an unknown outcome were kept"
+    );
+    let (status, _, body) = send(&app, Some("k"), "jug").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        problem_type(&body),
+        "urn:tower-idempotency:problem:outcome-unknown"
+    );
+    assert_eq!(shop.runs(), 1);
 }

@@ -30,7 +30,17 @@ pub struct Completion(Arc<Slot>);
 struct Slot {
     source: Arc<dyn Any + Send + Sync>,
     tracked: bool,
-    completer: Mutex<Option<Box<dyn Completer>>>,
+    completer: Mutex<Handed>,
+}
+
+/// Where the handler's transaction is.
+enum Handed {
+    /// Not handed over (yet).
+    No,
+    Yes(Box<dyn Completer>),
+    /// The layer has looked after the handler: a transaction handed over now would never be
+    /// ended, so it is refused.
+    Closed,
 }
 
 impl Completion {
@@ -38,7 +48,7 @@ impl Completion {
         Self(Arc::new(Slot {
             source,
             tracked,
-            completer: Mutex::new(None),
+            completer: Mutex::new(Handed::No),
         }))
     }
 
@@ -54,35 +64,36 @@ impl Completion {
     }
 
     /// Hands the handler's transaction over to the layer, which ends it after the handler.
-    /// A request has at most one: a second is given back as the error.
+    /// A request has at most one, and none once the layer is past the handler (a task the
+    /// handler spawned, a response body): those are given back as the error.
     pub fn hand_over(&self, completer: Box<dyn Completer>) -> Result<(), Box<dyn Completer>> {
-        let mut slot = self
-            .0
-            .completer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if slot.is_some() {
+        let mut slot = self.slot();
+        if !matches!(*slot, Handed::No) {
             return Err(completer);
         }
-        *slot = Some(completer);
+        *slot = Handed::Yes(completer);
         Ok(())
     }
 
-    /// Whether a transaction was handed over.
+    /// Whether a transaction can no longer be handed over: one was, or the layer is past the
+    /// handler.
     pub fn is_handed_over(&self) -> bool {
-        self.0
-            .completer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        !matches!(*self.slot(), Handed::No)
     }
 
+    /// The transaction handed over, if any; from now on none can be.
     pub(crate) fn take(&self) -> Option<Box<dyn Completer>> {
+        match std::mem::replace(&mut *self.slot(), Handed::Closed) {
+            Handed::Yes(completer) => Some(completer),
+            Handed::No | Handed::Closed => None,
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Handed> {
         self.0
             .completer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
     }
 }
 
@@ -90,7 +101,7 @@ impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Completion")
             .field("tracked", &self.0.tracked)
-            .field("handed_over", &self.is_handed_over())
+            .field("closed", &self.is_handed_over())
             .finish_non_exhaustive()
     }
 }

@@ -91,7 +91,8 @@ impl PostgresStoreBuilder {
             .parse()
             .map_err(|e| config_error(format!("invalid PostgreSQL URL: {e}")))?;
         let pool = PgPoolOptions::new()
-            .max_connections(self.pool_size.max(1))
+            // One more for the listener, which keeps one of the pool's connections.
+            .max_connections(self.pool_size.max(1) + 1)
             .acquire_timeout(self.timeout)
             // A broken connection is found by using it, and the verb is sent again on another:
             // no round trip spent checking each connection first.
@@ -104,9 +105,10 @@ impl PostgresStoreBuilder {
         Ok(self.start(pool))
     }
 
-    /// The store on the application's own pool. Panics never; a malformed table name is
-    /// reported by the first verb instead (use [`try_from_pool`](Self::try_from_pool) to learn
-    /// it at once).
+    /// The store on the application's own pool, which also lends one connection for good to
+    /// the store's listener. A malformed table name is logged and the default table used
+    /// instead (use [`try_from_pool`](Self::try_from_pool) to get the error). Must be called
+    /// inside a tokio runtime: it starts the listener and the sweeper there.
     pub fn from_pool(self, pool: PgPool) -> PostgresStore {
         match self.check() {
             Ok(()) => self.start(pool),

@@ -26,9 +26,10 @@ use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{self, Event};
 
-/// How many times a verb is sent again after its connection failed (a restarted server leaves
-/// every pooled connection broken; each attempt drops one).
-const IO_RETRIES: usize = 3;
+/// How many times a verb is sent again after it failed without effect (a restarted server
+/// leaves every pooled connection broken, and each attempt drops one; a serialization failure
+/// under a strict default isolation is a lost race).
+const RETRIES: usize = 3;
 /// How many times `begin` runs again after losing a race for a new key (each loss means the
 /// winner's row is now there to be seen, so one more is nearly always enough).
 const BEGIN_RACES: usize = 8;
@@ -202,10 +203,10 @@ impl PostgresStore {
             match tokio::time::timeout_at(deadline, statement()).await {
                 Err(_) => return Err(timed_out()),
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(e)) if retries < IO_RETRIES && broken_connection(&e) => {
+                Ok(Err(e)) if retries < RETRIES && retriable(&e) => {
                     retries += 1;
                     metrics::count(Event::StoreRetried);
-                    tracing::debug!(error = %e, "idempotency store: a connection broke; sending again");
+                    tracing::debug!(error = %e, "idempotency store: a step failed without effect; sending again");
                 }
                 Ok(Err(e)) => return Err(self.error(e)),
             }
@@ -244,15 +245,19 @@ impl PostgresStore {
     }
 }
 
-/// Whether the statement failed because its connection did, so that another may succeed.
-fn broken_connection(e: &sqlx::Error) -> bool {
+/// Whether the statement failed without effect for a reason that another try may not meet:
+/// its connection broke, or (under a stricter default isolation than READ COMMITTED) it lost
+/// a race with a concurrent statement on the same row.
+fn retriable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
         // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now: the server
-        // is going down or coming up; the pool drops such connections.
-        sqlx::Error::Database(db) => {
-            matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03"))
-        }
+        // is going down or coming up; the pool drops such connections. 40001
+        // serialization_failure, 40P01 deadlock_detected: the statement was rolled back.
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("57P01" | "57P02" | "57P03" | "40001" | "40P01")
+        ),
         _ => false,
     }
 }
@@ -366,8 +371,17 @@ impl Store for PostgresStore {
         let notified = waiting.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(left) = self.wait_on(key).await? else {
-            return Ok(());
+        let left = match self.wait_on(key).await {
+            Ok(Some(left)) => left,
+            Ok(None) => return Ok(()),
+            // The mark waits on the row's lock while the owner commits, and a slow commit can
+            // outlast the step: a spurious return, after a poll interval, lets the caller look
+            // again with `begin`, which reports a real outage as one.
+            Err(_) => {
+                tokio::time::sleep_until(deadline.min(Instant::now() + self.inner.poll_interval))
+                    .await;
+                return Ok(());
+            }
         };
         let mut until = deadline.min(Instant::now() + left + EXPIRY_SLACK);
         if !self.inner.waiters.listening() {

@@ -119,10 +119,23 @@ pub(super) async fn listen(
     waiters: Arc<Waiters>,
     stop: CancellationToken,
 ) {
+    // Waiters poll while this task does not listen, and also once it has ended, whatever
+    // ended it (the store dropped, its runtime gone).
+    struct NotListening<'a>(&'a Waiters);
+    impl Drop for NotListening<'_> {
+        fn drop(&mut self) {
+            self.0.set_listening(false);
+            self.0.wake_all();
+        }
+    }
+    let _ended = NotListening(&waiters);
     let mut backoff = Duration::from_millis(50);
     loop {
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
+            // A lost connection is reported at once (`Ok(None)`), so that the waiters are
+            // told and poll, rather than re-made inside `try_recv` while they wait on.
+            listener.eager_reconnect(false);
             listener.listen(&channel).await?;
             Ok::<_, sqlx::Error>(listener)
         };

@@ -36,10 +36,19 @@ pub(super) fn valid_table(table: &str) -> bool {
 
 impl Statements {
     pub(super) fn new(table: &str) -> Self {
-        let t = table;
+        // Quoted: a lower-case name means the same table quoted or not, and a reserved word
+        // (`order`, `user`) works too. The channel is the bare name, as LISTEN quotes it.
+        let t = format!("\"{table}\"");
+        let channel = table;
         Self {
-            table: t.to_owned(),
-            schema: SCHEMA.replace(DEFAULT_TABLE, t),
+            table: table.to_owned(),
+            schema: SCHEMA
+                .replace(
+                    &format!("{DEFAULT_TABLE}_expires_at"),
+                    &format!("\"{table}_expires_at\""),
+                )
+                .replace(&format!("EXISTS {DEFAULT_TABLE}"), &format!("EXISTS {t}"))
+                .replace(&format!("ON {DEFAULT_TABLE}"), &format!("ON {t}")),
             // Serves a live row (completed, or another owner's lease), or claims the key when
             // there is none or only an expired one. When two claims race for a new key, the one
             // that loses meets the winner's row in `ON CONFLICT`, finds it live, and the
@@ -74,7 +83,7 @@ impl Statements {
                         AND (record IS NULL OR record = $3) \
                     RETURNING key, waited \
                  ) \
-                 SELECT CASE WHEN waited THEN pg_notify('{t}', encode(key, 'hex'))::text END FROM done"
+                 SELECT CASE WHEN waited THEN pg_notify('{channel}', encode(key, 'hex'))::text END FROM done"
             ),
             release: format!(
                 "WITH gone AS ( \
@@ -82,7 +91,7 @@ impl Statements {
                     WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > statement_timestamp() \
                     RETURNING key, waited \
                  ) \
-                 SELECT CASE WHEN waited THEN pg_notify('{t}', encode(key, 'hex'))::text END FROM gone"
+                 SELECT CASE WHEN waited THEN pg_notify('{channel}', encode(key, 'hex'))::text END FROM gone"
             ),
             renew: format!(
                 "UPDATE {t} SET expires_at = statement_timestamp() + $3::float8 * interval '1 millisecond', \
@@ -99,7 +108,7 @@ impl Statements {
                  RETURNING ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8"
             ),
             completed_by: format!(
-                "SELECT record IS NOT NULL FROM {t} WHERE key = $1 AND owner = $2"
+                "SELECT record IS NOT NULL FROM {t} WHERE key = $1 AND owner = $2 FOR SHARE"
             ),
             // Bounded: at most $1 rows, skipping rows another transaction holds (a claim of
             // an expired key, another process's sweep), so no sweep waits on a lock or holds
@@ -138,9 +147,21 @@ mod tests {
     #[test]
     fn the_schema_is_written_for_the_table() {
         let s = Statements::new("shop_keys");
-        assert!(s.schema.contains("CREATE TABLE IF NOT EXISTS shop_keys ("));
-        assert!(s.schema.contains("shop_keys_expires_at ON shop_keys"));
-        assert!(!s.schema.contains(DEFAULT_TABLE));
+        assert!(
+            s.schema
+                .contains("CREATE TABLE IF NOT EXISTS \"shop_keys\" (")
+        );
+        assert!(
+            s.schema
+                .contains("\"shop_keys_expires_at\" ON \"shop_keys\"")
+        );
+        assert!(!s.schema.contains("EXISTS idempotency_records"));
         assert!(s.complete.contains("pg_notify('shop_keys'"));
+        // A reserved word is a table name like any other, quoted.
+        assert!(
+            Statements::new("order")
+                .begin
+                .contains("INSERT INTO \"order\" AS r")
+        );
     }
 }

@@ -62,10 +62,21 @@ type Returned = Arc<Mutex<Option<PgTransaction>>>;
 ///   handler's writes, and the caller gets 409 `lease-lost`, never a response whose writes
 ///   were not kept.
 /// - **a commit that fails**: nothing is kept, the lease is released, and the caller gets 503
-///   with `Retry-After`. A commit whose answer was lost is resolved by looking for the record,
-///   which commits only with the handler's writes.
+///   with `Retry-After`. A commit whose answer was lost (the connection broke, or the step's
+///   timeout passed) is settled by looking for the record, which commits only with the
+///   handler's writes, waiting on its row lock while the commit is still under way: found,
+///   the caller gets the response; not found within the timeout, a 503, and a retry replays
+///   if the commit landed after all.
 /// - **a request without a key**: the transaction commits after the handler when its status
-///   would have been stored, and rolls back otherwise, so a handler is written once.
+///   would have been stored, and rolls back otherwise, so a handler is written once. A commit
+///   whose answer was lost is a 503 here, since there is no record to look for.
+///
+/// The transaction runs at `READ COMMITTED`, whatever the database's default: the record's
+/// row is updated by others while the handler runs (renewals, waiting duplicates), which a
+/// stricter level would refuse at the record's write. It holds one connection of the pool
+/// for the handler's whole run, while the store's own steps (renewals among them) take
+/// others: give the pool at least twice as many connections as transactional requests run at
+/// once, plus one for the store's listener.
 ///
 /// Whatever instant the process dies at, either the record and the handler's writes are both
 /// committed (the retry replays) or neither is (the retry runs once, on a clean database).
@@ -94,10 +105,16 @@ impl IdempotentTx {
         })?;
         if completion.is_handed_over() {
             return Err(unavailable_here(
-                "IdempotentTx was taken twice for one request",
+                "IdempotentTx was taken twice for one request, or after its handler",
             ));
         }
-        let tx = match tokio::time::timeout(store.timeout, store.pool.begin()).await {
+        // READ COMMITTED whatever the database's default: the record's row is updated by
+        // others while the handler runs (renewals, a waiter's mark), and under REPEATABLE READ
+        // or SERIALIZABLE the record's write would then fail as a concurrent update.
+        let begin = store
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED");
+        let tx = match tokio::time::timeout(store.timeout, begin).await {
             Ok(Ok(tx)) => tx,
             Ok(Err(e)) => return Err(cannot_begin(&e.to_string())),
             Err(_) => return Err(cannot_begin("PostgreSQL did not answer in time")),
@@ -234,7 +251,7 @@ impl Completer for PgCompleter {
             Ok(Err(e)) => {
                 // The commit's answer may be lost while the commit itself landed: the record
                 // commits only with the handler's writes, so finding it settles which.
-                if super::broken_connection(&e) && committed(&store, &key, token).await {
+                if super::retriable(&e) && committed(&store, &key, token).await {
                     return Ok(true);
                 }
                 Err(StoreError::Unavailable(Box::new(e)))
