@@ -201,13 +201,13 @@ where
         // the key.
         Ok(Outcome::Unknown(res)) => {
             tracing::warn!(key = ?lease.key, status = %res.status(), "the request's outcome is unknown; its transaction was rolled back, and it will not run again for this key");
-            transaction::roll_back(Some(completer)).await;
+            completer.roll_back().await;
             outcome_unknown(&lease, fingerprint, ttl).await;
             return unstored(Ok(res.map(IdempotencyBody::stream)));
         }
         Ok(Outcome::BodyFailed) => {
             tracing::warn!(key = ?lease.key, "response body failed after its status; its transaction was rolled back, and it will not run again for this key");
-            transaction::roll_back(Some(completer)).await;
+            completer.roll_back().await;
             outcome_unknown(&lease, fingerprint, ttl).await;
             return unstored(Ok(Problem::OutcomeUnknown.respond()));
         }
@@ -236,7 +236,7 @@ where
 
 /// Rolls the handler's transaction back and releases the lease, so that a retry runs.
 async fn rolled_back<T>(completer: Box<dyn Completer>, lease: &Lease, answer: T) -> Owned<T> {
-    transaction::roll_back(Some(completer)).await;
+    completer.roll_back().await;
     lease.release().await;
     Owned {
         answer,

@@ -12,7 +12,7 @@ use crate::metrics::{Event, count};
 use crate::problem::Problem;
 use crate::shared::Shared;
 use crate::storage_key::StorageKey;
-use crate::store::{Completer, Completion};
+use crate::store::Completion;
 
 /// Puts a [`Completion`] in `req` when the store joins the handler's transactions, and returns
 /// it to look at after the handler.
@@ -75,12 +75,5 @@ where
             completer.roll_back().await;
             Err(e)
         }
-    }
-}
-
-/// Rolls back a transaction the handler took, if it took one.
-pub(crate) async fn roll_back(completer: Option<Box<dyn Completer>>) {
-    if let Some(completer) = completer {
-        completer.roll_back().await;
     }
 }

@@ -116,8 +116,8 @@ impl IdempotentTx {
             .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED");
         let tx = match tokio::time::timeout(store.timeout, begin).await {
             Ok(Ok(tx)) => tx,
-            Ok(Err(e)) => return Err(cannot_begin(&e.to_string())),
-            Err(_) => return Err(cannot_begin("PostgreSQL did not answer in time")),
+            Ok(Err(e)) => return Err(cannot_begin(&store, &e.to_string())),
+            Err(_) => return Err(cannot_begin(&store, "PostgreSQL did not answer in time")),
         };
         let returned = Returned::default();
         let completer = PgCompleter {
@@ -199,14 +199,13 @@ fn unavailable_here(why: &'static str) -> ProblemDetails {
     .with_detail(why)
 }
 
-fn cannot_begin(why: &str) -> ProblemDetails {
-    ProblemDetails::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "urn:tower-idempotency:problem:store-unavailable",
-        "The idempotency store is unavailable",
-    )
-    .with_detail(format!("cannot begin a transaction: {why}"))
-    .with_retry_after(Duration::from_secs(1))
+/// The layer's own 503 `store-unavailable`, saying why.
+fn cannot_begin(store: &Inner, why: &str) -> ProblemDetails {
+    crate::Problem::StoreUnavailable {
+        retry_after: store.timeout,
+    }
+    .details()
+    .with_detail(format!("Cannot begin the handler's transaction: {why}"))
 }
 
 /// Ends the handler's transaction for the layer.
