@@ -14,8 +14,8 @@ use bytes::Bytes;
 
 use super::support::{
     GENEROUS, LONG, PROMPTLY, RACED, SHORT, TTL, acquire, acquire_eventually, allowed_returns,
-    expect_completed, expect_in_flight, fp, key, poll_until_acquired, record, wait_until,
-    waits_until_set,
+    expect_completed, expect_in_flight, fp, key, poll_until_acquired, record, spawn_waiters,
+    wait_until,
 };
 use crate::{BeginOutcome, LeaseToken, StorageKey, Store};
 
@@ -279,15 +279,8 @@ suite! {$
     async fn wait_wakes_every_waiter_when_the_owner_completes(store) {
         let k = key();
         let t = acquire(&*store, &k, LONG).await;
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let start = Instant::now();
-        let waiters: Vec<_> = (0..50)
-            .map(|_| {
-                let store = store.clone();
-                let done = done.clone();
-                tokio::spawn(async move { waits_until_set(&*store, &k, &done).await })
-            })
-            .collect();
+        let (done, waiters) = spawn_waiters(&store, k, 50);
         // Let most of them settle into waiting; the rest race with the completion.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let completing = Instant::now();
@@ -354,15 +347,8 @@ suite! {$
     async fn wait_wakes_when_the_owner_releases(store) {
         let k = key();
         let t = acquire(&*store, &k, LONG).await;
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let start = Instant::now();
-        let waiters: Vec<_> = (0..10)
-            .map(|_| {
-                let store = store.clone();
-                let done = done.clone();
-                tokio::spawn(async move { waits_until_set(&*store, &k, &done).await })
-            })
-            .collect();
+        let (done, waiters) = spawn_waiters(&store, k, 10);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let releasing = Instant::now();
         done.store(true, std::sync::atomic::Ordering::SeqCst);

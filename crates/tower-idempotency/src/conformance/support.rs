@@ -159,3 +159,24 @@ pub(super) async fn waits_until_set<S: Store>(
         early += 1;
     }
 }
+
+/// `n` tasks waiting on `key` as [`waits_until_set`] does, and the flag to set once the change
+/// they wait for is made.
+pub(super) fn spawn_waiters<S: Store>(
+    store: &std::sync::Arc<S>,
+    key: StorageKey,
+    n: usize,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    Vec<tokio::task::JoinHandle<(Instant, usize)>>,
+) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiters = (0..n)
+        .map(|_| {
+            let store = store.clone();
+            let done = done.clone();
+            tokio::spawn(async move { waits_until_set(&*store, &key, &done).await })
+        })
+        .collect();
+    (done, waiters)
+}
