@@ -140,10 +140,7 @@ pub(crate) async fn serve(kind: &str, listen: SocketAddr, replica_acks: u32) {
             let store = tower_idempotency::RedisStore::builder(url).with_replica_acks(replica_acks);
             match store.connect().await {
                 Ok(store) => app().layer(IdempotencyLayer::new(store)),
-                Err(e) => {
-                    eprintln!("idempotency-bench: {url}: {e}");
-                    std::process::exit(2);
-                }
+                Err(e) => exit_with(url, e),
             }
         }
         url if url.starts_with("postgres") => match pg_store(url).await {

@@ -93,28 +93,48 @@ impl Ledger {
         match self {
             Ledger::Memory(orders) => Ok(orders.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             Ledger::Postgres { pool, .. } => {
-                let rows: Vec<(i64, String, i32, i64)> = sqlx::query_as(
-                    "SELECT id, product, quantity, total_cents FROM shop_orders ORDER BY id",
-                )
-                .fetch_all(pool)
-                .await
-                .map_err(|e| format!("the orders could not be read: {e}"))?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(id, product, quantity, total_cents)| Order {
-                        id: id.unsigned_abs(),
-                        product,
-                        quantity: quantity.unsigned_abs(),
-                        total_cents: total_cents.unsigned_abs(),
-                    })
-                    .collect())
+                let rows: Vec<OrderRow> = sqlx::query_as(&format!("{SELECT} ORDER BY id"))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| format!("the orders could not be read: {e}"))?;
+                Ok(rows.into_iter().map(order).collect())
             }
         }
     }
 
     /// One order.
     pub(crate) async fn get(&self, id: u64) -> Result<Option<Order>, String> {
-        Ok(self.all().await?.into_iter().find(|o| o.id == id))
+        match self {
+            Ledger::Memory(orders) => Ok(orders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|o| o.id == id)
+                .cloned()),
+            Ledger::Postgres { pool, .. } => {
+                let row: Option<OrderRow> = sqlx::query_as(&format!("{SELECT} WHERE id = $1"))
+                    .bind(i64::try_from(id).unwrap_or(i64::MAX))
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|e| format!("the order could not be read: {e}"))?;
+                Ok(row.map(order))
+            }
+        }
+    }
+}
+
+/// An order's columns, in [`SELECT`]'s order.
+type OrderRow = (i64, String, i32, i64);
+
+/// The orders' columns, for [`order`].
+const SELECT: &str = "SELECT id, product, quantity, total_cents FROM shop_orders";
+
+fn order((id, product, quantity, total_cents): OrderRow) -> Order {
+    Order {
+        id: id.unsigned_abs(),
+        product,
+        quantity: quantity.unsigned_abs(),
+        total_cents: total_cents.unsigned_abs(),
     }
 }
 

@@ -135,17 +135,10 @@ where
             }
         }
         Ok(Outcome::TooLarge(parts, prefix, rest)) => {
-            tracing::info!(key = ?lease.key, limit, "response too large to keep for replay; duplicates will get 409");
-            let record = Record {
-                fingerprint,
-                response: Err(Unreplayable::TooLarge),
-            };
-            let stored = lease.complete(record.encode(), config.ttl).await;
+            let (record, answer) = too_large(&lease.key, limit, fingerprint, parts, prefix, rest);
+            let stored = lease.complete(record, config.ttl).await;
             Owned {
-                answer: Ok(Response::from_parts(
-                    parts,
-                    IdempotencyBody::prefixed(prefix, rest),
-                )),
+                answer: Ok(answer),
                 stored,
             }
         }
@@ -176,13 +169,8 @@ where
             Response::from_parts(parts, IdempotencyBody::full(body)),
         ),
         Ok(Outcome::TooLarge(parts, prefix, rest)) => {
-            tracing::info!(key = ?lease.key, "response too large to keep for replay; duplicates will get 409");
-            let record = Record {
-                fingerprint,
-                response: Err(Unreplayable::TooLarge),
-            };
-            let answer = Response::from_parts(parts, IdempotencyBody::prefixed(prefix, rest));
-            (record.encode(), answer)
+            let limit = shared.config.max_response_body;
+            too_large(&lease.key, limit, fingerprint, parts, prefix, rest)
         }
         // Nothing of the handler's writes is kept, so whatever it answered, the key is free
         // again: a retry runs on a clean database.
@@ -248,11 +236,36 @@ async fn rolled_back<T>(completer: Box<dyn Completer>, lease: &Lease, answer: T)
 /// 502 `outcome-unknown` for the TTL and never run the request again.
 async fn outcome_unknown(lease: &Lease, fingerprint: Fingerprint, ttl: Duration) {
     count(Event::OutcomeUnknown);
-    let record = Record {
+    let record = unreplayable(fingerprint, Unreplayable::OutcomeUnknown);
+    lease.complete(record, ttl).await;
+}
+
+/// A record that says the request ran but its response cannot be replayed, and why.
+fn unreplayable(fingerprint: Fingerprint, why: Unreplayable) -> Bytes {
+    Record {
         fingerprint,
-        response: Err(Unreplayable::OutcomeUnknown),
-    };
-    lease.complete(record.encode(), ttl).await;
+        response: Err(why),
+    }
+    .encode()
+}
+
+/// A response too large to keep for replay: the record that says so (duplicates get 409), and
+/// the whole response for the first caller, its read part first.
+fn too_large<B>(
+    key: &StorageKey,
+    limit: usize,
+    fingerprint: Fingerprint,
+    parts: http::response::Parts,
+    prefix: Bytes,
+    rest: Pin<Box<B>>,
+) -> (Bytes, IdempotencyResponse<B>) {
+    tracing::info!(
+        ?key,
+        limit,
+        "response too large to keep for replay; duplicates will get 409"
+    );
+    let answer = Response::from_parts(parts, IdempotencyBody::prefixed(prefix, rest));
+    (unreplayable(fingerprint, Unreplayable::TooLarge), answer)
 }
 
 /// The record of a response kept for replay, with the headers
@@ -278,11 +291,7 @@ fn owner_record(
     storable_record(&fingerprint, parts, body).unwrap_or_else(|e| {
         count(Event::Unstorable);
         tracing::warn!(?key, error = %e, "response cannot be kept for replay; duplicates will get 409");
-        Record {
-            fingerprint,
-            response: Err(Unreplayable::TooLarge),
-        }
-        .encode()
+        unreplayable(fingerprint, Unreplayable::TooLarge)
     })
 }
 
