@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName};
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Headers that belong to one connection (RFC 9110 section 7.6.1), never stored or forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     http::header::PROXY_AUTHENTICATE,
@@ -25,8 +25,34 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1) and every header that `Connection`
 /// names, leaving the end-to-end headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in connection_named(headers).iter().chain(HOP_BY_HOP.iter()) {
+    // A name `Connection` lists is looked up as it is written, and made a `HeaderName` only when
+    // such a header is there: `close` or `keep-alive` alone costs no allocation.
+    let mut named = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            if headers.contains_key(token)
+                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
         headers.remove(name);
+    }
+    // One pass over the names finds which of the fixed set are there (most messages carry
+    // one, `Connection`, or none); only those are looked up again to be removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -93,6 +119,18 @@ mod tests {
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+
+        // Names that are not header names, empty ones, and a name given twice.
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("close, , bad name, X-A"));
+        h.append(CONNECTION, HeaderValue::from_static("x-a, upgrade"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("close", HeaderValue::from_static("named by Connection"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
