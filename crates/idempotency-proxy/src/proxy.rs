@@ -23,32 +23,98 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{EXPECT, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tower::Service;
 use tower_idempotency::{
     IdempotencyBody, NotRun, OutcomeUnknown, Problem, ProblemDetails, Tracked, strip_hop_by_hop,
 };
 
-use crate::upstream::Upstream;
+use crate::upstream::{PooledBody, Upstream, UpstreamClient, UpstreamError};
 
 /// The error type of response bodies.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the proxy answers with: the upstream's body as it streams, or a problem document.
-pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
 /// The body the upstream client sends: the caller's, as the layer hands it on.
 type UpstreamReqBody = IdempotencyBody<Incoming>;
 
-/// The caller's address, put in the request's extensions by the server for `X-Forwarded-For`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+/// The caller's end of a connection, as the forwarding headers name it: made once per
+/// connection, so that a request copies these values instead of formatting them.
+#[derive(Debug)]
+pub(crate) struct ClientAddr {
+    /// The caller's IP address, for `X-Forwarded-For` and `X-Real-IP`.
+    ip: HeaderValue,
+    /// This hop's `for=` parameter of `Forwarded`.
+    forwarded_for: String,
+}
+
+impl ClientAddr {
+    pub(crate) fn new(peer: SocketAddr) -> Self {
+        let ip = peer.ip().to_string();
+        let forwarded_for = match peer.ip() {
+            std::net::IpAddr::V4(_) => format!("for={ip}"),
+            // An IPv6 address is bracketed and quoted (RFC 7239 section 6).
+            std::net::IpAddr::V6(_) => format!("for=\"[{ip}]\""),
+        };
+        Self {
+            // An address is always a valid header value.
+            ip: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_for,
+        }
+    }
+}
+
+/// What the proxy answers with: the upstream's body as it streams, or a document of its own.
+/// An enum rather than a boxed body: an untracked response costs no allocation and no dynamic
+/// call per frame.
+pub(crate) enum ProxyBody {
+    /// An untracked response's body, streamed.
+    Upstream {
+        body: PooledBody<UpstreamReqBody>,
+        /// Lives as long as the body, so a shutdown waits for it to be read.
+        _guard: InFlightGuard,
+    },
+    /// A tracked response's body, which the layer reads in full by the upstream deadline.
+    Tracked {
+        body: Pin<Box<Deadline<PooledBody<UpstreamReqBody>>>>,
+        _guard: InFlightGuard,
+    },
+    /// The proxy's own answer.
+    Full(Full<Bytes>),
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Tracked { body, .. } => body.as_mut().poll_frame(cx),
+            Self::Full(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream { body, .. } => body.is_end_stream(),
+            Self::Tracked { body, .. } => body.is_end_stream(),
+            Self::Full(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Upstream { body, .. } => body.size_hint(),
+            Self::Tracked { body, .. } => body.size_hint(),
+            Self::Full(body) => body.size_hint(),
+        }
+    }
+}
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -84,7 +150,7 @@ impl InFlight {
     }
 }
 
-struct InFlightGuard(Arc<InFlight>);
+pub(crate) struct InFlightGuard(Arc<InFlight>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -98,10 +164,12 @@ impl Drop for InFlightGuard {
 #[derive(Clone)]
 pub(crate) struct Proxy {
     inner: Arc<Inner>,
+    /// The caller, for the forwarding headers: set for each connection.
+    client: Option<Arc<ClientAddr>>,
 }
 
 struct Inner {
-    client: Client<HttpConnector, UpstreamReqBody>,
+    client: UpstreamClient<UpstreamReqBody>,
     upstream: Upstream,
     /// How long an untracked request waits for its response head.
     timeout: Duration,
@@ -124,14 +192,7 @@ impl Proxy {
         in_flight: Arc<InFlight>,
         trust_forwarded: bool,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(connector);
+        let client = UpstreamClient::new(&upstream, timeout, 64, Duration::from_secs(60));
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -141,7 +202,13 @@ impl Proxy {
                 in_flight,
                 trust_forwarded,
             }),
+            client: None,
         }
+    }
+
+    /// This proxy for the requests of one connection, from `client`.
+    pub(crate) fn set_client(&mut self, client: Arc<ClientAddr>) {
+        self.client = Some(client);
     }
 }
 
@@ -156,12 +223,17 @@ impl Service<Request<UpstreamReqBody>> for Proxy {
 
     fn call(&mut self, req: Request<UpstreamReqBody>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { Ok(inner.forward(req).await) })
+        let client = self.client.clone();
+        Box::pin(async move { Ok(inner.forward(req, client.as_deref()).await) })
     }
 }
 
 impl Inner {
-    async fn forward(&self, req: Request<UpstreamReqBody>) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        req: Request<UpstreamReqBody>,
+        client: Option<&ClientAddr>,
+    ) -> Response<ProxyBody> {
         let guard = self.in_flight.enter();
         let (mut parts, body) = req.into_parts();
         let uri = match self.upstream.uri_for(&parts.uri) {
@@ -176,17 +248,16 @@ impl Inner {
                 );
             }
         };
-        let host = parts.headers.get(HOST).cloned().or_else(|| {
+        // The client sets the upstream's own `Host`.
+        let host = parts.headers.remove(HOST).or_else(|| {
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(HOST);
         parts.headers.remove(EXPECT);
-        let peer = parts.extensions.get::<ClientAddr>().map(|a| a.0);
-        forwarding_headers(&mut parts.headers, peer, host, self.trust_forwarded);
+        forwarding_headers(&mut parts.headers, client, host, self.trust_forwarded);
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
@@ -194,7 +265,7 @@ impl Inner {
         let tracked = req.extensions().get::<Tracked>().is_some();
         let limit = if tracked { self.deadline } else { self.timeout };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(limit, self.inner_request(req)).await;
+        let outcome = tokio::time::timeout(limit, self.client.request(req)).await;
         let elapsed = started.elapsed().as_secs_f64();
         match outcome {
             Ok(Ok(res)) => {
@@ -203,25 +274,26 @@ impl Inner {
                 strip_hop_by_hop(&mut parts.headers);
                 // The caller's connection has its own version; hyper frames the answer for it.
                 parts.version = Version::default();
-                // The guard lives as long as the body, so a shutdown waits for it to be read.
-                let body = body.map_frame(move |frame| {
-                    let _ = &guard;
-                    frame
-                });
                 let body = if tracked {
                     // The layer reads a tracked body in full: the deadline covers it too.
                     let at = tokio::time::Instant::from_std(started) + self.deadline;
-                    Deadline::new(body, at).boxed_unsync()
+                    ProxyBody::Tracked {
+                        body: Box::pin(Deadline::new(body, at)),
+                        _guard: guard,
+                    }
                 } else {
-                    body.map_err(BoxError::from).boxed_unsync()
+                    ProxyBody::Upstream {
+                        body,
+                        _guard: guard,
+                    }
                 };
                 Response::from_parts(parts, body)
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(UpstreamError::NotSent(e))) => {
                 upstream_duration(Outcome::Error).record(elapsed);
                 tracing::warn!(
                     upstream = %self.upstream,
-                    error = %error_chain(&e),
+                    error = %error_chain(&*e),
                     "could not connect to the upstream"
                 );
                 let mut res = problem(
@@ -236,7 +308,7 @@ impl Inner {
                 res.extensions_mut().insert(NotRun);
                 res
             }
-            Ok(Err(e)) => {
+            Ok(Err(UpstreamError::Failed(e))) => {
                 upstream_duration(Outcome::Error).record(elapsed);
                 tracing::warn!(
                     upstream = %self.upstream,
@@ -282,13 +354,6 @@ impl Inner {
             }
         }
     }
-
-    async fn inner_request(
-        &self,
-        req: Request<UpstreamReqBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
-    }
 }
 
 /// How an upstream call ended, as the `outcome` label.
@@ -323,60 +388,62 @@ fn upstream_duration(outcome: Outcome) -> metrics::Histogram {
 /// in from the connection only where it sent none.
 fn forwarding_headers(
     headers: &mut HeaderMap,
-    peer: Option<SocketAddr>,
+    peer: Option<&ClientAddr>,
     host: Option<HeaderValue>,
     trust: bool,
 ) {
     if !trust {
+        // One pass over the names finds what the client sent under the forwarding names.
         let forged: Vec<HeaderName> = headers
             .keys()
-            .filter(|name| name.as_str().starts_with("x-forwarded-"))
+            .filter(|name| {
+                name.as_str().starts_with("x-forwarded-")
+                    || *name == http::header::FORWARDED
+                    || *name == X_REAL_IP
+            })
             .cloned()
             .collect();
         for name in forged {
             headers.remove(name);
         }
-        headers.remove(http::header::FORWARDED);
-        headers.remove(&X_REAL_IP);
     }
     if let Some(element) = forwarded_element(peer, host.as_ref()) {
-        // The elements of earlier hops (only with `trust`: otherwise there are none left) and
-        // then this one, as one list.
-        let mut list: Vec<&[u8]> = headers
-            .get_all(http::header::FORWARDED)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .filter(|v| !v.is_empty())
-            .collect();
-        list.push(element.as_bytes());
-        match HeaderValue::from_bytes(&list.join(&b", "[..])) {
-            Ok(v) => {
-                headers.insert(http::header::FORWARDED, v);
+        if trust {
+            // The elements of earlier hops and then this one, as one list.
+            let mut list: Vec<&[u8]> = headers
+                .get_all(http::header::FORWARDED)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .filter(|v| !v.is_empty())
+                .collect();
+            list.push(element.as_bytes());
+            match HeaderValue::from_bytes(&list.join(&b", "[..])) {
+                Ok(v) => {
+                    headers.insert(http::header::FORWARDED, v);
+                }
+                Err(_) => {
+                    headers.insert(http::header::FORWARDED, element);
+                }
             }
-            Err(_) => {
-                headers.insert(http::header::FORWARDED, element);
-            }
+        } else {
+            headers.insert(http::header::FORWARDED, element);
         }
     }
     if let Some(peer) = peer {
         if trust {
             append_forwarded_for(headers, peer);
+        } else {
+            headers.insert(X_FORWARDED_FOR.clone(), peer.ip.clone());
         }
-        let ip = HeaderValue::try_from(peer.ip().to_string()).ok();
-        if let Some(ip) = ip {
-            if !trust {
-                headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
-            }
-            if !headers.contains_key(&X_REAL_IP) {
-                headers.insert(X_REAL_IP.clone(), ip);
-            }
+        if !trust || !headers.contains_key(&X_REAL_IP) {
+            headers.insert(X_REAL_IP.clone(), peer.ip.clone());
         }
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if !trust || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
     if let Some(host) = host
-        && !headers.contains_key(&X_FORWARDED_HOST)
+        && (!trust || !headers.contains_key(&X_FORWARDED_HOST))
     {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
@@ -384,29 +451,27 @@ fn forwarding_headers(
 
 /// This hop's `Forwarded` element: `for=` the caller, `host=` the `Host` it asked for (left out
 /// if it cannot be quoted), `proto=http`.
-fn forwarded_element(peer: Option<SocketAddr>, host: Option<&HeaderValue>) -> Option<HeaderValue> {
-    let mut parts = Vec::with_capacity(3);
-    if let Some(peer) = peer {
-        parts.push(match peer.ip() {
-            std::net::IpAddr::V4(ip) => format!("for={ip}"),
-            // An IPv6 address is bracketed and quoted (RFC 7239 section 6).
-            std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-        });
-    }
-    let host = host.and_then(|h| h.to_str().ok()).filter(|h| {
-        h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+fn forwarded_element(peer: Option<&ClientAddr>, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let host = host.map(HeaderValue::as_bytes).filter(|h| {
+        h.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    if let Some(host) = host {
-        parts.push(format!("host=\"{host}\""));
+    let mut element = Vec::with_capacity(64);
+    if let Some(peer) = peer {
+        element.extend_from_slice(peer.forwarded_for.as_bytes());
+        element.push(b';');
     }
-    parts.push("proto=http".to_owned());
-    HeaderValue::try_from(parts.join(";")).ok()
+    if let Some(host) = host {
+        element.extend_from_slice(b"host=\"");
+        element.extend_from_slice(host);
+        element.extend_from_slice(b"\";");
+    }
+    element.extend_from_slice(b"proto=http");
+    HeaderValue::from_maybe_shared(Bytes::from(element)).ok()
 }
 
 /// Appends the caller's address to `X-Forwarded-For`, keeping the addresses already there.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &ClientAddr) {
     let previous: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -414,11 +479,15 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let value = if previous.is_empty() {
-        ip
-    } else {
-        format!("{}, {ip}", previous.join(", "))
-    };
+    if previous.is_empty() {
+        headers.insert(X_FORWARDED_FOR.clone(), peer.ip.clone());
+        return;
+    }
+    let value = format!(
+        "{}, {}",
+        previous.join(", "),
+        peer.ip.to_str().unwrap_or_default()
+    );
     // From the String itself: no second copy.
     match HeaderValue::try_from(value) {
         Ok(v) => {
@@ -451,7 +520,7 @@ fn outcome_unknown(tracked: bool, detail: &str) -> Response<ProxyBody> {
 pin_project_lite::pin_project! {
     /// A response body that fails once `at` has passed: a tracked response, which the layer
     /// reads in full, cannot keep its lease forever by stalling.
-    struct Deadline<B> {
+    pub(crate) struct Deadline<B> {
         #[pin]
         body: B,
         #[pin]
@@ -524,11 +593,7 @@ pub(crate) fn problem(
 
 /// A response whose whole body is at hand, as the proxy answers.
 fn full(res: Response<Bytes>) -> Response<ProxyBody> {
-    res.map(|body| {
-        Full::new(body)
-            .map_err(|never| match never {})
-            .boxed_unsync()
-    })
+    res.map(|body| ProxyBody::Full(Full::new(body)))
 }
 
 /// An error and its sources, as one line.
@@ -550,9 +615,9 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
-        let peer: SocketAddr = "10.0.0.9:1234".parse().unwrap();
+        let peer = ClientAddr::new("10.0.0.9:1234".parse().unwrap());
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, peer);
+        append_forwarded_for(&mut h, &peer);
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
@@ -560,22 +625,22 @@ mod tests {
             &X_FORWARDED_FOR,
             HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
         );
-        append_forwarded_for(&mut h, peer);
+        append_forwarded_for(&mut h, &peer);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9");
-        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let v6 = ClientAddr::new("[::1]:80".parse().unwrap());
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, v6);
+        append_forwarded_for(&mut h, &v6);
         assert_eq!(h[&X_FORWARDED_FOR], "::1");
     }
 
     #[test]
     fn forwarded_elements_quote_what_they_must() {
         let host = HeaderValue::from_static("shop.example:8080");
-        let v4: SocketAddr = "10.0.0.9:1234".parse().unwrap();
-        let e = forwarded_element(Some(v4), Some(&host)).unwrap();
+        let v4 = ClientAddr::new("10.0.0.9:1234".parse().unwrap());
+        let e = forwarded_element(Some(&v4), Some(&host)).unwrap();
         assert_eq!(e, "for=10.0.0.9;host=\"shop.example:8080\";proto=http");
-        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
-        let e = forwarded_element(Some(v6), None).unwrap();
+        let v6 = ClientAddr::new("[2001:db8::1]:80".parse().unwrap());
+        let e = forwarded_element(Some(&v6), None).unwrap();
         assert_eq!(e, "for=\"[2001:db8::1]\";proto=http");
         let odd = HeaderValue::from_static("a\"b");
         let e = forwarded_element(None, Some(&odd)).unwrap();

@@ -99,12 +99,13 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let stack = stack.clone();
+        // The stack for this connection's requests: its proxy knows the caller.
+        let mut stack = stack.clone();
+        stack.get_mut().set_client(Arc::new(ClientAddr::new(peer)));
         let activity = Activity::default();
         let active = activity.clone();
-        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let busy = active.enter();
-            req.extensions_mut().insert(ClientAddr(peer));
             handle(stack.clone(), req, busy)
         });
         let conn = builder
