@@ -64,6 +64,9 @@ pub(crate) async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
+        // A response's head and body go out as one buffer in one write(2), rather than a
+        // writev(2) of a queue of buffers: fewer instructions for the small answers most are.
+        .writev(false)
         .header_read_timeout(limits.header_timeout);
     builder
         .http2()

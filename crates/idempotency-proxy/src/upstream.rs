@@ -177,7 +177,12 @@ where
                 connector,
                 target,
                 host,
-                http1: hyper::client::conn::http1::Builder::new(),
+                http1: {
+                    let mut http1 = hyper::client::conn::http1::Builder::new();
+                    // Head and body in one buffer, one write(2), as the server side does.
+                    http1.writev(false);
+                    http1
+                },
                 idle: Mutex::new(VecDeque::new()),
                 max_idle,
                 idle_timeout,
