@@ -82,7 +82,10 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 pub(crate) fn kept_for_replay(headers: &HeaderMap) -> impl Fn(&HeaderName) -> bool {
     let named = connection_named(headers);
     move |name: &HeaderName| {
-        name != SET_COOKIE && name != DATE && !HOP_BY_HOP.contains(name) && !named.contains(name)
+        name != SET_COOKIE
+            && name != DATE
+            && hop_by_hop_index(name).is_none()
+            && !named.contains(name)
     }
 }
 

@@ -141,9 +141,10 @@ impl Record {
         let count = buf.get_u16();
         // The count is untrusted: reserve no more than the bytes left can back (each header
         // takes at least 7) and a modest amount at most (`with_capacity` panics past what a
-        // HeaderMap holds); the map grows past that if the headers are really there.
+        // HeaderMap holds); the map grows past that if the headers are really there. One more
+        // place for the header a replay adds, so that adding it does not grow the map.
         let mut headers =
-            HeaderMap::with_capacity((count as usize).min(buf.remaining() / 7).min(256));
+            HeaderMap::with_capacity((count as usize).min(buf.remaining() / 7).min(256) + 1);
         for _ in 0..count {
             need(&buf, 2)?;
             let n = buf.get_u16() as usize;
