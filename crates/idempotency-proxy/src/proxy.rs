@@ -95,7 +95,9 @@ impl http_body::Body for ProxyBody {
         match self.get_mut() {
             Self::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Self::Tracked { body, .. } => body.as_mut().poll_frame(cx),
-            Self::Full(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
+            Self::Full(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
         }
     }
 

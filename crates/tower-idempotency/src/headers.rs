@@ -159,7 +159,10 @@ mod tests {
 
         // Names that are not header names, empty ones, and a name given twice.
         let mut h = HeaderMap::new();
-        h.append(CONNECTION, HeaderValue::from_static("close, , bad name, X-A"));
+        h.append(
+            CONNECTION,
+            HeaderValue::from_static("close, , bad name, X-A"),
+        );
         h.append(CONNECTION, HeaderValue::from_static("x-a, upgrade"));
         h.insert("x-a", HeaderValue::from_static("1"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
