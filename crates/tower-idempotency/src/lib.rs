@@ -132,6 +132,7 @@ mod service;
 mod shared;
 mod storage_key;
 mod store;
+mod trace;
 mod tracked;
 mod transaction;
 
@@ -167,7 +168,9 @@ pub use future::ResponseFuture;
 pub use headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
-pub use metrics::{EVENTS_TOTAL, Event};
+pub use metrics::{
+    EVENTS_TOTAL, Event, LEASES_HELD, OWNER_DURATION, RECORD_BYTES, STORE_DURATION, WAIT_DURATION,
+};
 pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
@@ -182,3 +185,4 @@ pub use store::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
+pub use trace::{HANDLER_TARGET, REQUEST_TARGET, STORE_TARGET};

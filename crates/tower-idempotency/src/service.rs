@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower::{BoxError, Service};
+use tracing::Instrument;
 
 use crate::body::{IdempotencyBody, IdempotencyResponse};
 use crate::extract;
@@ -19,6 +20,7 @@ use crate::key::KeyError;
 use crate::problem::bad_key;
 use crate::shared::Shared;
 use crate::store::Store;
+use crate::trace::{RequestTrace, request_span};
 use crate::tracked::tracked;
 use crate::transaction;
 
@@ -157,12 +159,11 @@ where
         // The service that was made ready is the one that runs the request.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::tracked(Box::pin(tracked(
-            self.shared.clone(),
-            inner,
-            req,
-            head_key,
-            form,
-        )))
+        // Disabled (and free) unless a subscriber asks for it.
+        let span = request_span(req.method());
+        let trace = RequestTrace::new(span.clone());
+        let shared = self.shared.clone();
+        let future = tracked(shared, inner, req, head_key, form, trace);
+        ResponseFuture::tracked(Box::pin(future.instrument(span)))
     }
 }
