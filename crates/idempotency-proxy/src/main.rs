@@ -97,9 +97,17 @@ async fn run(args: Args) -> ExitCode {
         },
         None => None,
     };
+    let otlp = match args.otlp_traces(|name| std::env::var(name).ok()) {
+        Ok(otlp) => otlp,
+        Err(e) => return config_error(&e),
+    };
     // Logs start once the configuration is known to be good, so that a configuration error
-    // stays one line, whatever the store's client logged while it failed.
-    telemetry::init_logs(args.log_format);
+    // stays one line, whatever the store's client logged while it failed. The last spans are
+    // sent when `_tracing` is dropped, on the way out.
+    let _tracing = match telemetry::init(args.log_format, otlp.as_ref()) {
+        Ok(tracing) => tracing,
+        Err(e) => return config_error(&e),
+    };
 
     let layer = match layer::from_args(&args, store.clone()) {
         Ok(layer) => layer,
@@ -146,6 +154,7 @@ async fn run(args: Args) -> ExitCode {
         max_connections = args.max_connections,
         max_in_flight = args.max_in_flight,
         trust_forwarded = args.trust_forwarded,
+        otlp = otlp.as_ref().map(tracing::field::display),
         "idempotency-proxy ready"
     );
     let signal = shutdown.await;

@@ -11,7 +11,9 @@ use http::{HeaderName, Method};
 
 mod parse;
 
-pub(crate) use parse::{ConflictMode, LogFormat, ReleaseStatus, Secret, StatusItem, StoreSpec};
+pub(crate) use parse::{
+    ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec,
+};
 use parse::{
     duration, parse_fingerprint_header, parse_header_name, parse_method, parse_response_size,
     parse_size, positive_duration, positive_size,
@@ -341,6 +343,22 @@ pub(crate) struct Args {
         default_value = "text"
     )]
     pub(crate) log_format: LogFormat,
+
+    /// Export traces over OTLP/HTTP (protobuf) to `URL/v1/traces`, for example
+    /// `http://127.0.0.1:4318` (an OpenTelemetry Collector): a span for each keyed request,
+    /// with its key's hash (never the key), its outcome and its wait, and child spans for the
+    /// store's calls and the upstream's run. Without the flag, OTEL_EXPORTER_OTLP_ENDPOINT (a
+    /// base URL as here) or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (the full URL) turns the export
+    /// on. The other OTEL_* variables apply: OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME
+    /// (default idempotency-proxy), OTEL_BSP_SCHEDULE_DELAY (ms between exports, default
+    /// 5000). Spans still queued are sent at shutdown. Off unless set.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_OTLP_ENDPOINT",
+        value_name = "URL",
+        value_parser = OtlpEndpoint::base
+    )]
+    pub(crate) otlp_endpoint: Option<OtlpEndpoint>,
 }
 
 impl Args {
@@ -354,6 +372,28 @@ impl Args {
             ));
         }
         Ok(())
+    }
+
+    /// Where traces go: `--otlp-endpoint`, else the standard variables (read through `env`),
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` used as it is and `OTEL_EXPORTER_OTLP_ENDPOINT` as a
+    /// base URL. None: no export. A bad variable is an error naming it.
+    pub(crate) fn otlp_traces(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<OtlpEndpoint>, String> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            return Ok(Some(endpoint.clone()));
+        }
+        let var = |name: &str, parse: fn(&str) -> Result<OtlpEndpoint, String>| {
+            env(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| parse(v.trim()).map_err(|e| format!("{name}: {e}")))
+                .transpose()
+        };
+        match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OtlpEndpoint::traces)? {
+            Some(endpoint) => Ok(Some(endpoint)),
+            None => var("OTEL_EXPORTER_OTLP_ENDPOINT", OtlpEndpoint::base),
+        }
     }
 
     /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
@@ -596,6 +636,58 @@ mod tests {
             one_line(&e)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn otlp_endpoints() {
+        let none = |_: &str| None;
+        let a = Args::with_upstream(&[]).unwrap();
+        assert_eq!(a.otlp_traces(none).unwrap(), None);
+        let a = Args::with_upstream(&["--otlp-endpoint", "http://127.0.0.1:4318/"]).unwrap();
+        let traces = a.otlp_traces(none).unwrap().unwrap();
+        assert_eq!(traces.as_str(), "http://127.0.0.1:4318/v1/traces");
+        // The flag wins over the variables.
+        let env = |name: &str| (name == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:1".into());
+        assert_eq!(a.otlp_traces(env).unwrap(), Some(traces));
+        let a = Args::with_upstream(&["--otlp-endpoint", "http://collector/otel"]).unwrap();
+        let traces = a.otlp_traces(none).unwrap().unwrap();
+        assert_eq!(traces.as_str(), "http://collector/otel/v1/traces");
+
+        let plain = Args::with_upstream(&[]).unwrap();
+        assert_eq!(
+            plain.otlp_traces(env).unwrap().unwrap().as_str(),
+            "http://c:1/v1/traces"
+        );
+        let both = |name: &str| match name {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://c:1".into()),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => Some("http://t:2/traces".into()),
+            _ => None,
+        };
+        assert_eq!(
+            plain.otlp_traces(both).unwrap().unwrap().as_str(),
+            "http://t:2/traces"
+        );
+        let empty = |_: &str| Some(" ".to_owned());
+        assert_eq!(plain.otlp_traces(empty).unwrap(), None);
+        let bad = |name: &str| (name == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "ftp://c".into());
+        let e = plain.otlp_traces(bad).unwrap_err();
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT: "), "{e}");
+
+        for (url, says) in [
+            ("https://collector:4318", "https is not supported"),
+            ("collector:4318", "http://"),
+            (
+                "http://user:pw@collector:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+            ("http://collector:4318/?a=1", "query"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = Args::with_upstream(&["--otlp-endpoint", url]).unwrap_err();
+            let line = one_line(&e);
+            assert!(line.contains("--otlp-endpoint"), "{line}");
+            assert!(line.contains(says), "{url}: {line}");
+        }
     }
 
     #[test]

@@ -96,6 +96,68 @@ impl ReleaseStatus {
     }
 }
 
+/// Where traces go over OTLP/HTTP: the full URL of the traces endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OtlpEndpoint(String);
+
+impl OtlpEndpoint {
+    /// A base URL (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`): traces go to
+    /// `URL/v1/traces`.
+    pub(crate) fn base(s: &str) -> Result<Self, String> {
+        Self::check(s)?;
+        Ok(Self(format!("{}/v1/traces", s.trim_end_matches('/'))))
+    }
+
+    /// The traces URL itself (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), used as it is.
+    pub(crate) fn traces(s: &str) -> Result<Self, String> {
+        Self::check(s)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    fn check(s: &str) -> Result<(), String> {
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(
+                    "https is not supported; send traces to a collector's plain http:// address \
+                     (an OpenTelemetry Collector beside the proxy)"
+                        .into(),
+                );
+            }
+            _ => return Err("expected an http:// URL such as http://127.0.0.1:4318".into()),
+        }
+        match uri.authority() {
+            Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => {}
+            Some(a) if a.as_str().contains('@') => {
+                return Err(
+                    "user names and passwords in the URL are not supported; set \
+                     OTEL_EXPORTER_OTLP_HEADERS for the collector's credentials"
+                        .into(),
+                );
+            }
+            _ => return Err("the URL has no host; expected http://HOST:PORT".into()),
+        }
+        if uri.query().is_some() {
+            return Err("the URL must not carry a query".into());
+        }
+        Ok(())
+    }
+
+    /// The traces endpoint's URL.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OtlpEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// `--on-conflict`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ConflictMode {
