@@ -98,6 +98,34 @@
 //! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
 //! proves itself.
 //!
+//! # Traces and metrics
+//!
+//! The layer speaks `tracing` and the `metrics` facade, so it reports to whatever subscriber and
+//! recorder the application installs (tracing-subscriber's `fmt`, tracing-opentelemetry for an
+//! OTLP collector, a Prometheus exporter, ...), and costs next to nothing without them.
+//!
+//! Each tracked request is a span `idempotency.request` at `DEBUG` under the target
+//! [`REQUEST_TARGET`], with the attributes `idempotency.key_hash` (the first 16 hex digits of its
+//! [`StorageKey`]: the key itself is never logged or recorded), `idempotency.outcome`
+//! (`executed`, `replayed`, `waited`, `conflict`, `wait_timeout`, `mismatch`, `rejected`,
+//! `store_error`, `fail_open`, `corrupt_record`, `unreplayable`, `scope_unavailable` or
+//! `untracked`), `idempotency.wait_seconds` when it waited, `idempotency.lease` for an owner
+//! (`stored`, `released`, `lost`, `retrying`, `failed`), `http.request.method` and
+//! `http.response.status_code`. Its children are a span per store call
+//! (`idempotency.store.begin`, `.complete`, `.release`, `.renew`, `.wait`, under
+//! [`STORE_TARGET`], with `idempotency.store.result`) and the handler's run
+//! (`idempotency.handler`, under [`HANDLER_TARGET`]); an event `tracked request` with the hash,
+//! outcome, wait and status ends it. A filter at `info` disables them all, and a disabled span
+//! costs a level check: enable `tower_idempotency=debug` for the spans, or
+//! `tower_idempotency::request=debug` for one log line per tracked request.
+//!
+//! Beside the counter [`EVENTS_TOTAL`] (by [`Event`]), the layer records the histograms
+//! [`WAIT_DURATION`] (how long duplicates waited), [`OWNER_DURATION`] (how long owners held
+//! their key), [`STORE_DURATION`] (the store's round trip, by `verb`) and [`RECORD_BYTES`]
+//! (the size of stored records), and the gauge [`LEASES_HELD`]. Their keys are static, so
+//! recording allocates nothing. A Prometheus exporter renders a histogram without buckets as a
+//! summary: give these buckets (the proxy's are in its `telemetry.rs`).
+//!
 //! # Runtime
 //!
 //! The layer runs handlers with `tokio::spawn`, so it needs a tokio runtime.
