@@ -23,7 +23,7 @@ mod telemetry;
 mod upstream;
 mod workers;
 
-use cli::Args;
+use cli::{Args, OtlpEndpoint};
 use server::Drained;
 use workers::StartError;
 
@@ -46,6 +46,10 @@ fn main() -> ExitCode {
     if let Err(e) = args.validate() {
         return config_error(&e);
     }
+    let otlp = match args.otlp_traces(|name| std::env::var(name).ok()) {
+        Ok(otlp) => otlp,
+        Err(e) => return config_error(&e),
+    };
     // This runtime runs the signals, the admin endpoints and the store's connections; the
     // requests are served by the worker threads `run` starts.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, otlp))
 }
 
 fn config_error(line: &str) -> ExitCode {
@@ -66,7 +70,8 @@ fn config_error(line: &str) -> ExitCode {
     ExitCode::from(CONFIG_ERROR)
 }
 
-async fn run(args: Args) -> ExitCode {
+/// Serves until a signal; `otlp` is where traces go, if anywhere.
+async fn run(args: Args, otlp: Option<OtlpEndpoint>) -> ExitCode {
     // Signals are caught from here on, so a SIGTERM during start-up is a clean stop too.
     let shutdown = match shutdown_signal() {
         Ok(shutdown) => shutdown,
@@ -96,10 +101,6 @@ async fn run(args: Args) -> ExitCode {
             Err(e) => return config_error(&format!("--admin-listen {addr}: {e}")),
         },
         None => None,
-    };
-    let otlp = match args.otlp_traces(|name| std::env::var(name).ok()) {
-        Ok(otlp) => otlp,
-        Err(e) => return config_error(&e),
     };
     // Logs start once the configuration is known to be good, so that a configuration error
     // stays one line, whatever the store's client logged while it failed. The last spans are
