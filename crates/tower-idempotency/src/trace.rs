@@ -200,6 +200,17 @@ impl RequestTrace {
         res
     }
 
+    /// The request is answered with `res` (an error: the inner service failed), which is
+    /// returned: see [`finish`](Self::finish).
+    pub(crate) fn answered<B, E>(
+        &mut self,
+        outcome: Outcome,
+        res: Result<http::Response<B>, E>,
+    ) -> Result<http::Response<B>, E> {
+        self.finish(outcome, res.as_ref().ok().map(http::Response::status));
+        res
+    }
+
     /// The request is answered with `status` (none: the inner service failed): the span gets
     /// the outcome and the status, and one event says so, with the key's hash and the outcome.
     pub(crate) fn finish(&mut self, outcome: Outcome, status: Option<http::StatusCode>) {

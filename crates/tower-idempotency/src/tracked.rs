@@ -26,8 +26,7 @@ use crate::fingerprint::{
 use crate::headers::prefer_wait;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::lease::Lease;
-use crate::metrics::Verb;
-use crate::metrics::{Event, count};
+use crate::metrics::{Event, Verb, count};
 use crate::owner;
 use crate::problem::{Problem, bad_key};
 use crate::replay::{corrupt_record, replay};
@@ -84,8 +83,7 @@ where
         }
         Ok(None) => {
             let res = Box::pin(untracked(&shared, inner, parts, body)).await;
-            trace.finish(Outcome::Untracked, res.as_ref().ok().map(Response::status));
-            return res;
+            return trace.answered(Outcome::Untracked, res);
         }
         Err(e) => return Ok(trace.answer(Outcome::Rejected, bad_key(e))),
     };
@@ -162,8 +160,7 @@ where
             Err(e) => {
                 let failed = store_failed(e, &storage_key, &shared, inner, parts, body);
                 let (outcome, res) = Box::pin(failed).await;
-                trace.finish(outcome, res.as_ref().ok().map(Response::status));
-                return res;
+                return trace.answered(outcome, res);
             }
         };
         match begun {
@@ -203,8 +200,7 @@ where
                 if let Err(e) = store_call(Verb::Wait, wait, |()| "ok").await {
                     let failed = store_failed(e, &storage_key, &shared, inner, parts, body);
                     let (outcome, res) = Box::pin(failed).await;
-                    trace.finish(outcome, res.as_ref().ok().map(Response::status));
-                    return res;
+                    return trace.answered(outcome, res);
                 }
             }
             BeginOutcome::Acquired(token) => {
@@ -228,8 +224,7 @@ where
                     None => owner.await,
                     Some(limit) => Box::pin(answer_within(owner, limit, config.retry_after)).await,
                 };
-                trace.finish(Outcome::Executed, res.as_ref().ok().map(Response::status));
-                return res;
+                return trace.answered(Outcome::Executed, res);
             }
         }
     }
