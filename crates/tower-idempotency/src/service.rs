@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower::{BoxError, Service};
-use tracing::Instrument;
+use tracing::Span;
 
 use crate::body::{IdempotencyBody, IdempotencyResponse};
 use crate::extract;
@@ -113,9 +113,8 @@ impl<S> Idempotency<S> {
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        ResponseFuture::tracked(Box::pin(async move {
-            transaction::untracked(&shared, inner, req).await
-        }))
+        let future = Box::pin(async move { transaction::untracked(&shared, inner, req).await });
+        ResponseFuture::tracked(future, Span::none())
     }
 }
 
@@ -164,6 +163,6 @@ where
         let trace = RequestTrace::new(span.clone());
         let shared = self.shared.clone();
         let future = tracked(shared, inner, req, head_key, form, trace);
-        ResponseFuture::tracked(Box::pin(future.instrument(span)))
+        ResponseFuture::tracked(Box::pin(future), span)
     }
 }

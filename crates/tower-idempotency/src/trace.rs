@@ -260,7 +260,13 @@ pub(crate) async fn store_call<T>(
         }
     };
     let started = Instant::now();
-    let out = tracing::Instrument::instrument(call, span.clone()).await;
+    // Entered for each poll, and kept for the result: no clone of the span.
+    let mut call = std::pin::pin!(call);
+    let out = std::future::poll_fn(|cx| {
+        let _entered = span.enter();
+        call.as_mut().poll(cx)
+    })
+    .await;
     if let Some(histogram) = metrics::store_duration(verb) {
         histogram.record(started.elapsed().as_secs_f64());
     }

@@ -13,7 +13,6 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower::{BoxError, Service};
-use tracing::Instrument;
 
 use crate::body::{IdempotencyBody, IdempotencyResponse};
 use crate::config::{MAX_DURATION, OnConflict};
@@ -211,14 +210,14 @@ where
                 req.extensions_mut().insert(Tracked);
                 let lease = Lease::new(&shared, storage_key, token, place);
                 // A caller that goes away does not cancel the handler: the rest of the work
-                // moves to a task of its own, and its outcome is stored for the retry, in the
-                // request's span.
+                // moves to a task of its own, in the request's span, and its outcome is stored
+                // for the retry.
                 // Made in a statement of its own: a temporary in the awaiting statement would
                 // be kept in this future's state, doubling its size.
                 let owner = Detached::new(
                     shared.background.clone(),
-                    owner::run(shared.clone(), lease, inner, req, fingerprint)
-                        .instrument(trace.span().clone()),
+                    trace.span().clone(),
+                    owner::run(shared.clone(), lease, inner, req, fingerprint),
                 );
                 let res = match config.caller_timeout {
                     None => owner.await,
