@@ -173,8 +173,8 @@ pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 pub use storage_key::StorageKey;
 pub use store::{
-    BeginOutcome, Completer, Completion, LeaseToken, MemoryStore, MemoryStoreBuilder,
-    MemoryStoreStats, Store, StoreError,
+    BeginOutcome, CompletedInfo, Completer, Completion, Forgotten, InFlightPage, Inspected,
+    LeaseInfo, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
 };
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

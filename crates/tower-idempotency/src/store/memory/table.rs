@@ -45,6 +45,9 @@ pub(super) enum Entry {
         token: LeaseToken,
         fingerprint: Fingerprint,
         expires: Instant,
+        /// When the lease was granted, and how often it was renewed since: for operators.
+        granted: Instant,
+        renewals: u32,
         /// Made by the first waiter: most requests have none, and cost no allocation.
         notify: Option<Arc<Notify>>,
     },
@@ -52,6 +55,8 @@ pub(super) enum Entry {
         record: Bytes,
         expires: Instant,
         seq: u64,
+        /// When the lease of the request that completed it was granted.
+        created: Instant,
     },
 }
 
@@ -114,6 +119,17 @@ impl Table {
             }
             _ => None,
         }
+    }
+
+    /// Removes whatever is under `key`, keeping the counts; a completed record's queue entry
+    /// goes stale. The entry is handed back so that it is freed after the lock is released.
+    pub(super) fn remove(&mut self, key: &StorageKey) -> Option<Entry> {
+        let entry = self.map.remove(key)?;
+        if matches!(entry, Entry::Completed { .. }) {
+            self.completed_len -= 1;
+        }
+        self.bytes -= entry.bytes();
+        Some(entry)
     }
 
     /// Drops up to a few expired completed records, so memory follows the TTL without a sweeper.
