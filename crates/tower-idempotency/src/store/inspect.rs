@@ -86,7 +86,7 @@ impl InFlightPage {
         limit: usize,
     ) -> Self {
         leases.retain(|l| after.is_none_or(|after| l.key > *after));
-        leases.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        leases.sort_unstable_by_key(|l| l.key);
         let more = leases.len() > limit;
         leases.truncate(limit);
         let next = more.then(|| leases.last().map(|l| l.key)).flatten();

@@ -41,7 +41,7 @@ impl RedisStore {
         }
         let index = self.shard_index(usize::from(key.0[0] >> 4));
         let member = self.record_key(key);
-        let mut cmd = if filed {
+        let cmd = if filed {
             let mut cmd = redis::cmd("ZADD");
             cmd.arg(index).arg(0).arg(member);
             cmd
@@ -53,7 +53,7 @@ impl RedisStore {
         let connection = self.inner.connection.clone();
         let timeout = self.inner.timeout;
         tokio::spawn(async move {
-            let sent = tokio::time::timeout(timeout, connection.query::<Value>(&mut cmd)).await;
+            let sent = tokio::time::timeout(timeout, connection.query::<Value>(&cmd)).await;
             if !matches!(sent, Ok(Ok(_))) {
                 tracing::debug!("idempotency store: the index of leases was not updated");
             }
