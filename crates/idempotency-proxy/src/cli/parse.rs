@@ -36,6 +36,42 @@ impl Secret {
     }
 }
 
+/// The admin token: bytes that never show in logs or `Debug`.
+#[derive(Clone)]
+pub(crate) struct Token(Vec<u8>);
+
+impl Token {
+    pub(super) fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("the admin token must not be empty".into());
+        }
+        Ok(Self(s.as_bytes().to_vec()))
+    }
+
+    pub(super) fn read_file(path: &str) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let token = match bytes.strip_suffix(b"\n") {
+            Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
+            None => &bytes[..],
+        };
+        if token.is_empty() {
+            return Err(format!("{path} holds no admin token"));
+        }
+        Ok(Self(token.to_vec()))
+    }
+
+    /// The token's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(..)")
