@@ -98,6 +98,10 @@
 //! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
 //! proves itself.
 //!
+//! For operators, every store also answers [`Store::inspect`], [`Store::forget`] and
+//! [`Store::in_flight`], and `tower_idempotency::admin` (feature `admin`) serves them as an axum
+//! router: what is stored under a key, forget it so that it runs again, what is in flight.
+//!
 //! # Runtime
 //!
 //! The layer runs handlers with `tokio::spawn`, so it needs a tokio runtime.
