@@ -146,6 +146,47 @@ async fn the_key_routes_answer_401_without_the_token() {
 }
 
 #[tokio::test]
+async fn the_admin_token_may_come_from_a_file() {
+    let dir = idempotency_test_support::process::TempDir::new("admin-token");
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    let upstream = Upstream::start().await;
+    let proxy = Backend::memory()
+        .proxy(
+            &upstream.url(),
+            &["--admin-token-file", path.to_str().unwrap()],
+        )
+        .await;
+    let (status, _, doc) = admin_get(&proxy, "/keys/nothing-here").await;
+    assert_problem(status, &doc, StatusCode::NOT_FOUND, "no-record");
+    let res = client()
+        .get(proxy.admin_url("/keys/nothing-here"))
+        .bearer_auth(&TOKEN[..TOKEN.len() - 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::UNAUTHORIZED,
+        "a prefix is not the token"
+    );
+    std::fs::write(&path, "\n").unwrap();
+    let (code, out) = common::run_to_exit(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("holds no admin token"), "{out}");
+}
+
+#[tokio::test]
 async fn an_admin_token_without_an_admin_listener_is_a_configuration_error() {
     let (code, out) = common::run_to_exit(
         &["--upstream", "http://127.0.0.1:9", "--admin-token", TOKEN],

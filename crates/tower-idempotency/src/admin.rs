@@ -368,18 +368,6 @@ pub fn key_hash(key: &StorageKey) -> String {
     hex
 }
 
-/// Parses a storage key of 64 hex digits.
-pub fn parse_storage_key(hex: &str) -> Option<StorageKey> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(StorageKey(key))
-}
-
 fn lease_json(lease: &LeaseInfo) -> Value {
     json!({
         "owner": uuid::Uuid::from_u128(lease.owner.0).to_string(),
@@ -570,7 +558,7 @@ async fn list_in_flight(State(admin): State<Admin>, RawQuery(query): RawQuery) -
     };
     let after = match params(query, "after").last() {
         None => None,
-        Some(hex) => match parse_storage_key(hex) {
+        Some(hex) => match StorageKey::from_hex(hex) {
             Some(key) => Some(key),
             None => return bad_request("`after` is a storage key of 64 hex digits".to_owned()),
         },

@@ -37,6 +37,8 @@ pub(super) struct Table {
     pub(super) seq: u64,
     /// When a store full of leases may next be searched for expired ones.
     pub(super) next_lease_scan: Instant,
+    /// What the entries' grant times count from.
+    pub(super) epoch: Instant,
 }
 
 /// The record under one key: a request in flight, or its completed outcome.
@@ -45,8 +47,9 @@ pub(super) enum Entry {
         token: LeaseToken,
         fingerprint: Fingerprint,
         expires: Instant,
-        /// When the lease was granted, and how often it was renewed since: for operators.
-        granted: Instant,
+        /// When the lease was granted ([`Table::millis`]), and how often it was renewed since:
+        /// for operators.
+        granted: u32,
         renewals: u32,
         /// Made by the first waiter: most requests have none, and cost no allocation.
         notify: Option<Arc<Notify>>,
@@ -55,8 +58,8 @@ pub(super) enum Entry {
         record: Bytes,
         expires: Instant,
         seq: u64,
-        /// When the lease of the request that completed it was granted.
-        created: Instant,
+        /// When the lease of the request that completed it was granted ([`Table::millis`]).
+        created: u32,
     },
 }
 
@@ -100,6 +103,19 @@ impl Freed {
 }
 
 impl Table {
+    /// `at` in milliseconds since the store was made, modulo 2^32: four bytes an entry, where an
+    /// `Instant` would take sixteen. [`Table::age`] reads it back.
+    pub(super) fn millis(&self, at: Instant) -> u32 {
+        // Truncated on purpose: ages are told apart by wrapping subtraction.
+        (at - self.epoch).as_millis() as u32
+    }
+
+    /// How long before `now` the time `millis` was: exact for ages under 49 days (2^32 ms),
+    /// which no lease reaches, and records only with a TTL that long.
+    pub(super) fn age(&self, millis: u32, now: Instant) -> Duration {
+        Duration::from_millis(u64::from(self.millis(now).wrapping_sub(millis)))
+    }
+
     /// Leases held, live or expired.
     pub(super) fn leases(&self) -> usize {
         self.map.len() - self.completed_len

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-use super::table::{Entry, Freed, record_bytes};
+use super::table::{Entry, Freed, Table, record_bytes};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{Event, count};
 use crate::record::{Record, Unreplayable};
@@ -31,6 +31,7 @@ impl Store for MemoryStore {
         let mut freed = Freed::default();
         let mut guard = self.lock();
         let table = &mut *guard;
+        let granted = table.millis(now);
         table.purge_expired(now, &mut freed);
         let expired_record = match table.map.get_mut(key) {
             Some(Entry::Completed {
@@ -61,7 +62,7 @@ impl Store for MemoryStore {
                         token,
                         fingerprint: *fingerprint,
                         expires,
-                        granted: now,
+                        granted,
                         renewals: 0,
                         notify,
                     },
@@ -91,7 +92,7 @@ impl Store for MemoryStore {
                     token,
                     fingerprint: *fingerprint,
                     expires,
-                    granted: now,
+                    granted,
                     renewals: 0,
                     notify: None,
                 },
@@ -265,7 +266,7 @@ impl Store for MemoryStore {
         Ok(table
             .map
             .get(key)
-            .and_then(|entry| inspected(key, entry, now)))
+            .and_then(|entry| inspected(&table, key, entry, now)))
     }
 
     async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
@@ -319,7 +320,7 @@ impl Store for MemoryStore {
                     matches!(e, Entry::Lease { expires, .. } if *expires > now)
                         && after.is_none_or(|after| *k > after)
                 })
-                .filter_map(|(k, e)| match inspected(k, e, now) {
+                .filter_map(|(k, e)| match inspected(&table, k, e, now) {
                     Some(Inspected::InFlight(lease)) => Some(lease),
                     _ => None,
                 })
@@ -330,7 +331,7 @@ impl Store for MemoryStore {
 }
 
 /// What an operator is told of a live entry.
-fn inspected(key: &StorageKey, entry: &Entry, now: Instant) -> Option<Inspected> {
+fn inspected(table: &Table, key: &StorageKey, entry: &Entry, now: Instant) -> Option<Inspected> {
     match entry {
         Entry::Lease {
             token,
@@ -343,7 +344,7 @@ fn inspected(key: &StorageKey, entry: &Entry, now: Instant) -> Option<Inspected>
             key: *key,
             owner: *token,
             fingerprint: *fingerprint,
-            age: now - *granted,
+            age: table.age(*granted, now),
             renewals: *renewals,
             expires_in: *expires - now,
         })),
@@ -354,7 +355,7 @@ fn inspected(key: &StorageKey, entry: &Entry, now: Instant) -> Option<Inspected>
             ..
         } if *expires > now => Some(Inspected::Completed(CompletedInfo {
             record: record.clone(),
-            age: Some(now - *created),
+            age: Some(table.age(*created, now)),
             expires_in: *expires - now,
         })),
         _ => None,

@@ -172,14 +172,7 @@ impl RedisStore {
             .strip_prefix(self.inner.prefix.as_str())?
             .strip_prefix('{')?
             .strip_suffix('}')?;
-        if hex.len() != 64 {
-            return None;
-        }
-        let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(StorageKey(key))
+        StorageKey::from_hex(hex)
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
