@@ -31,7 +31,11 @@ use workers::StartError;
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "keys") {
+        return cli::keys::main(argv);
+    }
+    let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) => {
             return match e.kind() {
@@ -117,10 +121,16 @@ async fn run(args: Args, otlp: Option<OtlpEndpoint>) -> ExitCode {
 
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin_listener.map(|listener| {
+        let keys = args
+            .admin_token()
+            .map(|token| (admin::keys(&layer, &args), token.bytes().to_vec()));
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "admin endpoints: /healthz, /metrics");
+            match keys {
+                Some(_) => tracing::info!(%addr, "admin endpoints: /healthz, /metrics, /keys/{{key}}, /in-flight"),
+                None => tracing::info!(%addr, "admin endpoints: /healthz, /metrics"),
+            }
         }
-        let app = admin::router(store.clone(), metrics);
+        let app = admin::router(store.clone(), metrics, keys);
         let mut stopped = admin_stopped;
         tokio::spawn(async move {
             let stop = async move {

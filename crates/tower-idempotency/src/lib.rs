@@ -98,6 +98,10 @@
 //! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
 //! proves itself.
 //!
+//! For operators, every store also answers [`Store::inspect`], [`Store::forget`] and
+//! [`Store::in_flight`], and `tower_idempotency::admin` (feature `admin`) serves them as an axum
+//! router: what is stored under a key, forget it so that it runs again, what is in flight.
+//!
 //! # Traces and metrics
 //!
 //! The layer speaks `tracing` and the `metrics` facade, so it reports to whatever subscriber and
@@ -164,6 +168,9 @@ mod trace;
 mod tracked;
 mod transaction;
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub mod admin;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
@@ -204,8 +211,8 @@ pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 pub use storage_key::StorageKey;
 pub use store::{
-    BeginOutcome, Completer, Completion, LeaseToken, MemoryStore, MemoryStoreBuilder,
-    MemoryStoreStats, Store, StoreError,
+    BeginOutcome, CompletedInfo, Completer, Completion, Forgotten, InFlightPage, Inspected,
+    LeaseInfo, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
 };
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

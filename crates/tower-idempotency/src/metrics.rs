@@ -68,6 +68,12 @@ pub enum Event {
     /// A completed record was stored, but fewer replicas acknowledged it in time than the
     /// store requires (`RedisStoreBuilder::with_replica_acks`): a failover now could lose it.
     NotReplicated,
+    /// An operator forgot a completed record (the admin API's `DELETE /keys/{key}`): the next
+    /// request with its key runs.
+    Forgotten,
+    /// An operator forgot a request in flight, by force: its owner's outcome is not kept, and
+    /// the next request with its key runs, perhaps while the first still does.
+    ForgottenInFlight,
 }
 
 /// The counter's name.
@@ -126,6 +132,8 @@ events! {
     Overloaded => "overloaded",
     Unstorable => "unstorable",
     NotReplicated => "not_replicated",
+    Forgotten => "forgotten",
+    ForgottenInFlight => "forgotten_in_flight",
 }
 
 static METADATA: Metadata<'static> =
@@ -237,7 +245,7 @@ mod tests {
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 21);
+        assert_eq!(Event::ALL.len(), 23);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);

@@ -9,10 +9,11 @@ use std::time::Duration;
 use clap::Parser;
 use http::{HeaderName, Method};
 
+pub(crate) mod keys;
 mod parse;
 
 pub(crate) use parse::{
-    ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec,
+    ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec, Token,
 };
 use parse::{
     duration, parse_fingerprint_header, parse_header_name, parse_method, parse_response_size,
@@ -37,7 +38,10 @@ bytes, with `KiB`, `MiB` or `GiB` accepted (`1MiB`). Set RUST_LOG to change the 
 
 A configuration error (a bad flag, an unreachable store at start-up) prints one line and exits
 with code 2. SIGTERM or SIGINT stops accepting connections, lets requests in flight finish and
-store their outcomes, then exits 0.";
+store their outcomes, then exits 0.
+
+For operators, `idempotency-proxy keys inspect|forget|in-flight` asks a shared store about keys
+directly (see `idempotency-proxy keys --help`); the same is on --admin-listen with --admin-token.";
 
 /// Put any HTTP service behind idempotency keys: each keyed request runs once, duplicates get
 /// the stored response.
@@ -67,6 +71,32 @@ pub(crate) struct Args {
     /// otherwise) and `GET /metrics` (Prometheus text). Off unless set.
     #[arg(long, env = "IDEMPOTENCY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
     pub(crate) admin_listen: Option<SocketAddr>,
+
+    /// Turns on the operator's key routes on --admin-listen, behind `Authorization: Bearer
+    /// TOKEN`: `GET /keys/{key}` (the record of a key, `?scope=VALUE` once per scope header,
+    /// `?body=1` for the stored response), `DELETE /keys/{key}` (forget it so that it runs
+    /// again; `?force=1` while in flight) and `GET /in-flight?limit=N`. Without a token they
+    /// are off (404). A flag's value shows in the process list: prefer
+    /// IDEMPOTENCY_PROXY_ADMIN_TOKEN or --admin-token-file.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file",
+        value_parser = Token::parse
+    )]
+    pub(crate) admin_token: Option<Token>,
+
+    /// Read the admin token (see --admin-token) from this file, whole, less one trailing
+    /// newline.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_ADMIN_TOKEN_FILE",
+        value_name = "PATH",
+        value_parser = Token::read_file
+    )]
+    pub(crate) admin_token_file: Option<Token>,
 
     #[command(flatten)]
     pub(crate) store: StoreArgs,
@@ -364,6 +394,11 @@ pub(crate) struct Args {
 impl Args {
     /// Checks what no single flag's parser can: flags that must agree with each other.
     pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.admin_token().is_some() && self.admin_listen.is_none() {
+            return Err(
+                "--admin-token turns on the key routes of --admin-listen, which is not set".into(),
+            );
+        }
         if self.upstream_timeout > self.upstream_deadline {
             return Err(format!(
                 "--upstream-timeout ({}) must not be longer than --upstream-deadline ({})",
@@ -400,9 +435,15 @@ impl Args {
     pub(crate) fn key_secret(&self) -> Option<&Secret> {
         self.key_secret.as_ref().or(self.key_secret_file.as_ref())
     }
+
+    /// The admin token, from --admin-token or --admin-token-file.
+    pub(crate) fn admin_token(&self) -> Option<&Token> {
+        self.admin_token.as_ref().or(self.admin_token_file.as_ref())
+    }
 }
 
-/// `--store` and the options of the store it names.
+/// `--store` and the options of the store it names. Global, so that `keys` takes them after its
+/// own subcommand too; the server has no subcommands.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct StoreArgs {
     /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
@@ -413,6 +454,7 @@ pub(crate) struct StoreArgs {
     /// logged. PostgreSQL keeps the proxy's records, not the upstream's writes, which are out of
     /// its reach: for exactly once with a database, use the library's transactional mode.
     #[arg(
+        global = true,
         long = "store",
         id = "store",
         env = "IDEMPOTENCY_PROXY_STORE",
@@ -430,6 +472,7 @@ pub(crate) struct StoreArgs {
     /// replica: Redis replicates asynchronously, and a master that dies can take its latest
     /// writes with it.
     #[arg(
+        global = true,
         long,
         env = "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         value_name = "N",
@@ -443,6 +486,7 @@ pub(crate) struct StoreArgs {
     /// too large to fit is kept as not replayable: its duplicates get 409. For `--store memory`
     /// only [default: 256MiB]
     #[arg(
+        global = true,
         long,
         env = "IDEMPOTENCY_PROXY_STORE_MAX_BYTES",
         value_name = "BYTES",
@@ -454,6 +498,7 @@ pub(crate) struct StoreArgs {
     /// the same rules as --store-max-bytes: whichever bound is reached first applies. For
     /// `--store memory` only [default: 100000]
     #[arg(
+        global = true,
         long,
         env = "IDEMPOTENCY_PROXY_STORE_MAX_RECORDS",
         value_name = "N",

@@ -19,20 +19,56 @@ impl Secret {
     }
 
     pub(super) fn read_file(path: &str) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let secret = match bytes.strip_suffix(b"\n") {
-            Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
-            None => &bytes[..],
-        };
-        if secret.is_empty() {
-            return Err(format!("{path} holds no key secret"));
-        }
-        Ok(Self(secret.to_vec()))
+        read_secret_file(path, "key secret").map(Self)
     }
 
     /// The secret's bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// A file's whole content less one trailing newline (`\n` or `\r\n`): a secret kept in a file.
+/// `what` names it in the error.
+fn read_secret_file(path: &str, what: &str) -> Result<Vec<u8>, String> {
+    let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        return Err(format!("{path} holds no {what}"));
+    }
+    Ok(bytes)
+}
+
+/// The admin token: bytes that never show in logs or `Debug`.
+#[derive(Clone)]
+pub(crate) struct Token(Vec<u8>);
+
+impl Token {
+    pub(super) fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("the admin token must not be empty".into());
+        }
+        Ok(Self(s.as_bytes().to_vec()))
+    }
+
+    pub(super) fn read_file(path: &str) -> Result<Self, String> {
+        read_secret_file(path, "admin token").map(Self)
+    }
+
+    /// The token's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(..)")
     }
 }
 
