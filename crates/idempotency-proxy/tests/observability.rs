@@ -388,8 +388,8 @@ async fn spans_reach_an_otlp_receiver_with_the_keys_hash_and_outcome() {
 }
 
 /// With JSON logs at `debug` (the layer at `trace`) and traces exported every 50 ms, keys sent
-/// every way a key can come, and the caller's scope, appear in no log line and in no byte the
-/// receiver got; the hash and outcome of each keyed request do.
+/// every way a key can come (and to the admin routes), and the caller's scope, appear in no log
+/// line and in no byte the receiver got; the hash and outcome of each keyed request do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_log_line_or_span_holds_a_raw_key() {
     let receiver = Receiver::start().await;
@@ -406,6 +406,8 @@ async fn no_log_line_or_span_holds_a_raw_key() {
         "json",
         "--upstream-timeout",
         "200ms",
+        "--admin-token",
+        "admin-token-9",
     ];
     let proxy = proxy(&up, &flags, &env).await;
     let c = client();
@@ -454,6 +456,30 @@ async fn no_log_line_or_span_holds_a_raw_key() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+
+    // An operator looks a key up and forgets it: the admin routes take the raw key too.
+    let admin = |method: reqwest::Method, query: &str| {
+        let url = proxy.admin_url(&format!("/keys/{secret}-b0?{query}"));
+        c.request(method, url)
+            .header("Authorization", "Bearer admin-token-9")
+            .send()
+    };
+    let scope_query = "scope=Bearer%20scope-sekrit-77e1";
+    let found = admin(reqwest::Method::GET, &format!("{scope_query}&body=1"))
+        .await
+        .unwrap();
+    assert_eq!(found.status(), 200);
+    let found = found.text().await.unwrap();
+    assert!(!found.contains(secret), "{found}");
+    let forgotten = admin(reqwest::Method::DELETE, scope_query).await.unwrap();
+    assert_eq!(forgotten.status(), 204);
+    let listed = c
+        .get(proxy.admin_url("/in-flight"))
+        .header("Authorization", "Bearer admin-token-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
 
     // Exported while the proxy runs, not only at shutdown.
     receiver.wait_for_requests(tracked).await;
