@@ -363,9 +363,7 @@ impl IdempotencyLayer {
 /// The short hash of a storage key that logs, traces and the admin routes name a key by: its
 /// first 16 hex digits.
 pub fn key_hash(key: &StorageKey) -> String {
-    let mut hex = key.to_hex();
-    hex.truncate(16);
-    hex
+    crate::trace::KeyHash(*key).to_string()
 }
 
 fn lease_json(lease: &LeaseInfo) -> Value {
