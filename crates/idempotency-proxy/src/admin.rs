@@ -1,32 +1,98 @@
-//! The admin endpoints on `--admin-listen`: `/healthz` and `/metrics`.
+//! The admin endpoints on `--admin-listen`: `/healthz` and `/metrics`, open; and with
+//! `--admin-token`, the operator's key routes of [`tower_idempotency::admin`]
+//! (`GET`/`DELETE /keys/{key}`, `GET /in-flight`), behind `Authorization: Bearer TOKEN`.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_idempotency::Store;
+use tower_idempotency::admin::Admin;
+use tower_idempotency::{ProblemDetails, Store};
 
 #[derive(Clone)]
-struct Admin {
+struct Health {
     store: Arc<dyn Store>,
     metrics: PrometheusHandle,
 }
 
-/// The admin router.
-pub(crate) fn router(store: Arc<dyn Store>, metrics: PrometheusHandle) -> Router {
-    Router::new()
+/// The admin router; `keys` are the operator's routes with the token they need, when one is
+/// configured.
+pub(crate) fn router(
+    store: Arc<dyn Store>,
+    metrics: PrometheusHandle,
+    keys: Option<(Admin, Vec<u8>)>,
+) -> Router {
+    let open = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
-        .with_state(Admin { store, metrics })
+        .with_state(Health { store, metrics });
+    let app = match keys {
+        Some((admin, token)) => open.merge(
+            admin
+                .router()
+                .layer(middleware::from_fn_with_state(Arc::new(token), bearer)),
+        ),
+        None => open,
+    };
+    app.fallback(not_found)
+}
+
+/// Lets a request through only with `Authorization: Bearer TOKEN`; 401 otherwise.
+async fn bearer(State(token): State<Arc<Vec<u8>>>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if given.is_some_and(|given| same(given, &token)) {
+        return next.run(request).await;
+    }
+    let mut res = problem(
+        StatusCode::UNAUTHORIZED,
+        "admin-unauthorized",
+        "Admin token required",
+        "the key routes need `Authorization: Bearer TOKEN`, the token of --admin-token",
+    );
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"idempotency-proxy admin\""),
+    );
+    res
+}
+
+/// Compares in time that depends on the lengths only, not on where the bytes differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+async fn not_found() -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        "the admin endpoints are /healthz and /metrics, and with --admin-token /keys/{key} and /in-flight",
+    )
+}
+
+fn problem(status: StatusCode, slug: &str, title: &'static str, detail: &'static str) -> Response {
+    ProblemDetails::new(
+        status,
+        format!("urn:tower-idempotency:problem:{slug}"),
+        title,
+    )
+    .with_detail(detail)
+    .to_response()
+    .map(axum::body::Body::from)
+    .into_response()
 }
 
 /// 200 when the store answers, 503 otherwise.
-async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {
-    match crate::store::ping(&*admin.store).await {
+async fn healthz(State(health): State<Health>) -> impl IntoResponse {
+    match crate::store::ping(&*health.store).await {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(e) => {
             tracing::warn!(error = %e, "health check: the store does not answer");
@@ -39,13 +105,31 @@ async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 /// The Prometheus text exposition.
-async fn render_metrics(State(admin): State<Admin>) -> impl IntoResponse {
+async fn render_metrics(State(health): State<Health>) -> impl IntoResponse {
     crate::store::record_gauges();
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        admin.metrics.render(),
+        health.metrics.render(),
     )
+}
+
+/// The operator's view of the layer's keys: the same namespace, key secret and scope headers.
+pub(crate) fn keys(layer: &tower_idempotency::IdempotencyLayer, args: &crate::cli::Args) -> Admin {
+    Admin::for_layer(layer).with_scope_headers(args.scope_header.iter().cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3creT"));
+        assert!(!same(b"s3cret", b"s3cre"));
+        assert!(!same(b"", b"x"));
+    }
 }

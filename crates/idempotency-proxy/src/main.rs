@@ -23,7 +23,7 @@ mod telemetry;
 mod upstream;
 mod workers;
 
-use cli::Args;
+use cli::{Args, OtlpEndpoint};
 use server::Drained;
 use workers::StartError;
 
@@ -36,7 +36,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "keys") {
+        return cli::keys::main(argv);
+    }
+    let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) => {
             return match e.kind() {
@@ -51,6 +55,10 @@ fn main() -> ExitCode {
     if let Err(e) = args.validate() {
         return config_error(&e);
     }
+    let otlp = match args.otlp_traces(|name| std::env::var(name).ok()) {
+        Ok(otlp) => otlp,
+        Err(e) => return config_error(&e),
+    };
     // This runtime runs the signals, the admin endpoints and the store's connections; the
     // requests are served by the worker threads `run` starts.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -63,7 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, otlp))
 }
 
 fn config_error(line: &str) -> ExitCode {
@@ -71,7 +79,8 @@ fn config_error(line: &str) -> ExitCode {
     ExitCode::from(CONFIG_ERROR)
 }
 
-async fn run(args: Args) -> ExitCode {
+/// Serves until a signal; `otlp` is where traces go, if anywhere.
+async fn run(args: Args, otlp: Option<OtlpEndpoint>) -> ExitCode {
     // Signals are caught from here on, so a SIGTERM during start-up is a clean stop too.
     let shutdown = match shutdown_signal() {
         Ok(shutdown) => shutdown,
@@ -103,8 +112,12 @@ async fn run(args: Args) -> ExitCode {
         None => None,
     };
     // Logs start once the configuration is known to be good, so that a configuration error
-    // stays one line, whatever the store's client logged while it failed.
-    telemetry::init_logs(args.log_format);
+    // stays one line, whatever the store's client logged while it failed. The last spans are
+    // sent when `_tracing` is dropped, on the way out.
+    let _tracing = match telemetry::init(args.log_format, otlp.as_ref()) {
+        Ok(tracing) => tracing,
+        Err(e) => return config_error(&e),
+    };
 
     let layer = match layer::from_args(&args, store.clone()) {
         Ok(layer) => layer,
@@ -113,10 +126,16 @@ async fn run(args: Args) -> ExitCode {
 
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin_listener.map(|listener| {
+        let keys = args
+            .admin_token()
+            .map(|token| (admin::keys(&layer, &args), token.bytes().to_vec()));
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "admin endpoints: /healthz, /metrics");
+            match keys {
+                Some(_) => tracing::info!(%addr, "admin endpoints: /healthz, /metrics, /keys/{{key}}, /in-flight"),
+                None => tracing::info!(%addr, "admin endpoints: /healthz, /metrics"),
+            }
         }
-        let app = admin::router(store.clone(), metrics);
+        let app = admin::router(store.clone(), metrics, keys);
         let mut stopped = admin_stopped;
         tokio::spawn(async move {
             let stop = async move {
@@ -151,6 +170,7 @@ async fn run(args: Args) -> ExitCode {
         max_connections = args.max_connections,
         max_in_flight = args.max_in_flight,
         trust_forwarded = args.trust_forwarded,
+        otlp = otlp.as_ref().map(tracing::field::display),
         "idempotency-proxy ready"
     );
     let signal = shutdown.await;

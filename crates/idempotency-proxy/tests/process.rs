@@ -184,6 +184,22 @@ fn a_bad_configuration_is_one_line_and_exit_code_2() {
         "--upstream-deadline",
     );
 
+    fails_with_one_line(
+        &[
+            "--upstream",
+            up,
+            "--otlp-endpoint",
+            "https://collector:4318",
+        ],
+        &[],
+        "--otlp-endpoint",
+    );
+    fails_with_one_line(
+        &["--upstream", up],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")],
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    );
+
     // A store that does not answer at start-up.
     let redis = format!("redis://{}", free_addr());
     fails_with_one_line(&["--upstream", up, "--store", &redis], &[], "--store");
@@ -226,6 +242,8 @@ fn help_explains_every_flag() {
         "--max-in-flight",
         "--trust-forwarded",
         "--redis-replica-acks",
+        "--otlp-endpoint",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
         "IDEMPOTENCY_PROXY_UPSTREAM",
         "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         "IDEMPOTENCY_PROXY_KEY_SECRET",
@@ -281,6 +299,10 @@ async fn the_environment_configures_each_flag_it_sets() {
         ("IDEMPOTENCY_PROXY_MAX_IN_FLIGHT", "2".to_owned()),
         ("IDEMPOTENCY_PROXY_TRUST_FORWARDED", "true".to_owned()),
         ("IDEMPOTENCY_PROXY_KEY_SECRET", "env-secret".to_owned()),
+        (
+            "IDEMPOTENCY_PROXY_OTLP_ENDPOINT",
+            format!("http://{}", free_addr()),
+        ),
     ];
     let proxy = Proxy::spawn(Vec::new(), &env, addr, admin).await;
     let c = client();
@@ -476,6 +498,8 @@ async fn the_environment_configures_each_flag_it_sets() {
     assert_eq!(ready["max_connections"], 1000, "{ready}");
     assert_eq!(ready["max_in_flight"], 2, "{ready}");
     assert_eq!(ready["trust_forwarded"], true, "{ready}");
+    let otlp = ready["otlp"].as_str().unwrap_or_default();
+    assert!(otlp.ends_with("/v1/traces"), "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 use tower_idempotency::{
-    BeginOutcome, Fingerprint, LeaseToken, MemoryStore, StorageKey, Store, StoreError,
+    BeginOutcome, Fingerprint, Forgotten, InFlightPage, Inspected, LeaseToken, MemoryStore,
+    StorageKey, Store, StoreError,
 };
 
 #[derive(Default)]
@@ -249,5 +250,21 @@ impl<S: Store> Store for RecordingStore<S> {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspected>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.inner.forget(key, force).await
+    }
+
+    async fn in_flight(
+        &self,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<InFlightPage, StoreError> {
+        self.inner.in_flight(after, limit).await
     }
 }

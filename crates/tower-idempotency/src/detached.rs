@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span};
 
 use crate::body::IdempotencyResponse;
 use crate::metrics::{Event, count};
@@ -20,16 +21,20 @@ use crate::problem::Problem;
 pub(crate) struct Detached<T: Send + 'static> {
     future: Option<Pin<Box<dyn Future<Output = Owned<T>> + Send>>>,
     background: TaskTracker,
+    /// The request's span, entered for each poll, wherever the future runs.
+    span: Span,
 }
 
 impl<T: Send + 'static> Detached<T> {
     pub(crate) fn new(
         background: TaskTracker,
+        span: Span,
         future: impl Future<Output = Owned<T>> + Send + 'static,
     ) -> Self {
         Self {
             future: Some(Box::pin(future)),
             background,
+            span,
         }
     }
 }
@@ -43,7 +48,11 @@ impl<T: Send + 'static> Future for Detached<T> {
         let Some(mut future) = self.future.take() else {
             return Poll::Pending;
         };
-        match future.as_mut().poll(cx) {
+        let polled = {
+            let _entered = self.span.enter();
+            future.as_mut().poll(cx)
+        };
+        match polled {
             Poll::Ready(out) => Poll::Ready(out.answer),
             Poll::Pending => {
                 self.future = Some(future);
@@ -61,11 +70,15 @@ impl<T: Send + 'static> Drop for Detached<T> {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 // The caller is gone; the outcome is stored all the same.
-                let rest = self.background.track_future(async move {
-                    if future.await.stored {
-                        count(Event::LateAnswerStored);
+                let span = std::mem::replace(&mut self.span, Span::none());
+                let rest = self.background.track_future(
+                    async move {
+                        if future.await.stored {
+                            count(Event::LateAnswerStored);
+                        }
                     }
-                });
+                    .instrument(span),
+                );
                 drop(runtime.spawn(rest));
             }
             Err(_) => tracing::warn!(

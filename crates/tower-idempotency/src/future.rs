@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use pin_project_lite::pin_project;
+use tracing::Span;
 
 use crate::body::IdempotencyBody;
 
@@ -29,7 +30,9 @@ pin_project! {
     enum Kind<F, B, E> {
         Inner { #[pin] future: F },
         Ready { response: Option<Response<IdempotencyBody<B>>> },
-        Tracked { future: TrackedFuture<B, E> },
+        // The span is entered for each poll here, rather than by an `Instrumented` around the
+        // future, which would move the whole future once more on its way into its box.
+        Tracked { future: TrackedFuture<B, E>, span: Span },
     }
 }
 
@@ -48,9 +51,10 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn tracked(future: TrackedFuture<B, E>) -> Self {
+    /// A boxed future, polled in `span` (disabled, and free, unless a subscriber wants it).
+    pub(crate) fn tracked(future: TrackedFuture<B, E>, span: Span) -> Self {
         Self {
-            kind: Kind::Tracked { future },
+            kind: Kind::Tracked { future, span },
         }
     }
 }
@@ -71,7 +75,10 @@ where
                 Some(res) => Poll::Ready(Ok(res)),
                 None => panic!("ResponseFuture polled after completion"),
             },
-            KindProj::Tracked { future } => future.as_mut().poll(cx),
+            KindProj::Tracked { future, span } => {
+                let _entered = span.enter();
+                future.as_mut().poll(cx)
+            }
         }
     }
 }

@@ -327,6 +327,12 @@ impl IdempotencyLayer {
             .map(|scope| self.storage_key_for(scope, key))
     }
 
+    /// What the layer shares with its services.
+    #[cfg(feature = "admin")]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// The store this layer uses.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store

@@ -10,11 +10,13 @@ use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use crate::metrics::{Event, count};
+use crate::metrics::{self, Event, Verb, count};
 use crate::shared::Shared;
 use crate::storage_key::StorageKey;
 use crate::store::{LeaseToken, Store, StoreError};
+use crate::trace::{KeyHash, STORE_TARGET, owner_checked, store_call};
 
 /// The owner's hold on a key. Its store calls go through `&dyn Store` (`(*self.store)`), not
 /// through the `Arc`'s own `Store` impl, which would box every future twice.
@@ -24,6 +26,8 @@ pub(crate) struct Lease {
     token: LeaseToken,
     lock_ttl: Duration,
     background: TaskTracker,
+    /// When the lease was taken, for [`OWNER_DURATION`](crate::OWNER_DURATION).
+    acquired: Instant,
     /// The owner's place under the in-flight bound, given back when the lease ends.
     _place: Option<OwnedSemaphorePermit>,
 }
@@ -45,8 +49,13 @@ impl Settle {
         token: LeaseToken,
     ) -> Result<bool, StoreError> {
         match self {
-            Settle::Complete(record, ttl) => store.complete(key, token, record.clone(), *ttl).await,
-            Settle::Release => store.release(key, token).await,
+            Settle::Complete(record, ttl) => {
+                let call = store.complete(key, token, record.clone(), *ttl);
+                store_call(Verb::Complete, call, owner_checked).await
+            }
+            Settle::Release => {
+                store_call(Verb::Release, store.release(key, token), owner_checked).await
+            }
         }
     }
 
@@ -67,12 +76,14 @@ impl Lease {
         token: LeaseToken,
         place: Option<OwnedSemaphorePermit>,
     ) -> Self {
+        metrics::leases_held(1.0);
         Self {
             store: shared.store.clone(),
             key,
             token,
             lock_ttl: shared.config.lock_ttl,
             background: shared.background.clone(),
+            acquired: Instant::now(),
             _place: place,
         }
     }
@@ -90,10 +101,8 @@ impl Lease {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                match (*self.store)
-                    .renew(&self.key, self.token, self.lock_ttl)
-                    .await
-                {
+                let call = (*self.store).renew(&self.key, self.token, self.lock_ttl);
+                match store_call(Verb::Renew, call, owner_checked).await {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(key = ?self.key, "lease lost while the handler runs; its outcome will not be stored");
@@ -121,6 +130,7 @@ impl Lease {
 
     /// Stores the outcome; `true` once the store has taken it.
     pub(crate) async fn complete(&self, record: Bytes, ttl: Duration) -> bool {
+        metrics::record_bytes().record(record.len() as f64);
         self.settle(Settle::Complete(record, ttl)).await
     }
 
@@ -129,7 +139,19 @@ impl Lease {
     /// until it lands or the lease is surely gone, so one failed write never makes a request run
     /// twice: the owner token makes a repeated write safe. Meanwhile the caller has its answer.
     async fn settle(&self, how: Settle) -> bool {
-        match how.write(&*self.store, &self.key, self.token).await {
+        let written = how.write(&*self.store, &self.key, self.token).await;
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            let lease = match (&written, &how) {
+                (Ok(true), Settle::Complete(..)) => "stored",
+                (Ok(true), Settle::Release) => "released",
+                (Ok(false), _) => "lost",
+                (Err(StoreError::Unavailable(_)), _) => "retrying",
+                (Err(_), _) => "failed",
+            };
+            span.record("idempotency.lease", lease);
+        }
+        match written {
             Ok(true) => true,
             Ok(false) => {
                 lease_lost(&self.key, how.what());
@@ -137,8 +159,17 @@ impl Lease {
             }
             Err(StoreError::Unavailable(e)) => {
                 tracing::warn!(key = ?self.key, error = %e, "could not write a lease's {}; trying again", how.what());
+                // The retries outlive the request: a span of their own, that follows from it.
+                let retrying = tracing::debug_span!(
+                    target: STORE_TARGET,
+                    parent: None,
+                    "idempotency.store.retry",
+                    idempotency.key_hash = %KeyHash(self.key),
+                );
+                retrying.follows_from(&span);
                 let retry =
-                    retry_settle(self.store.clone(), self.key, self.token, how, self.lock_ttl);
+                    retry_settle(self.store.clone(), self.key, self.token, how, self.lock_ttl)
+                        .instrument(retrying);
                 match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => drop(runtime.spawn(self.background.track_future(retry))),
                     Err(_) => {
@@ -153,6 +184,13 @@ impl Lease {
                 false
             }
         }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        metrics::leases_held(-1.0);
+        metrics::owner_duration().record(self.acquired.elapsed().as_secs_f64());
     }
 }
 

@@ -98,6 +98,38 @@
 //! conformance suite, `tower_idempotency::conformance` (feature `conformance`), is how a backend
 //! proves itself.
 //!
+//! For operators, every store also answers [`Store::inspect`], [`Store::forget`] and
+//! [`Store::in_flight`], and `tower_idempotency::admin` (feature `admin`) serves them as an axum
+//! router: what is stored under a key, forget it so that it runs again, what is in flight.
+//!
+//! # Traces and metrics
+//!
+//! The layer speaks `tracing` and the `metrics` facade, so it reports to whatever subscriber and
+//! recorder the application installs (tracing-subscriber's `fmt`, tracing-opentelemetry for an
+//! OTLP collector, a Prometheus exporter, ...), and costs next to nothing without them.
+//!
+//! Each tracked request is a span `idempotency.request` at `DEBUG` under the target
+//! [`REQUEST_TARGET`], with the attributes `idempotency.key_hash` (the first 16 hex digits of its
+//! [`StorageKey`]: the key itself is never logged or recorded), `idempotency.outcome`
+//! (`executed`, `replayed`, `waited`, `conflict`, `wait_timeout`, `mismatch`, `rejected`,
+//! `store_error`, `fail_open`, `corrupt_record`, `unreplayable`, `scope_unavailable` or
+//! `untracked`), `idempotency.wait_seconds` when it waited, `idempotency.lease` for an owner
+//! (`stored`, `released`, `lost`, `retrying`, `failed`), `http.request.method` and
+//! `http.response.status_code`. Its children are a span per store call
+//! (`idempotency.store.begin`, `.complete`, `.release`, `.renew`, `.wait`, under
+//! [`STORE_TARGET`], with `idempotency.store.result`) and the handler's run
+//! (`idempotency.handler`, under [`HANDLER_TARGET`]); an event `tracked request` with the hash,
+//! outcome, wait and status ends it. A filter at `info` disables them all, and a disabled span
+//! costs a level check: enable `tower_idempotency=debug` for the spans, or
+//! `tower_idempotency::request=debug` for one log line per tracked request.
+//!
+//! Beside the counter [`EVENTS_TOTAL`] (by [`Event`]), the layer records the histograms
+//! [`WAIT_DURATION`] (how long duplicates waited), [`OWNER_DURATION`] (how long owners held
+//! their key), [`STORE_DURATION`] (the store's round trip, by `verb`) and [`RECORD_BYTES`]
+//! (the size of stored records), and the gauge [`LEASES_HELD`]. Their keys are static, so
+//! recording allocates nothing. A Prometheus exporter renders a histogram without buckets as a
+//! summary: give these buckets (the proxy's are in its `telemetry.rs`).
+//!
 //! # Runtime
 //!
 //! The layer runs handlers with `tokio::spawn`, so it needs a tokio runtime.
@@ -132,9 +164,13 @@ mod service;
 mod shared;
 mod storage_key;
 mod store;
+mod trace;
 mod tracked;
 mod transaction;
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub mod admin;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
@@ -167,14 +203,16 @@ pub use future::ResponseFuture;
 pub use headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
-pub use metrics::{EVENTS_TOTAL, Event};
+pub use metrics::{
+    EVENTS_TOTAL, Event, LEASES_HELD, OWNER_DURATION, RECORD_BYTES, STORE_DURATION, WAIT_DURATION,
+};
 pub use problem::{PROBLEM_JSON, Problem, ProblemDetails};
 pub use scope::{GlobalScope, HeaderScope, Scope, ScopeExtractor};
 pub use service::Idempotency;
 pub use storage_key::StorageKey;
 pub use store::{
-    BeginOutcome, Completer, Completion, LeaseToken, MemoryStore, MemoryStoreBuilder,
-    MemoryStoreStats, Store, StoreError,
+    BeginOutcome, CompletedInfo, Completer, Completion, Forgotten, InFlightPage, Inspected,
+    LeaseInfo, LeaseToken, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
 };
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -182,3 +220,4 @@ pub use store::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
+pub use trace::{HANDLER_TARGET, REQUEST_TARGET, STORE_TARGET};

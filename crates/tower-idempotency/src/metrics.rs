@@ -1,6 +1,7 @@
-//! [`Event`]: what the layer counts, through the `metrics` facade.
+//! [`Event`]: what the layer counts, and the histograms and gauge it keeps, through the
+//! `metrics` facade. Every key is static, so that recording allocates nothing.
 
-use metrics::{Key, Label, Level, Metadata};
+use metrics::{Histogram, Key, Label, Level, Metadata};
 
 /// Something the layer did with a request, counted through the `metrics` facade.
 ///
@@ -67,6 +68,12 @@ pub enum Event {
     /// A completed record was stored, but fewer replicas acknowledged it in time than the
     /// store requires (`RedisStoreBuilder::with_replica_acks`): a failover now could lose it.
     NotReplicated,
+    /// An operator forgot a completed record (the admin API's `DELETE /keys/{key}`): the next
+    /// request with its key runs.
+    Forgotten,
+    /// An operator forgot a request in flight, by force: its owner's outcome is not kept, and
+    /// the next request with its key runs, perhaps while the first still does.
+    ForgottenInFlight,
 }
 
 /// The counter's name.
@@ -125,6 +132,8 @@ events! {
     Overloaded => "overloaded",
     Unstorable => "unstorable",
     NotReplicated => "not_replicated",
+    Forgotten => "forgotten",
+    ForgottenInFlight => "forgotten_in_flight",
 }
 
 static METADATA: Metadata<'static> =
@@ -136,18 +145,128 @@ pub(crate) fn count(event: Event) {
         .increment(1);
 }
 
+/// Histogram of how long duplicates waited for the request in flight with their key, in
+/// seconds: from the first time a duplicate found the key in flight until it replayed the
+/// response, took the lease over, gave up (409) or failed. No labels.
+pub const WAIT_DURATION: &str = "idempotency_wait_duration_seconds";
+
+/// Histogram of how long lease owners held their lease, in seconds: from taking the lease to
+/// the end of their work, the handler's run and the write of its outcome (completion or
+/// release). A handler whose caller went away is observed when it ends. No labels.
+pub const OWNER_DURATION: &str = "idempotency_owner_duration_seconds";
+
+/// Histogram of the store's round-trip time per call, in seconds, by the label `verb`:
+/// `begin`, `complete`, `release` or `renew` (the time a duplicate spends in `wait` is
+/// [`WAIT_DURATION`]). Calls that failed are observed too.
+pub const STORE_DURATION: &str = "idempotency_store_duration_seconds";
+
+/// Histogram of the size of each record written by a completion, in bytes: the encoded
+/// response (status, kept headers, body) or the short record of an unreplayable one. No labels.
+pub const RECORD_BYTES: &str = "idempotency_record_bytes";
+
+/// Gauge of the leases this process holds: requests whose handler runs (or whose outcome is
+/// being written) as the owner of their key. No labels.
+pub const LEASES_HELD: &str = "idempotency_leases_held";
+
+/// A store verb, as the layer calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verb {
+    Begin,
+    Complete,
+    Release,
+    Renew,
+    Wait,
+}
+
+static WAIT_KEY: Key = Key::from_static_name(WAIT_DURATION);
+static OWNER_KEY: Key = Key::from_static_name(OWNER_DURATION);
+static RECORD_KEY: Key = Key::from_static_name(RECORD_BYTES);
+static LEASES_KEY: Key = Key::from_static_name(LEASES_HELD);
+
+/// The store-duration key of each timed verb.
+macro_rules! store_keys {
+    ($($verb:ident => $label:literal),* $(,)?) => {
+        fn store_key(verb: Verb) -> Option<&'static Key> {
+            $(
+                #[allow(non_upper_case_globals)]
+                static $verb: Key = {
+                    static LABELS: [Label; 1] = [Label::from_static_parts("verb", $label)];
+                    Key::from_static_parts(STORE_DURATION, &LABELS)
+                };
+            )*
+            match verb {
+                $(Verb::$verb => Some(&$verb),)*
+                Verb::Wait => None,
+            }
+        }
+    };
+}
+
+store_keys! {
+    Begin => "begin",
+    Complete => "complete",
+    Release => "release",
+    Renew => "renew",
+}
+
+fn histogram(key: &'static Key) -> Histogram {
+    metrics::with_recorder(|recorder| recorder.register_histogram(key, &METADATA))
+}
+
+/// The histogram of [`WAIT_DURATION`].
+pub(crate) fn wait_duration() -> Histogram {
+    histogram(&WAIT_KEY)
+}
+
+/// The histogram of [`OWNER_DURATION`].
+pub(crate) fn owner_duration() -> Histogram {
+    histogram(&OWNER_KEY)
+}
+
+/// The histogram of [`RECORD_BYTES`].
+pub(crate) fn record_bytes() -> Histogram {
+    histogram(&RECORD_KEY)
+}
+
+/// The histogram of [`STORE_DURATION`] for `verb`; none for `wait`.
+pub(crate) fn store_duration(verb: Verb) -> Option<Histogram> {
+    store_key(verb).map(histogram)
+}
+
+/// Adds `delta` (one lease taken: 1, one ended: -1) to [`LEASES_HELD`].
+pub(crate) fn leases_held(delta: f64) {
+    metrics::with_recorder(|recorder| recorder.register_gauge(&LEASES_KEY, &METADATA))
+        .increment(delta);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_event_counts_under_its_own_label() {
-        assert_eq!(Event::ALL.len(), 21);
+        assert_eq!(Event::ALL.len(), 23);
         for event in Event::ALL {
             let key = key(event);
             assert_eq!(key.name(), EVENTS_TOTAL);
             let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
             assert_eq!(labels, [("event", event.as_str())]);
         }
+    }
+
+    #[test]
+    fn each_timed_verb_has_its_own_label() {
+        for (verb, label) in [
+            (Verb::Begin, "begin"),
+            (Verb::Complete, "complete"),
+            (Verb::Release, "release"),
+            (Verb::Renew, "renew"),
+        ] {
+            let key = store_key(verb).unwrap();
+            assert_eq!(key.name(), STORE_DURATION);
+            let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
+            assert_eq!(labels, [("verb", label)]);
+        }
+        assert!(store_key(Verb::Wait).is_none());
     }
 }

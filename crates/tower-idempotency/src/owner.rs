@@ -18,13 +18,15 @@ use crate::extensions::{NotRun, OutcomeUnknown};
 use crate::fingerprint::Fingerprint;
 use crate::headers::kept_for_replay;
 use crate::lease::Lease;
-use crate::metrics::{Event, count};
+use crate::metrics::{self, Event, Verb, count};
 use crate::problem::Problem;
 use crate::record::{EncodeError, Record, Unreplayable};
 use crate::shared::Shared;
 use crate::storage_key::StorageKey;
 use crate::store::{Completer, Completion};
+use crate::trace::{HANDLER_TARGET, owner_checked, store_call};
 use crate::transaction;
+use tracing::Instrument;
 
 /// What the lease owner's part ends with: the first caller's answer, and whether a response was
 /// stored for replay (so that an answer its caller no longer waits for is counted).
@@ -65,33 +67,37 @@ where
     let limit = config.max_response_body;
     let storable = config.storable.clone();
     let completion = transaction::offer(&shared, &mut req, true);
-    let work = AssertUnwindSafe(async move {
-        let res = match inner.call(req).await {
-            Ok(res) => res,
-            Err(e) => return Outcome::Error(e),
-        };
-        if res.extensions().get::<OutcomeUnknown>().is_some() {
-            return Outcome::Unknown(res);
-        }
-        if res.extensions().get::<NotRun>().is_some() || !storable(res.status()) {
-            return Outcome::Release(res);
-        }
-        let (parts, body) = res.into_parts();
-        let mut body = Box::pin(body);
-        let mut buf = Collect::default();
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else {
-                return Outcome::BodyFailed;
+    let handler = tracing::debug_span!(target: HANDLER_TARGET, "idempotency.handler");
+    let work = AssertUnwindSafe(
+        async move {
+            let res = match inner.call(req).await {
+                Ok(res) => res,
+                Err(e) => return Outcome::Error(e),
             };
-            if let Ok(data) = frame.into_data() {
-                buf.push(data);
-                if buf.len() > limit {
-                    return Outcome::TooLarge(parts, buf.into_bytes(), body);
+            if res.extensions().get::<OutcomeUnknown>().is_some() {
+                return Outcome::Unknown(res);
+            }
+            if res.extensions().get::<NotRun>().is_some() || !storable(res.status()) {
+                return Outcome::Release(res);
+            }
+            let (parts, body) = res.into_parts();
+            let mut body = Box::pin(body);
+            let mut buf = Collect::default();
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return Outcome::BodyFailed;
+                };
+                if let Ok(data) = frame.into_data() {
+                    buf.push(data);
+                    if buf.len() > limit {
+                        return Outcome::TooLarge(parts, buf.into_bytes(), body);
+                    }
                 }
             }
+            Outcome::Store(parts, buf.into_bytes())
         }
-        Outcome::Store(parts, buf.into_bytes())
-    })
+        .instrument(handler),
+    )
     .catch_unwind();
 
     let unstored = |answer| Owned {
@@ -200,10 +206,9 @@ where
             return unstored(Ok(Problem::OutcomeUnknown.respond()));
         }
     };
-    match completer
-        .complete(lease.key, lease.token(), record, ttl)
-        .await
-    {
+    metrics::record_bytes().record(record.len() as f64);
+    let complete = completer.complete(lease.key, lease.token(), record, ttl);
+    match store_call(Verb::Complete, complete, owner_checked).await {
         Ok(true) => Owned {
             answer: Ok(answer),
             stored: true,

@@ -11,25 +11,32 @@ use crate::metrics::{Event, count};
 use crate::problem::Problem;
 use crate::record::{Record, Unreplayable};
 use crate::storage_key::StorageKey;
+use crate::trace::Outcome;
 
-/// The answer to a request with `fingerprint` whose key holds the completed record `bytes`.
+/// The answer to a request with `fingerprint` whose key holds the completed record `bytes`,
+/// and what it is: a replay, or the error that stands in for one.
 pub(crate) fn replay<B>(
     bytes: Bytes,
     fingerprint: &Fingerprint,
     key: StorageKey,
-) -> IdempotencyResponse<B> {
+) -> (Outcome, IdempotencyResponse<B>) {
     let record = match Record::decode(bytes) {
         Ok(record) => record,
-        Err(e) => return corrupt_record(&key, &e),
+        Err(e) => return (Outcome::CorruptRecord, corrupt_record(&key, &e)),
     };
     if record.fingerprint != *fingerprint {
         count(Event::Mismatch);
-        return Problem::FingerprintMismatch.respond();
+        return (Outcome::Mismatch, Problem::FingerprintMismatch.respond());
     }
     let stored = match record.response {
         Ok(stored) => stored,
-        Err(Unreplayable::TooLarge) => return Problem::NotReplayable.respond(),
-        Err(Unreplayable::OutcomeUnknown) => return Problem::OutcomeUnknown.respond(),
+        Err(why) => {
+            let res = match why {
+                Unreplayable::TooLarge => Problem::NotReplayable.respond(),
+                Unreplayable::OutcomeUnknown => Problem::OutcomeUnknown.respond(),
+            };
+            return (Outcome::Unreplayable, res);
+        }
     };
     count(Event::Replayed);
     let mut res = Response::new(IdempotencyBody::full(stored.body));
@@ -39,7 +46,7 @@ pub(crate) fn replay<B>(
         IDEMPOTENT_REPLAYED.clone(),
         HeaderValue::from_static("true"),
     );
-    res
+    (Outcome::Replayed, res)
 }
 
 /// The answer to a record that cannot be read: a counted 500 problem, the handler not run and

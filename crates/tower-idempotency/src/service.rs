@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower::{BoxError, Service};
+use tracing::Span;
 
 use crate::body::{IdempotencyBody, IdempotencyResponse};
 use crate::extract;
@@ -19,6 +20,7 @@ use crate::key::KeyError;
 use crate::problem::bad_key;
 use crate::shared::Shared;
 use crate::store::Store;
+use crate::trace::{RequestTrace, request_span};
 use crate::tracked::tracked;
 use crate::transaction;
 
@@ -111,9 +113,8 @@ impl<S> Idempotency<S> {
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        ResponseFuture::tracked(Box::pin(async move {
-            transaction::untracked(&shared, inner, req).await
-        }))
+        let future = Box::pin(async move { transaction::untracked(&shared, inner, req).await });
+        ResponseFuture::tracked(future, Span::none())
     }
 }
 
@@ -157,12 +158,11 @@ where
         // The service that was made ready is the one that runs the request.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::tracked(Box::pin(tracked(
-            self.shared.clone(),
-            inner,
-            req,
-            head_key,
-            form,
-        )))
+        // Disabled (and free) unless a subscriber asks for it.
+        let span = request_span(req.method());
+        let trace = RequestTrace::new(span.clone());
+        let shared = self.shared.clone();
+        let future = tracked(shared, inner, req, head_key, form, trace);
+        ResponseFuture::tracked(Box::pin(future), span)
     }
 }

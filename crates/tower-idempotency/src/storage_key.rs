@@ -22,6 +22,20 @@ impl StorageKey {
         s
     }
 
+    /// The key written as 64 hex digits ([`to_hex`](Self::to_hex)), or `None` for anything
+    /// else.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        // `from_str_radix` alone would take a sign, `+0`, for a digit.
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(StorageKey(key))
+    }
+
     /// Appends the key in lower-case hex to `out`.
     pub(crate) fn push_hex(&self, out: &mut String) {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -90,6 +104,23 @@ mod tests {
         key: &[u8],
     ) -> StorageKey {
         StorageKey::derive(secret, namespace, scope, key)
+    }
+
+    #[test]
+    fn storage_keys_read_back_from_hex() {
+        let k = derive(None, "ns", Some(b"scope"), b"key");
+        assert_eq!(StorageKey::from_hex(&k.to_hex()), Some(k));
+        assert_eq!(StorageKey::from_hex(&k.to_hex().to_uppercase()), Some(k));
+        for bad in [
+            "",
+            "00",
+            &"g".repeat(64),
+            &"0".repeat(63),
+            &"0".repeat(65),
+            &"+0".repeat(32),
+        ] {
+            assert_eq!(StorageKey::from_hex(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -25,23 +25,26 @@ use crate::fingerprint::{
 use crate::headers::prefer_wait;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::lease::Lease;
-use crate::metrics::{Event, count};
+use crate::metrics::{Event, Verb, count};
 use crate::owner;
 use crate::problem::{Problem, bad_key};
 use crate::replay::{corrupt_record, replay};
 use crate::shared::Shared;
 use crate::storage_key::StorageKey;
 use crate::store::{BeginOutcome, StoreError};
+use crate::trace::{Outcome, RequestTrace, store_call};
 use crate::transaction;
 
 /// A covered request that names a key in its head (`head_key`) or may name one in its form
-/// body (`form`), from its body to its answer.
+/// body (`form`), from its body to its answer, told to `trace` (whose span this future runs
+/// in).
 pub(crate) async fn tracked<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     inner: S,
     req: Request<ReqBody>,
     head_key: Option<IdempotencyKey>,
     form: Option<FormKind>,
+    mut trace: RequestTrace,
 ) -> Result<IdempotencyResponse<ResBody>, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -66,7 +69,7 @@ where
     .await;
     let body = match body {
         Ok(body) => body,
-        Err(p) => return Ok(p.respond()),
+        Err(p) => return Ok(trace.answer(Outcome::Rejected, p.respond())),
     };
     let key = match &form {
         Some(kind) => Box::pin(extract::with_form_body(head_key, kind, &body)).await,
@@ -74,9 +77,14 @@ where
     };
     let key = match key {
         Ok(Some(key)) => key,
-        Ok(None) if config.require_key => return Ok(bad_key(KeyError::Missing)),
-        Ok(None) => return Box::pin(untracked(&shared, inner, parts, body)).await,
-        Err(e) => return Ok(bad_key(e)),
+        Ok(None) if config.require_key => {
+            return Ok(trace.answer(Outcome::Rejected, bad_key(KeyError::Missing)));
+        }
+        Ok(None) => {
+            let res = Box::pin(untracked(&shared, inner, parts, body)).await;
+            return trace.answered(Outcome::Untracked, res);
+        }
+        Err(e) => return Ok(trace.answer(Outcome::Rejected, bad_key(e))),
     };
 
     let storage_key = {
@@ -89,9 +97,10 @@ where
                 scope,
                 key.as_str().as_bytes(),
             ),
-            None => return Ok(scope_unavailable(&parts)),
+            None => return Ok(trace.answer(Outcome::ScopeUnavailable, scope_unavailable(&parts))),
         }
     };
+    trace.key(storage_key);
     let query = query_without_key(parts.uri.query().unwrap_or(""), FORM_FIELD);
     let content_type = parts
         .headers
@@ -103,7 +112,7 @@ where
             // A key may hide past the damage, and the body cannot be fingerprinted as a form:
             // its raw bytes under a multipart content type (one without a boundary) could pass
             // for another request's fields.
-            None => return Ok(Problem::MalformedForm.respond()),
+            None => return Ok(trace.answer(Outcome::Rejected, Problem::MalformedForm.respond())),
         }
     } else {
         None
@@ -130,7 +139,6 @@ where
     };
     // A wait timeout too large to add to the clock (Duration::MAX) waits "forever" at most.
     let deadline = Instant::now() + budget.min(MAX_DURATION);
-    let mut waited = false;
     loop {
         // Checked before the store is asked for anything: a request refused here takes nothing.
         let place = match &config.in_flight {
@@ -140,69 +148,93 @@ where
                 Err(_) => {
                     count(Event::Overloaded);
                     let retry_after = config.retry_after;
-                    return Ok(Problem::Overloaded { retry_after }.respond());
+                    let res = Problem::Overloaded { retry_after }.respond();
+                    return Ok(trace.answer(Outcome::Rejected, res));
                 }
             },
         };
-        let begun = match (*shared.store)
-            .begin(&storage_key, &fingerprint, config.lock_ttl)
-            .await
-        {
+        let begin = (*shared.store).begin(&storage_key, &fingerprint, config.lock_ttl);
+        let begun = match store_call(Verb::Begin, begin, begin_result).await {
             Ok(begun) => begun,
             Err(e) => {
-                return Box::pin(store_failed(e, &storage_key, &shared, inner, parts, body)).await;
+                let failed = store_failed(e, &storage_key, &shared, inner, parts, body);
+                let (outcome, res) = Box::pin(failed).await;
+                return trace.answered(outcome, res);
             }
         };
         match begun {
             BeginOutcome::Completed(bytes) => {
-                return Ok(replay(bytes, &fingerprint, storage_key));
+                let (outcome, res) = replay(bytes, &fingerprint, storage_key);
+                let outcome = match outcome {
+                    Outcome::Replayed if trace.has_waited() => Outcome::Waited,
+                    outcome => outcome,
+                };
+                return Ok(trace.answer(outcome, res));
             }
             BeginOutcome::InFlight { fingerprint: other } => {
                 // A duplicate that waits holds no place under the in-flight bound.
                 drop(place);
                 if other != fingerprint {
                     count(Event::Mismatch);
-                    return Ok(Problem::FingerprintMismatch.respond());
+                    let res = Problem::FingerprintMismatch.respond();
+                    return Ok(trace.answer(Outcome::Mismatch, res));
                 }
                 let now = Instant::now();
                 if now >= deadline {
                     let retry_after = config.retry_after;
                     return Ok(if budget.is_zero() {
                         count(Event::Conflict);
-                        Problem::InFlight { retry_after }.respond()
+                        let res = Problem::InFlight { retry_after }.respond();
+                        trace.answer(Outcome::Conflict, res)
                     } else {
                         count(Event::WaitTimeout);
-                        Problem::WaitTimeout { retry_after }.respond()
+                        let res = Problem::WaitTimeout { retry_after }.respond();
+                        trace.answer(Outcome::WaitTimeout, res)
                     });
                 }
-                if !waited {
-                    waited = true;
+                if trace.start_wait() {
                     count(Event::Waited);
                 }
-                if let Err(e) = (*shared.store).wait(&storage_key, deadline - now).await {
-                    return Box::pin(store_failed(e, &storage_key, &shared, inner, parts, body))
-                        .await;
+                let wait = (*shared.store).wait(&storage_key, deadline - now);
+                if let Err(e) = store_call(Verb::Wait, wait, |()| "ok").await {
+                    let failed = store_failed(e, &storage_key, &shared, inner, parts, body);
+                    let (outcome, res) = Box::pin(failed).await;
+                    return trace.answered(outcome, res);
                 }
             }
             BeginOutcome::Acquired(token) => {
                 count(Event::Executed);
+                trace.end_wait();
+                trace.outcome(Outcome::Executed);
                 let mut req = Request::from_parts(parts, IdempotencyBody::full(body));
                 req.extensions_mut().insert(Tracked);
                 let lease = Lease::new(&shared, storage_key, token, place);
                 // A caller that goes away does not cancel the handler: the rest of the work
-                // moves to a task of its own, and its outcome is stored for the retry.
+                // moves to a task of its own, in the request's span, and its outcome is stored
+                // for the retry.
                 // Made in a statement of its own: a temporary in the awaiting statement would
                 // be kept in this future's state, doubling its size.
                 let owner = Detached::new(
                     shared.background.clone(),
+                    trace.span().clone(),
                     owner::run(shared.clone(), lease, inner, req, fingerprint),
                 );
-                return match config.caller_timeout {
+                let res = match config.caller_timeout {
                     None => owner.await,
                     Some(limit) => Box::pin(answer_within(owner, limit, config.retry_after)).await,
                 };
+                return trace.answered(Outcome::Executed, res);
             }
         }
+    }
+}
+
+/// What `begin` answered, for its span.
+fn begin_result(begun: &BeginOutcome) -> &'static str {
+    match begun {
+        BeginOutcome::Acquired(_) => "acquired",
+        BeginOutcome::Completed(_) => "completed",
+        BeginOutcome::InFlight { .. } => "in_flight",
     }
 }
 
@@ -221,7 +253,7 @@ where
 }
 
 /// The answer when the store fails before the request runs: refused (fail closed), or run
-/// untracked when the layer fails open and the failure is an outage.
+/// untracked when the layer fails open and the failure is an outage; and which of these it was.
 async fn store_failed<S, ReqBody, ResBody>(
     e: StoreError,
     key: &StorageKey,
@@ -229,13 +261,13 @@ async fn store_failed<S, ReqBody, ResBody>(
     inner: S,
     parts: Parts,
     body: Bytes,
-) -> Result<IdempotencyResponse<ResBody>, S::Error>
+) -> (Outcome, Result<IdempotencyResponse<ResBody>, S::Error>)
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
 {
     if let StoreError::Corrupt(why) = &e {
         // Not an outage, so never failed open: the record may stand for a completed request.
-        return Ok(corrupt_record(key, why));
+        return (Outcome::CorruptRecord, Ok(corrupt_record(key, why)));
     }
     count(Event::StoreError);
     let config = &shared.config;
@@ -248,13 +280,15 @@ where
         e if config.fail_open => {
             tracing::warn!(error = %e, "idempotency store failed; running the request untracked (fail open)");
             count(Event::FailOpen);
-            return Box::pin(untracked(shared, inner, parts, body)).await;
+            let res = Box::pin(untracked(shared, inner, parts, body)).await;
+            return (Outcome::FailOpen, res);
         }
         e => {
             tracing::error!(error = %e, "idempotency store failed; refusing the request (fail closed)")
         }
     }
-    Ok(Problem::StoreUnavailable { retry_after }.respond())
+    let res = Problem::StoreUnavailable { retry_after }.respond();
+    (Outcome::StoreError, Ok(res))
 }
 
 /// Reads a body the layer needs in full, within `limit` bytes and, if set, within `timeout`

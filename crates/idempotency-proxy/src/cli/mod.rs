@@ -9,9 +9,12 @@ use std::time::Duration;
 use clap::Parser;
 use http::{HeaderName, Method};
 
+pub(crate) mod keys;
 mod parse;
 
-pub(crate) use parse::{ConflictMode, LogFormat, ReleaseStatus, Secret, StatusItem, StoreSpec};
+pub(crate) use parse::{
+    ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec, Token,
+};
 use parse::{
     duration, parse_fingerprint_header, parse_header_name, parse_method, parse_response_size,
     parse_size, positive_duration, positive_size,
@@ -35,7 +38,10 @@ bytes, with `KiB`, `MiB` or `GiB` accepted (`1MiB`). Set RUST_LOG to change the 
 
 A configuration error (a bad flag, an unreachable store at start-up) prints one line and exits
 with code 2. SIGTERM or SIGINT stops accepting connections, lets requests in flight finish and
-store their outcomes, then exits 0.";
+store their outcomes, then exits 0.
+
+For operators, `idempotency-proxy keys inspect|forget|in-flight` asks a shared store about keys
+directly (see `idempotency-proxy keys --help`); the same is on --admin-listen with --admin-token.";
 
 /// Put any HTTP service behind idempotency keys: each keyed request runs once, duplicates get
 /// the stored response.
@@ -65,6 +71,32 @@ pub(crate) struct Args {
     /// otherwise) and `GET /metrics` (Prometheus text). Off unless set.
     #[arg(long, env = "IDEMPOTENCY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
     pub(crate) admin_listen: Option<SocketAddr>,
+
+    /// Turns on the operator's key routes on --admin-listen, behind `Authorization: Bearer
+    /// TOKEN`: `GET /keys/{key}` (the record of a key, `?scope=VALUE` once per scope header,
+    /// `?body=1` for the stored response), `DELETE /keys/{key}` (forget it so that it runs
+    /// again; `?force=1` while in flight) and `GET /in-flight?limit=N`. Without a token they
+    /// are off (404). A flag's value shows in the process list: prefer
+    /// IDEMPOTENCY_PROXY_ADMIN_TOKEN or --admin-token-file.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file",
+        value_parser = Token::parse
+    )]
+    pub(crate) admin_token: Option<Token>,
+
+    /// Read the admin token (see --admin-token) from this file, whole, less one trailing
+    /// newline.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_ADMIN_TOKEN_FILE",
+        value_name = "PATH",
+        value_parser = Token::read_file
+    )]
+    pub(crate) admin_token_file: Option<Token>,
 
     #[command(flatten)]
     pub(crate) store: StoreArgs,
@@ -341,11 +373,32 @@ pub(crate) struct Args {
         default_value = "text"
     )]
     pub(crate) log_format: LogFormat,
+
+    /// Export traces over OTLP/HTTP (protobuf) to `URL/v1/traces`, for example
+    /// `http://127.0.0.1:4318` (an OpenTelemetry Collector): a span for each keyed request,
+    /// with its key's hash (never the key), its outcome and its wait, and child spans for the
+    /// store's calls and the upstream's run. Without the flag, OTEL_EXPORTER_OTLP_ENDPOINT (a
+    /// base URL as here) or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (the full URL) turns the export
+    /// on. The other OTEL_* variables apply: OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME
+    /// (default idempotency-proxy), OTEL_BSP_SCHEDULE_DELAY (ms between exports, default
+    /// 5000). Spans still queued are sent at shutdown. Off unless set.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROXY_OTLP_ENDPOINT",
+        value_name = "URL",
+        value_parser = OtlpEndpoint::base
+    )]
+    pub(crate) otlp_endpoint: Option<OtlpEndpoint>,
 }
 
 impl Args {
     /// Checks what no single flag's parser can: flags that must agree with each other.
     pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.admin_token().is_some() && self.admin_listen.is_none() {
+            return Err(
+                "--admin-token turns on the key routes of --admin-listen, which is not set".into(),
+            );
+        }
         if self.upstream_timeout > self.upstream_deadline {
             return Err(format!(
                 "--upstream-timeout ({}) must not be longer than --upstream-deadline ({})",
@@ -356,13 +409,41 @@ impl Args {
         Ok(())
     }
 
+    /// Where traces go: `--otlp-endpoint`, else the standard variables (read through `env`),
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` used as it is and `OTEL_EXPORTER_OTLP_ENDPOINT` as a
+    /// base URL. None: no export. A bad variable is an error naming it.
+    pub(crate) fn otlp_traces(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<OtlpEndpoint>, String> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            return Ok(Some(endpoint.clone()));
+        }
+        let var = |name: &str, parse: fn(&str) -> Result<OtlpEndpoint, String>| {
+            env(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| parse(v.trim()).map_err(|e| format!("{name}: {e}")))
+                .transpose()
+        };
+        match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OtlpEndpoint::traces)? {
+            Some(endpoint) => Ok(Some(endpoint)),
+            None => var("OTEL_EXPORTER_OTLP_ENDPOINT", OtlpEndpoint::base),
+        }
+    }
+
     /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
     pub(crate) fn key_secret(&self) -> Option<&Secret> {
         self.key_secret.as_ref().or(self.key_secret_file.as_ref())
     }
+
+    /// The admin token, from --admin-token or --admin-token-file.
+    pub(crate) fn admin_token(&self) -> Option<&Token> {
+        self.admin_token.as_ref().or(self.admin_token_file.as_ref())
+    }
 }
 
-/// `--store` and the options of the store it names.
+/// `--store` and the options of the store it names. Global, so that `keys` takes them after its
+/// own subcommand too; the server has no subcommands.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct StoreArgs {
     /// Where idempotency records live: `memory` (this process only), `redis://HOST:PORT[/DB]`,
@@ -373,6 +454,7 @@ pub(crate) struct StoreArgs {
     /// logged. PostgreSQL keeps the proxy's records, not the upstream's writes, which are out of
     /// its reach: for exactly once with a database, use the library's transactional mode.
     #[arg(
+        global = true,
         long = "store",
         id = "store",
         env = "IDEMPOTENCY_PROXY_STORE",
@@ -390,6 +472,7 @@ pub(crate) struct StoreArgs {
     /// replica: Redis replicates asynchronously, and a master that dies can take its latest
     /// writes with it.
     #[arg(
+        global = true,
         long,
         env = "IDEMPOTENCY_PROXY_REDIS_REPLICA_ACKS",
         value_name = "N",
@@ -403,6 +486,7 @@ pub(crate) struct StoreArgs {
     /// too large to fit is kept as not replayable: its duplicates get 409. For `--store memory`
     /// only [default: 256MiB]
     #[arg(
+        global = true,
         long,
         env = "IDEMPOTENCY_PROXY_STORE_MAX_BYTES",
         value_name = "BYTES",
@@ -414,6 +498,7 @@ pub(crate) struct StoreArgs {
     /// the same rules as --store-max-bytes: whichever bound is reached first applies. For
     /// `--store memory` only [default: 100000]
     #[arg(
+        global = true,
         long,
         env = "IDEMPOTENCY_PROXY_STORE_MAX_RECORDS",
         value_name = "N",
@@ -596,6 +681,58 @@ mod tests {
             one_line(&e)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn otlp_endpoints() {
+        let none = |_: &str| None;
+        let a = Args::with_upstream(&[]).unwrap();
+        assert_eq!(a.otlp_traces(none).unwrap(), None);
+        let a = Args::with_upstream(&["--otlp-endpoint", "http://127.0.0.1:4318/"]).unwrap();
+        let traces = a.otlp_traces(none).unwrap().unwrap();
+        assert_eq!(traces.as_str(), "http://127.0.0.1:4318/v1/traces");
+        // The flag wins over the variables.
+        let env = |name: &str| (name == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:1".into());
+        assert_eq!(a.otlp_traces(env).unwrap(), Some(traces));
+        let a = Args::with_upstream(&["--otlp-endpoint", "http://collector/otel"]).unwrap();
+        let traces = a.otlp_traces(none).unwrap().unwrap();
+        assert_eq!(traces.as_str(), "http://collector/otel/v1/traces");
+
+        let plain = Args::with_upstream(&[]).unwrap();
+        assert_eq!(
+            plain.otlp_traces(env).unwrap().unwrap().as_str(),
+            "http://c:1/v1/traces"
+        );
+        let both = |name: &str| match name {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://c:1".into()),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => Some("http://t:2/traces".into()),
+            _ => None,
+        };
+        assert_eq!(
+            plain.otlp_traces(both).unwrap().unwrap().as_str(),
+            "http://t:2/traces"
+        );
+        let empty = |_: &str| Some(" ".to_owned());
+        assert_eq!(plain.otlp_traces(empty).unwrap(), None);
+        let bad = |name: &str| (name == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "ftp://c".into());
+        let e = plain.otlp_traces(bad).unwrap_err();
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT: "), "{e}");
+
+        for (url, says) in [
+            ("https://collector:4318", "https is not supported"),
+            ("collector:4318", "http://"),
+            (
+                "http://user:pw@collector:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+            ("http://collector:4318/?a=1", "query"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = Args::with_upstream(&["--otlp-endpoint", url]).unwrap_err();
+            let line = one_line(&e);
+            assert!(line.contains("--otlp-endpoint"), "{line}");
+            assert!(line.contains(says), "{url}: {line}");
+        }
     }
 
     #[test]

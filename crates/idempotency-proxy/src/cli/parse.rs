@@ -19,20 +19,56 @@ impl Secret {
     }
 
     pub(super) fn read_file(path: &str) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let secret = match bytes.strip_suffix(b"\n") {
-            Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
-            None => &bytes[..],
-        };
-        if secret.is_empty() {
-            return Err(format!("{path} holds no key secret"));
-        }
-        Ok(Self(secret.to_vec()))
+        read_secret_file(path, "key secret").map(Self)
     }
 
     /// The secret's bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// A file's whole content less one trailing newline (`\n` or `\r\n`): a secret kept in a file.
+/// `what` names it in the error.
+fn read_secret_file(path: &str, what: &str) -> Result<Vec<u8>, String> {
+    let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        return Err(format!("{path} holds no {what}"));
+    }
+    Ok(bytes)
+}
+
+/// The admin token: bytes that never show in logs or `Debug`.
+#[derive(Clone)]
+pub(crate) struct Token(Vec<u8>);
+
+impl Token {
+    pub(super) fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("the admin token must not be empty".into());
+        }
+        Ok(Self(s.as_bytes().to_vec()))
+    }
+
+    pub(super) fn read_file(path: &str) -> Result<Self, String> {
+        read_secret_file(path, "admin token").map(Self)
+    }
+
+    /// The token's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(..)")
     }
 }
 
@@ -93,6 +129,68 @@ impl ReleaseStatus {
             .get(usize::from(status.as_u16()))
             .copied()
             .unwrap_or(true)
+    }
+}
+
+/// Where traces go over OTLP/HTTP: the full URL of the traces endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OtlpEndpoint(String);
+
+impl OtlpEndpoint {
+    /// A base URL (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`): traces go to
+    /// `URL/v1/traces`.
+    pub(crate) fn base(s: &str) -> Result<Self, String> {
+        Self::check(s)?;
+        Ok(Self(format!("{}/v1/traces", s.trim_end_matches('/'))))
+    }
+
+    /// The traces URL itself (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), used as it is.
+    pub(crate) fn traces(s: &str) -> Result<Self, String> {
+        Self::check(s)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    fn check(s: &str) -> Result<(), String> {
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(
+                    "https is not supported; send traces to a collector's plain http:// address \
+                     (an OpenTelemetry Collector beside the proxy)"
+                        .into(),
+                );
+            }
+            _ => return Err("expected an http:// URL such as http://127.0.0.1:4318".into()),
+        }
+        match uri.authority() {
+            Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => {}
+            Some(a) if a.as_str().contains('@') => {
+                return Err(
+                    "user names and passwords in the URL are not supported; set \
+                     OTEL_EXPORTER_OTLP_HEADERS for the collector's credentials"
+                        .into(),
+                );
+            }
+            _ => return Err("the URL has no host; expected http://HOST:PORT".into()),
+        }
+        if uri.query().is_some() {
+            return Err("the URL must not carry a query".into());
+        }
+        Ok(())
+    }
+
+    /// The traces endpoint's URL.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OtlpEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

@@ -158,5 +158,5 @@ mod support;
 pub use self::suite::*;
 pub use self::support::{
     GENEROUS, LONG, PROMPTLY, RACED, SHORT, TTL, acquire, acquire_eventually, allowed_returns,
-    expect_completed, expect_in_flight, fp, key, record, run, wait_until,
+    expect_completed, expect_in_flight, fp, key, offers_operator_verbs, record, run, wait_until,
 };

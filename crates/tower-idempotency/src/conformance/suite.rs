@@ -14,10 +14,10 @@ use bytes::Bytes;
 
 use super::support::{
     GENEROUS, LONG, PROMPTLY, RACED, SHORT, TTL, acquire, acquire_eventually, allowed_returns,
-    expect_completed, expect_in_flight, fp, key, poll_until_acquired, record, spawn_waiters,
-    wait_until,
+    expect_completed, expect_in_flight, fp, key, offers_operator_verbs, poll_until_acquired,
+    record, spawn_waiters, wait_until,
 };
-use crate::{BeginOutcome, LeaseToken, StorageKey, Store};
+use crate::{BeginOutcome, Forgotten, Inspected, LeaseToken, StorageKey, Store};
 
 suite! {$
     // ---------------------------------------------------------------------------------------------
@@ -546,6 +546,162 @@ suite! {$
                     .await
                     .expect("complete")
             );
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // operators: inspect, forget, in_flight
+    //
+    // Optional verbs: a store that offers none of them answers `StoreError::Unsupported` to all
+    // three (checked by `offers_operator_verbs`), and the tests below pass it by that.
+
+    /// Inspecting a key shows nothing, then its lease (owner, fingerprint, renewals, what is
+    /// left), then its completed record, byte for byte.
+    async fn inspect_follows_the_lifecycle(store) {
+        if !offers_operator_verbs(&*store).await {
+            return;
+        }
+        let k = key();
+        assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+        let t = acquire(&*store, &k, LONG).await;
+        match store.inspect(&k).await.expect("inspect") {
+            Some(Inspected::InFlight(lease)) => {
+                assert_eq!((lease.key, lease.owner, lease.fingerprint), (k, t, fp(1)));
+                assert_eq!(lease.renewals, 0);
+                assert!(lease.expires_in <= LONG && lease.expires_in > LONG - GENEROUS);
+                assert!(lease.age < GENEROUS, "a new lease is {:?} old", lease.age);
+            }
+            other => panic!("expected the lease, got {other:?}"),
+        }
+        assert!(store.renew(&k, t, LONG).await.expect("renew"));
+        assert!(store.renew(&k, t, LONG).await.expect("renew"));
+        match store.inspect(&k).await.expect("inspect") {
+            Some(Inspected::InFlight(lease)) => assert_eq!(lease.renewals, 2),
+            other => panic!("expected the lease, got {other:?}"),
+        }
+        assert!(store.complete(&k, t, record("seen"), TTL).await.expect("complete"));
+        match store.inspect(&k).await.expect("inspect") {
+            Some(Inspected::Completed(done)) => {
+                assert_eq!(done.record, record("seen"));
+                assert!(done.expires_in <= TTL && done.expires_in > TTL - GENEROUS);
+                if let Some(age) = done.age {
+                    assert!(age < GENEROUS, "a new record is {age:?} old");
+                }
+            }
+            other => panic!("expected the record, got {other:?}"),
+        }
+        // Inspecting changes nothing.
+        assert_eq!(expect_completed(&*store, &k).await, record("seen"));
+    }
+
+    /// An expired lease is nothing to inspect.
+    async fn inspect_ignores_an_expired_lease(store) {
+        if !offers_operator_verbs(&*store).await {
+            return;
+        }
+        let k = key();
+        acquire(&*store, &k, SHORT).await;
+        tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+        assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+    }
+
+    /// A forgotten record runs again: the next begin takes a lease. Forgetting it twice finds
+    /// nothing the second time.
+    async fn forget_drops_a_completed_record(store) {
+        if !offers_operator_verbs(&*store).await {
+            return;
+        }
+        let k = key();
+        let t = acquire(&*store, &k, LONG).await;
+        assert!(store.complete(&k, t, record("once"), TTL).await.expect("complete"));
+        assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::Forgotten);
+        assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+        assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::NotFound);
+        assert!(matches!(
+            store.begin(&k, &fp(1), LONG).await.expect("begin"),
+            BeginOutcome::Acquired(_)
+        ));
+    }
+
+    /// A lease is forgotten only by force; then its owner's completion is refused, and the
+    /// next begin takes a new lease.
+    async fn forget_leaves_a_lease_unless_forced(store) {
+        if !offers_operator_verbs(&*store).await {
+            return;
+        }
+        let k = key();
+        let t = acquire(&*store, &k, LONG).await;
+        assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::InFlight);
+        expect_in_flight(&*store, &k, fp(1)).await;
+        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::Forgotten);
+        assert!(!store.complete(&k, t, record("late"), TTL).await.expect("complete"));
+        let next = acquire(&*store, &k, LONG).await;
+        assert_ne!(next, t);
+    }
+
+    /// Forcing a lease away wakes the duplicates that wait for it, so they look again at once.
+    async fn forced_forget_wakes_waiters(store) {
+        if !offers_operator_verbs(&*store).await {
+            return;
+        }
+        let k = key();
+        acquire(&*store, &k, LONG).await;
+        let start = Instant::now();
+        let (done, waiters) = spawn_waiters(&store, k, 10);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::Forgotten);
+        for w in waiters {
+            let (returned, _) = w.await.expect("waiter");
+            assert!(returned - start < PROMPTLY, "a waiter slept through the forget");
+        }
+    }
+
+    /// The requests in flight are listed in pages, in the order of their keys, each once;
+    /// completed, released and forgotten ones are not.
+    async fn in_flight_lists_live_leases_in_pages(store) {
+        if !offers_operator_verbs(&*store).await {
+            return;
+        }
+        let mut mine: Vec<StorageKey> = (0..7).map(|_| key()).collect();
+        let mut tokens = Vec::new();
+        for k in &mine {
+            tokens.push(acquire(&*store, k, LONG).await);
+        }
+        assert!(store.complete(&mine[0], tokens[0], record("x"), TTL).await.expect("complete"));
+        assert!(store.release(&mine[1], tokens[1]).await.expect("release"));
+        assert!(store.renew(&mine[3], tokens[3], LONG).await.expect("renew"));
+        let renewed = mine[3];
+        let owners: std::collections::HashMap<StorageKey, LeaseToken> =
+            mine.iter().copied().zip(tokens.iter().copied()).collect();
+        let gone = mine.drain(..2).collect::<Vec<_>>();
+        mine.sort();
+        // Another test's leases may be listed too (a shared server): only ours are checked.
+        let mut seen = Vec::new();
+        let mut after: Option<StorageKey> = None;
+        for _ in 0..100_000 {
+            let page = store.in_flight(after.as_ref(), 2).await.expect("in_flight");
+            assert!(page.leases.len() <= 2, "a page of {} for a limit of 2", page.leases.len());
+            for lease in &page.leases {
+                assert!(after.is_none_or(|a| lease.key > a), "a page went back");
+                after = Some(lease.key);
+                if mine.contains(&lease.key) {
+                    assert_eq!(lease.owner, owners[&lease.key]);
+                    assert_eq!(lease.fingerprint, fp(1));
+                    assert_eq!(lease.renewals, u32::from(lease.key == renewed));
+                    seen.push(lease.key);
+                }
+                assert!(!gone.contains(&lease.key), "a finished request is listed in flight");
+            }
+            match page.next {
+                Some(next) => assert_eq!(Some(next), after),
+                None => break,
+            }
+        }
+        assert_eq!(seen, mine, "every lease listed once, in key order");
+        let all = store.in_flight(None, 1_000_000).await.expect("in_flight");
+        for k in &mine {
+            assert!(all.leases.iter().any(|l| l.key == *k));
         }
     }
 

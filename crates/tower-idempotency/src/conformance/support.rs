@@ -180,3 +180,23 @@ pub(super) fn spawn_waiters<S: Store>(
         .collect();
     (done, waiters)
 }
+
+/// Whether `store` offers the operator's verbs: `false` when it answers
+/// [`StoreError::Unsupported`](crate::StoreError::Unsupported) to all three; panics when it
+/// offers some and not others.
+pub async fn offers_operator_verbs<S: Store>(store: &S) -> bool {
+    use crate::StoreError::Unsupported;
+    let k = key();
+    let answers = [
+        matches!(store.inspect(&k).await, Err(Unsupported(_))),
+        matches!(store.forget(&k, false).await, Err(Unsupported(_))),
+        matches!(store.in_flight(None, 1).await, Err(Unsupported(_))),
+    ];
+    match answers {
+        [false, false, false] => true,
+        [true, true, true] => false,
+        _ => panic!(
+            "the store offers some of inspect, forget and in_flight but not all: {answers:?}"
+        ),
+    }
+}

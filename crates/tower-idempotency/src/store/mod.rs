@@ -9,6 +9,7 @@ use bytes::Bytes;
 use crate::fingerprint::Fingerprint;
 
 mod completion;
+mod inspect;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -16,6 +17,7 @@ mod postgres;
 mod redis;
 
 pub use self::completion::{Completer, Completion};
+pub use self::inspect::{CompletedInfo, Forgotten, InFlightPage, Inspected, LeaseInfo};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{IdempotentTx, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
@@ -61,6 +63,9 @@ pub enum StoreError {
     /// A stored value could not be decoded: corrupt, or written by another tool. The layer
     /// answers it with a 500 `record-corrupt` problem and counts it, and never fails open on it.
     Corrupt(String),
+    /// The store does not offer this operator's verb ([`Store::inspect`], [`Store::forget`],
+    /// [`Store::in_flight`]); the name of the verb.
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for StoreError {
@@ -70,6 +75,9 @@ impl fmt::Display for StoreError {
             StoreError::Full => f.write_str("idempotency store is full of requests in flight"),
             StoreError::Corrupt(why) => {
                 write!(f, "idempotency store returned a corrupt value: {why}")
+            }
+            StoreError::Unsupported(verb) => {
+                write!(f, "this idempotency store does not offer `{verb}`")
             }
         }
     }
@@ -155,6 +163,41 @@ pub trait Store: Send + Sync + 'static {
     fn transaction_source(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
         None
     }
+
+    /// For operators: what the store holds under `key`, live records only. A networked store
+    /// answers in one round trip.
+    ///
+    /// The default answers [`StoreError::Unsupported`]; every store of this crate implements
+    /// it, and the conformance suite checks it.
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspected>, StoreError> {
+        let _ = key;
+        Err(StoreError::Unsupported("inspect"))
+    }
+
+    /// For operators: drops the record under `key` so that the next request with it runs
+    /// again. A live lease is dropped only with `force` (its waiters are woken, and its owner's
+    /// completion is then refused as a lost lease); without it the answer is
+    /// [`Forgotten::InFlight`] and nothing changes.
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
+        let _ = (key, force);
+        Err(StoreError::Unsupported("forget"))
+    }
+
+    /// For operators: up to `limit` live leases with storage keys after `after`, in the order
+    /// of their keys, and the cursor of the next page. Bounded: a store answers from an index
+    /// of its leases, never by reading every record.
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    async fn in_flight(
+        &self,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<InFlightPage, StoreError> {
+        let _ = (after, limit);
+        Err(StoreError::Unsupported("in_flight"))
+    }
 }
 
 #[async_trait]
@@ -195,5 +238,18 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     fn transaction_source(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
         (**self).transaction_source()
+    }
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspected>, StoreError> {
+        (**self).inspect(key).await
+    }
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
+        (**self).forget(key, force).await
+    }
+    async fn in_flight(
+        &self,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<InFlightPage, StoreError> {
+        (**self).in_flight(after, limit).await
     }
 }

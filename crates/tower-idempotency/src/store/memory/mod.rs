@@ -126,6 +126,7 @@ impl MemoryStoreBuilder {
                 completed_len: 0,
                 seq: 0,
                 next_lease_scan: Instant::now(),
+                epoch: Instant::now(),
             })),
         }
     }

@@ -37,6 +37,8 @@ pub(super) struct Table {
     pub(super) seq: u64,
     /// When a store full of leases may next be searched for expired ones.
     pub(super) next_lease_scan: Instant,
+    /// What the entries' grant times count from.
+    pub(super) epoch: Instant,
 }
 
 /// The record under one key: a request in flight, or its completed outcome.
@@ -45,6 +47,10 @@ pub(super) enum Entry {
         token: LeaseToken,
         fingerprint: Fingerprint,
         expires: Instant,
+        /// When the lease was granted ([`Table::millis`]), and how often it was renewed since:
+        /// for operators.
+        granted: u32,
+        renewals: u32,
         /// Made by the first waiter: most requests have none, and cost no allocation.
         notify: Option<Arc<Notify>>,
     },
@@ -52,6 +58,8 @@ pub(super) enum Entry {
         record: Bytes,
         expires: Instant,
         seq: u64,
+        /// When the lease of the request that completed it was granted ([`Table::millis`]).
+        created: u32,
     },
 }
 
@@ -95,6 +103,19 @@ impl Freed {
 }
 
 impl Table {
+    /// `at` in milliseconds since the store was made, modulo 2^32: four bytes an entry, where an
+    /// `Instant` would take sixteen. [`Table::age`] reads it back.
+    pub(super) fn millis(&self, at: Instant) -> u32 {
+        // Truncated on purpose: ages are told apart by wrapping subtraction.
+        (at - self.epoch).as_millis() as u32
+    }
+
+    /// How long before `now` the time `millis` was: exact for ages under 49 days (2^32 ms),
+    /// which no lease reaches, and records only with a TTL that long.
+    pub(super) fn age(&self, millis: u32, now: Instant) -> Duration {
+        Duration::from_millis(u64::from(self.millis(now).wrapping_sub(millis)))
+    }
+
     /// Leases held, live or expired.
     pub(super) fn leases(&self) -> usize {
         self.map.len() - self.completed_len
@@ -114,6 +135,17 @@ impl Table {
             }
             _ => None,
         }
+    }
+
+    /// Removes whatever is under `key`, keeping the counts; a completed record's queue entry
+    /// goes stale. The entry is handed back so that it is freed after the lock is released.
+    pub(super) fn remove(&mut self, key: &StorageKey) -> Option<Entry> {
+        let entry = self.map.remove(key)?;
+        if matches!(entry, Entry::Completed { .. }) {
+            self.completed_len -= 1;
+        }
+        self.bytes -= entry.bytes();
+        Some(entry)
     }
 
     /// Drops up to a few expired completed records, so memory follows the TTL without a sweeper.

@@ -8,11 +8,14 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-use super::table::{Entry, Freed, record_bytes};
+use super::table::{Entry, Freed, Table, record_bytes};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{Event, count};
 use crate::record::{Record, Unreplayable};
-use crate::store::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
+use crate::store::{
+    BeginOutcome, CompletedInfo, Forgotten, InFlightPage, Inspected, LeaseInfo, LeaseToken,
+    StorageKey, Store, StoreError,
+};
 
 #[async_trait]
 impl Store for MemoryStore {
@@ -28,6 +31,7 @@ impl Store for MemoryStore {
         let mut freed = Freed::default();
         let mut guard = self.lock();
         let table = &mut *guard;
+        let granted = table.millis(now);
         table.purge_expired(now, &mut freed);
         let expired_record = match table.map.get_mut(key) {
             Some(Entry::Completed {
@@ -58,6 +62,8 @@ impl Store for MemoryStore {
                         token,
                         fingerprint: *fingerprint,
                         expires,
+                        granted,
+                        renewals: 0,
                         notify,
                     },
                 );
@@ -86,6 +92,8 @@ impl Store for MemoryStore {
                     token,
                     fingerprint: *fingerprint,
                     expires,
+                    granted,
+                    renewals: 0,
                     notify: None,
                 },
             );
@@ -150,6 +158,10 @@ impl Store for MemoryStore {
         let Some(entry) = table.map.get_mut(key).filter(|e| e.owned_by(token, now)) else {
             return Ok(false);
         };
+        let created = match entry {
+            Entry::Lease { granted, .. } => *granted,
+            Entry::Completed { created, .. } => *created,
+        };
         table.seq += 1;
         let seq = table.seq;
         table.bytes = table.bytes - MemoryStore::LEASE_BYTES + record_bytes(record.len());
@@ -159,6 +171,7 @@ impl Store for MemoryStore {
                 record,
                 expires,
                 seq,
+                created,
             },
         ) {
             Entry::Lease { notify, .. } => notify,
@@ -213,9 +226,11 @@ impl Store for MemoryStore {
             Some(Entry::Lease {
                 token: owner,
                 expires,
+                renewals,
                 ..
             }) if *owner == token && *expires > now => {
                 *expires = now + lease_ttl;
+                *renewals = renewals.saturating_add(1);
                 Ok(true)
             }
             _ => Ok(false),
@@ -243,5 +258,106 @@ impl Store for MemoryStore {
         let deadline = expires.min(now + timeout);
         let _ = tokio::time::timeout_at(deadline, notified).await;
         Ok(())
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspected>, StoreError> {
+        let now = Instant::now();
+        let table = self.lock();
+        Ok(table
+            .map
+            .get(key)
+            .and_then(|entry| inspected(&table, key, entry, now)))
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let table = &mut *guard;
+        let live_lease = match table.map.get(key) {
+            Some(Entry::Lease { expires, .. }) => *expires > now,
+            Some(Entry::Completed { expires, .. }) if *expires > now => false,
+            // An expired record is no record; it goes all the same.
+            Some(Entry::Completed { .. }) | None => {
+                let gone = table.remove(key);
+                drop(guard);
+                drop(gone);
+                return Ok(Forgotten::NotFound);
+            }
+        };
+        if live_lease && !force {
+            return Ok(Forgotten::InFlight);
+        }
+        let gone = table.remove(key);
+        drop(guard);
+        if let Some(Entry::Lease {
+            notify: Some(notify),
+            ..
+        }) = &gone
+        {
+            notify.notify_waiters();
+        }
+        Ok(match gone {
+            Some(Entry::Lease { expires, .. }) if expires <= now => Forgotten::NotFound,
+            Some(_) => Forgotten::Forgotten,
+            None => Forgotten::NotFound,
+        })
+    }
+
+    async fn in_flight(
+        &self,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<InFlightPage, StoreError> {
+        let now = Instant::now();
+        let leases = {
+            let table = self.lock();
+            // The leases are the requests in flight, few beside the completed records; the
+            // scan reads every entry but copies only those.
+            table
+                .map
+                .iter()
+                .filter(|(k, e)| {
+                    matches!(e, Entry::Lease { expires, .. } if *expires > now)
+                        && after.is_none_or(|after| *k > after)
+                })
+                .filter_map(|(k, e)| match inspected(&table, k, e, now) {
+                    Some(Inspected::InFlight(lease)) => Some(lease),
+                    _ => None,
+                })
+                .collect()
+        };
+        Ok(InFlightPage::from_unsorted(leases, after, limit))
+    }
+}
+
+/// What an operator is told of a live entry.
+fn inspected(table: &Table, key: &StorageKey, entry: &Entry, now: Instant) -> Option<Inspected> {
+    match entry {
+        Entry::Lease {
+            token,
+            fingerprint,
+            expires,
+            granted,
+            renewals,
+            ..
+        } if *expires > now => Some(Inspected::InFlight(LeaseInfo {
+            key: *key,
+            owner: *token,
+            fingerprint: *fingerprint,
+            age: table.age(*granted, now),
+            renewals: *renewals,
+            expires_in: *expires - now,
+        })),
+        Entry::Completed {
+            record,
+            expires,
+            created,
+            ..
+        } if *expires > now => Some(Inspected::Completed(CompletedInfo {
+            record: record.clone(),
+            age: Some(table.age(*created, now)),
+            expires_in: *expires - now,
+        })),
+        _ => None,
     }
 }

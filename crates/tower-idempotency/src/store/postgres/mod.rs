@@ -2,6 +2,7 @@
 //! the database.
 
 mod builder;
+mod inspect;
 mod maintenance;
 mod notify;
 mod sql;
@@ -22,7 +23,9 @@ use uuid::Uuid;
 
 use self::notify::Waiters;
 use self::sql::Statements;
-use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
+use super::{
+    BeginOutcome, Forgotten, InFlightPage, Inspected, LeaseToken, StorageKey, Store, StoreError,
+};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{self, Event};
 
@@ -393,6 +396,22 @@ impl Store for PostgresStore {
 
     fn transaction_source(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         Some(self.inner.clone())
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspected>, StoreError> {
+        self.inspect_row(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_row(key, force).await
+    }
+
+    async fn in_flight(
+        &self,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<InFlightPage, StoreError> {
+        self.in_flight_rows(after, limit).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

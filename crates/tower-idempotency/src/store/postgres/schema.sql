@@ -20,3 +20,5 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     waited      boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS idempotency_records_expires_at ON idempotency_records (expires_at);
+-- The requests in flight, for operators: a lease is a row without a record.
+CREATE INDEX IF NOT EXISTS idempotency_records_in_flight ON idempotency_records (key) WHERE record IS NULL;

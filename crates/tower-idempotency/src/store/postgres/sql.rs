@@ -23,6 +23,9 @@ pub(super) struct Statements {
     pub(super) wait_on: String,
     pub(super) sweep: String,
     pub(super) completed_by: String,
+    pub(super) inspect: String,
+    pub(super) forget: String,
+    pub(super) in_flight: String,
 }
 
 /// Whether `table` can name the table (and, unquoted, its index and notification channel).
@@ -30,7 +33,8 @@ pub(super) fn valid_table(table: &str) -> bool {
     let mut chars = table.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        // Room for the index's `_expires_at` within PostgreSQL's 63-byte names.
+        // Room for the indexes' `_expires_at` and `_in_flight` within PostgreSQL's 63-byte
+        // names.
         && table.len() <= 48
 }
 
@@ -46,6 +50,10 @@ impl Statements {
                 .replace(
                     &format!("{DEFAULT_TABLE}_expires_at"),
                     &format!("\"{table}_expires_at\""),
+                )
+                .replace(
+                    &format!("{DEFAULT_TABLE}_in_flight"),
+                    &format!("\"{table}_in_flight\""),
                 )
                 .replace(&format!("EXISTS {DEFAULT_TABLE}"), &format!("EXISTS {t}"))
                 .replace(&format!("ON {DEFAULT_TABLE}"), &format!("ON {t}")),
@@ -109,6 +117,37 @@ impl Statements {
             ),
             completed_by: format!(
                 "SELECT record IS NOT NULL FROM {t} WHERE key = $1 AND owner = $2 FOR SHARE"
+            ),
+            // For operators. Ages and what is left are in milliseconds by the database's clock.
+            inspect: format!(
+                "SELECT key, owner, fingerprint, record, renewals, \
+                    (extract(epoch FROM statement_timestamp() - created_at) * 1000)::float8 AS age_ms, \
+                    (extract(epoch FROM expires_at - statement_timestamp()) * 1000)::float8 AS left_ms \
+                 FROM {t} WHERE key = $1 AND expires_at > statement_timestamp()"
+            ),
+            // Drops the record, a live lease only when forced ($2), an expired row always; a
+            // forced lease wakes its waiters. Returns whether a live row went, and whether a
+            // live row stays (a lease, not forced).
+            forget: format!(
+                "WITH gone AS ( \
+                    DELETE FROM {t} \
+                    WHERE key = $1 AND (record IS NOT NULL OR $2 OR expires_at <= statement_timestamp()) \
+                    RETURNING key, waited, record IS NULL AS lease, expires_at > statement_timestamp() AS live \
+                 ), woken AS ( \
+                    SELECT pg_notify('{channel}', encode(key, 'hex')) FROM gone WHERE waited AND lease AND live \
+                 ) \
+                 SELECT EXISTS (SELECT 1 FROM gone WHERE live) AS forgotten, \
+                    (SELECT count(*) FROM woken) AS woken, \
+                    EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND expires_at > statement_timestamp() \
+                        AND NOT EXISTS (SELECT 1 FROM gone)) AS in_flight"
+            ),
+            // Live leases after the cursor, in key order, from the partial index of leases.
+            in_flight: format!(
+                "SELECT key, owner, fingerprint, NULL::bytea AS record, renewals, \
+                    (extract(epoch FROM statement_timestamp() - created_at) * 1000)::float8 AS age_ms, \
+                    (extract(epoch FROM expires_at - statement_timestamp()) * 1000)::float8 AS left_ms \
+                 FROM {t} WHERE record IS NULL AND key > $1 AND expires_at > statement_timestamp() \
+                 ORDER BY key LIMIT $2"
             ),
             // Bounded: at most $1 rows, skipping rows another transaction holds (a claim of
             // an expired key, another process's sweep), so no sweep waits on a lock or holds

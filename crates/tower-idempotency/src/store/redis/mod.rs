@@ -3,6 +3,7 @@
 mod connection;
 mod error;
 mod notify;
+mod operator;
 mod scripts;
 mod url;
 
@@ -19,7 +20,9 @@ use self::error::{config_error, timed_out, unavailable};
 use self::notify::{EXPIRY_SLACK, Notices, Subscriber};
 use self::scripts::Scripts;
 use self::url::Target;
-use super::{BeginOutcome, LeaseToken, StorageKey, Store, StoreError};
+use super::{
+    BeginOutcome, Forgotten, InFlightPage, Inspected, LeaseToken, StorageKey, Store, StoreError,
+};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{self, Event};
 
@@ -384,10 +387,14 @@ impl Store for RedisStore {
         lease_ttl: Duration,
     ) -> Result<BeginOutcome, StoreError> {
         let token = LeaseToken::random();
-        let call = self
-            .inner
-            .scripts
-            .begin(&self.record_key(key), token, fingerprint, lease_ttl);
+        let index = self.script_index();
+        let call = self.inner.scripts.begin(
+            &self.record_key(key),
+            index.as_deref(),
+            token,
+            fingerprint,
+            lease_ttl,
+        );
         let reply = match &self.inner.acked {
             None => {
                 call.run::<Value>(&self.inner.connection, self.inner.timeout)
@@ -409,7 +416,11 @@ impl Store for RedisStore {
                 reply
             }
         };
-        scripts::begin_outcome(reply, token)
+        let outcome = scripts::begin_outcome(reply, token)?;
+        if matches!(outcome, BeginOutcome::Acquired(_)) {
+            self.file_apart(key, true);
+        }
+        Ok(outcome)
     }
 
     async fn complete(
@@ -419,9 +430,11 @@ impl Store for RedisStore {
         record: Bytes,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let index = self.script_index();
         let call = self.inner.scripts.complete(
             &self.record_key(key),
             &self.channel(key),
+            index.as_deref(),
             token,
             &record,
             ttl,
@@ -447,15 +460,25 @@ impl Store for RedisStore {
                 reply
             }
         };
-        Ok(scripts::completed(reply))
+        let completed = scripts::completed(reply);
+        if completed {
+            self.file_apart(key, false);
+        }
+        Ok(completed)
     }
 
     async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        let call = self
-            .inner
-            .scripts
-            .release(&self.record_key(key), &self.channel(key), token);
+        let index = self.script_index();
+        let call = self.inner.scripts.release(
+            &self.record_key(key),
+            &self.channel(key),
+            index.as_deref(),
+            token,
+        );
         let released: i64 = call.run(&self.inner.connection, self.inner.timeout).await?;
+        if released == 1 {
+            self.file_apart(key, false);
+        }
         Ok(released == 1)
     }
 
@@ -503,6 +526,22 @@ impl Store for RedisStore {
             .then(|| Instant::now() + self.inner.poll_interval);
         waiter.changed(deadline, lease_until, poll).await;
         Ok(())
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspected>, StoreError> {
+        self.inspect_key(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_key(key, force).await
+    }
+
+    async fn in_flight(
+        &self,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<InFlightPage, StoreError> {
+        self.list_in_flight(after, limit).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -6,9 +6,15 @@
 -- ARGV[2]  the new lease TTL in milliseconds
 -- ARGV[3]  PUBLISH, or SPUBLISH on a Redis Cluster
 -- Returns 1, or 0 (changing nothing) when the caller no longer owns a live lease.
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 17) ~= ARGV[1] then
   return 0
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local granted, renewals = string.match(string.sub(v, 50), '^(%d+),(%d+)$')
+if granted then
+  redis.call('SET', KEYS[1], string.sub(v, 1, 49) .. granted .. ',' .. (tonumber(renewals) + 1), 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 redis.call(ARGV[3], KEYS[2], 'n' .. ARGV[2])
 return 1

@@ -3,7 +3,8 @@
 //! and what its answer means.
 //!
 //! A record's value starts with a tag: `L` for a lease (`L`, the owner token, the request's
-//! fingerprint), `C` for a completed record (`C`, the encoded record).
+//! fingerprint, then `<granted ms>,<renewals>` in ASCII), `C` for a completed record (`C`, the
+//! encoded record).
 
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use super::connection::{AckedConnections, Connection};
 use super::error::{timed_out, unavailable};
 use crate::config::MAX_DURATION;
 use crate::fingerprint::Fingerprint;
-use crate::store::{BeginOutcome, LeaseToken, StoreError};
+use crate::store::{
+    BeginOutcome, CompletedInfo, Inspected, LeaseInfo, LeaseToken, StorageKey, StoreError,
+};
 
 /// The longest expiry passed to Redis, in milliseconds: [`MAX_DURATION`], well within what
 /// `PX` takes without overflowing Redis's clock.
@@ -32,6 +35,8 @@ pub(super) struct Scripts {
     release: Script,
     renew: Script,
     probe: Script,
+    inspect: Script,
+    forget: Script,
     /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster, so that a notice stays on the key's shard.
     publish: &'static str,
 }
@@ -44,6 +49,8 @@ impl Scripts {
             release: Script::new(include_str!("release.lua")),
             renew: Script::new(include_str!("renew.lua")),
             probe: Script::new(include_str!("probe.lua")),
+            inspect: Script::new(include_str!("inspect.lua")),
+            forget: Script::new(include_str!("forget.lua")),
             publish: if cluster { "SPUBLISH" } else { "PUBLISH" },
         }
     }
@@ -60,6 +67,8 @@ impl Scripts {
             &self.release,
             &self.renew,
             &self.probe,
+            &self.inspect,
+            &self.forget,
         ];
         for script in all {
             tokio::time::timeout(timeout, connection.load(script))
@@ -71,10 +80,12 @@ impl Scripts {
     }
 
     /// Finds the completed record, reports the request in flight, or grants `token` a lease.
-    /// Its answer goes to [`begin_outcome`].
+    /// Its answer goes to [`begin_outcome`]. `index`: the index of leases the script keeps, on
+    /// a standalone Redis.
     pub(super) fn begin(
         &self,
         record_key: &str,
+        index: Option<&str>,
         token: LeaseToken,
         fingerprint: &Fingerprint,
         lease_ttl: Duration,
@@ -82,7 +93,7 @@ impl Scripts {
         let mut lease = Vec::with_capacity(1 + 16 + 32);
         lease.extend_from_slice(&lease_prefix(token));
         lease.extend_from_slice(&fingerprint.0);
-        ScriptCall::new(&self.begin, &[record_key])
+        ScriptCall::new(&self.begin, &with_index(&[record_key], index))
             .arg(lease)
             .arg(millis(lease_ttl))
     }
@@ -93,6 +104,7 @@ impl Scripts {
         &self,
         record_key: &str,
         channel: &str,
+        index: Option<&str>,
         token: LeaseToken,
         record: &Bytes,
         ttl: Duration,
@@ -100,7 +112,7 @@ impl Scripts {
         let mut value = Vec::with_capacity(1 + record.len());
         value.push(TAG_COMPLETED);
         value.extend_from_slice(record);
-        ScriptCall::new(&self.complete, &[record_key, channel])
+        ScriptCall::new(&self.complete, &with_index(&[record_key, channel], index))
             .arg(&lease_prefix(token)[..])
             .arg(value)
             .arg(millis(ttl))
@@ -113,9 +125,10 @@ impl Scripts {
         &self,
         record_key: &str,
         channel: &str,
+        index: Option<&str>,
         token: LeaseToken,
     ) -> ScriptCall<'_> {
-        ScriptCall::new(&self.release, &[record_key, channel])
+        ScriptCall::new(&self.release, &with_index(&[record_key, channel], index))
             .arg(&lease_prefix(token)[..])
             .arg(self.publish)
     }
@@ -139,6 +152,80 @@ impl Scripts {
     /// [`lease_remaining`].
     pub(super) fn probe(&self, record_key: &str) -> ScriptCall<'_> {
         ScriptCall::new(&self.probe, &[record_key])
+    }
+
+    /// The value under `record_key`, its `PTTL` and Redis's clock. Its answer goes to
+    /// [`inspected`].
+    pub(super) fn inspect(&self, record_key: &str) -> ScriptCall<'_> {
+        ScriptCall::new(&self.inspect, &[record_key])
+    }
+
+    /// Drops the record, a lease only with `force`; answers 1 (gone), 0 (none) or 2 (a lease
+    /// left in place).
+    pub(super) fn forget(
+        &self,
+        record_key: &str,
+        channel: &str,
+        index: Option<&str>,
+        force: bool,
+    ) -> ScriptCall<'_> {
+        ScriptCall::new(&self.forget, &with_index(&[record_key, channel], index))
+            .arg(if force { "1" } else { "0" })
+            .arg(self.publish)
+    }
+}
+
+/// A script's keys, with the index of leases last when there is one.
+fn with_index<'a>(keys: &[&'a str], index: Option<&'a str>) -> Vec<&'a str> {
+    let mut all = keys.to_vec();
+    all.extend(index);
+    all
+}
+
+/// What `inspect` answered for `key`: the live record, or `None`.
+pub(super) fn inspected(
+    key: &StorageKey,
+    reply: Option<(Vec<u8>, i64, String)>,
+) -> Result<Option<Inspected>, StoreError> {
+    let Some((value, pttl, now)) = reply else {
+        return Ok(None);
+    };
+    let expires_in = match pttl {
+        -1 => return Err(no_expiry()),
+        ms if ms <= 0 => return Ok(None),
+        ms => Duration::from_millis(ms.unsigned_abs()),
+    };
+    let now: u64 = now
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("Redis's clock read {now:?}")))?;
+    match value.first() {
+        Some(&TAG_COMPLETED) => Ok(Some(Inspected::Completed(CompletedInfo {
+            record: Bytes::from(value).slice(1..),
+            age: None,
+            expires_in,
+        }))),
+        Some(&TAG_LEASE) if value.len() >= 49 => {
+            let token = u128::from_be_bytes(value[1..17].try_into().unwrap_or_default());
+            let fingerprint: [u8; 32] = value[17..49].try_into().unwrap_or_default();
+            // `<granted>,<renewals>`: absent on a lease an earlier version wrote.
+            let meta = std::str::from_utf8(&value[49..]).unwrap_or_default();
+            let (granted, renewals) = meta
+                .split_once(',')
+                .and_then(|(g, r)| Some((g.parse::<u64>().ok()?, r.parse::<u32>().ok()?)))
+                .unwrap_or((now, 0));
+            Ok(Some(Inspected::InFlight(LeaseInfo {
+                key: *key,
+                owner: LeaseToken(token),
+                fingerprint: Fingerprint(fingerprint),
+                age: Duration::from_millis(now.saturating_sub(granted)),
+                renewals,
+                expires_in,
+            })))
+        }
+        _ => Err(StoreError::Corrupt(format!(
+            "a value of {} bytes that is neither a lease nor a completed record",
+            value.len()
+        ))),
     }
 }
 

@@ -1,0 +1,253 @@
+//! `idempotency-proxy keys ...`: the operator's commands, run against the store directly.
+//!
+//! ```text
+//! idempotency-proxy keys inspect KEY [--scope VALUE]... [--body]
+//! idempotency-proxy keys forget KEY [--scope VALUE]... [--force]
+//! idempotency-proxy keys in-flight [--limit N]
+//! ```
+//!
+//! Each takes `--store`, `--namespace`, `--key-secret` (or `--key-secret-file`) and
+//! `--scope-header` as the server does, from the same environment variables, so that it finds
+//! the server's records. Output is JSON: one object, or one per line for lists. Exit codes: 0
+//! done, 1 no record under the key, 2 a usage or store error, 3 a request in flight left in
+//! place (forget without --force).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use http::HeaderName;
+use tower_idempotency::admin::{Admin, MAX_PAGE, key_hash};
+use tower_idempotency::{Forgotten, StorageKey};
+
+use super::parse::{Secret, parse_header_name};
+use super::{StoreArgs, StoreSpec};
+
+/// Exit code: the key has no record.
+const NO_RECORD: u8 = 1;
+/// Exit code: a usage or store error.
+const ERROR: u8 = 2;
+/// Exit code: the key's request is in flight and was left in place.
+const IN_FLIGHT: u8 = 3;
+
+/// Ask the store about idempotency keys, forget one, list the requests in flight.
+///
+/// Run against the store the proxies use (`--store`, and the same --namespace, --key-secret and
+/// --scope-header as theirs, or the same IDEMPOTENCY_PROXY_* environment). Output is JSON.
+/// Exit codes: 0 done, 1 no record under the key, 2 a usage or store error, 3 (forget) a
+/// request in flight left in place without --force.
+#[derive(Parser, Debug)]
+#[command(name = "idempotency-proxy keys", version)]
+pub(crate) struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+
+    #[command(flatten)]
+    store: StoreArgs,
+
+    /// The namespace of the proxies whose keys are asked about (their --namespace).
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_NAMESPACE",
+        value_name = "NAME",
+        default_value = ""
+    )]
+    namespace: String,
+
+    /// The proxies' key secret (their --key-secret).
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_KEY_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        conflicts_with = "key_secret_file",
+        value_parser = Secret::parse
+    )]
+    key_secret: Option<Secret>,
+
+    /// Read the key secret from this file (their --key-secret-file).
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
+        value_name = "PATH",
+        value_parser = Secret::read_file
+    )]
+    key_secret_file: Option<Secret>,
+
+    /// The proxies' scope headers (their --scope-header), which the --scope values stand for.
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_SCOPE_HEADER",
+        value_name = "NAME",
+        value_delimiter = ',',
+        default_value = "Authorization",
+        value_parser = parse_header_name
+    )]
+    scope_header: Vec<HeaderName>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// The record of KEY as JSON: state (in_flight, completed, unreplayable), status,
+    /// fingerprint, created, expires, size, lease.
+    Inspect {
+        /// The idempotency key, as the client sent it.
+        key: String,
+        /// The request's value of a scope header, once per scope header in their order (e.g.
+        /// `--scope 'Bearer abc'`); none for the global scope.
+        #[arg(long, value_name = "VALUE")]
+        scope: Vec<String>,
+        /// Show the stored response's headers and body too.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Forget the record of KEY, so that the next request with it runs again.
+    Forget {
+        /// The idempotency key, as the client sent it.
+        key: String,
+        /// The request's value of a scope header, once per scope header in their order.
+        #[arg(long, value_name = "VALUE")]
+        scope: Vec<String>,
+        /// Forget it even while its request is in flight: the owner's outcome is then not kept,
+        /// and a retry runs again, perhaps while the first still does.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The requests in flight, one JSON object per line, in the order of their storage keys.
+    InFlight {
+        /// List at most this many.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+}
+
+/// Runs `idempotency-proxy keys ...`; `argv` starts with the program name.
+pub(crate) fn main(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    // `idempotency-proxy keys inspect ...` reads as `idempotency-proxy-keys inspect ...`.
+    let argv = std::iter::once("idempotency-proxy keys".into()).chain(argv.into_iter().skip(2));
+    let args = match KeysArgs::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(ERROR),
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run(args))
+}
+
+fn fail(line: &str) -> ExitCode {
+    eprintln!("idempotency-proxy keys: {line}");
+    ExitCode::from(ERROR)
+}
+
+async fn run(args: KeysArgs) -> ExitCode {
+    if matches!(args.store.spec, StoreSpec::Memory) {
+        return fail(
+            "--store memory lives inside each proxy's process: name the shared store \
+             (--store redis://... or postgres://...), or ask a proxy through its admin routes \
+             (--admin-token)",
+        );
+    }
+    let store = match crate::store::open(&args.store).await {
+        Ok(store) => store,
+        Err(e) => return fail(&e),
+    };
+    let mut admin = Admin::new(store)
+        .with_namespace(args.namespace.clone())
+        .with_scope_headers(args.scope_header.iter().cloned());
+    if let Some(secret) = args.key_secret.as_ref().or(args.key_secret_file.as_ref()) {
+        admin = admin.with_key_secret(secret.bytes());
+    }
+    let key_of = |key: &str, scope: &[String]| -> Result<StorageKey, ExitCode> {
+        admin.storage_key(key, scope).map_err(|why| fail(&why))
+    };
+    match &args.command {
+        KeysCommand::Inspect { key, scope, body } => {
+            let key = match key_of(key, scope) {
+                Ok(key) => key,
+                Err(code) => return code,
+            };
+            match admin.inspect(&key, *body).await {
+                Ok(Some(doc)) => {
+                    println!("{doc}");
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => no_record(&key),
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        KeysCommand::Forget { key, scope, force } => {
+            let key = match key_of(key, scope) {
+                Ok(key) => key,
+                Err(code) => return code,
+            };
+            match admin.forget(&key, *force).await {
+                Ok(Forgotten::Forgotten) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"key_hash": key_hash(&key), "forgotten": true})
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(Forgotten::NotFound) => no_record(&key),
+                Ok(Forgotten::InFlight) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "key_hash": key_hash(&key),
+                            "forgotten": false,
+                            "state": "in_flight",
+                        })
+                    );
+                    eprintln!(
+                        "idempotency-proxy keys: the request is in flight; --force forgets it anyway"
+                    );
+                    ExitCode::from(IN_FLIGHT)
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        KeysCommand::InFlight { limit } => {
+            let mut left = limit.unwrap_or(usize::MAX);
+            let mut after = None;
+            while left > 0 {
+                let page = match admin.in_flight(after.as_ref(), left.min(MAX_PAGE)).await {
+                    Ok(page) => page,
+                    Err(e) => return fail(&e.to_string()),
+                };
+                left -= page.leases.len();
+                for lease in &page.leases {
+                    println!("{lease}");
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn no_record(key: &StorageKey) -> ExitCode {
+    eprintln!(
+        "idempotency-proxy keys: no record for key hash {} in this scope",
+        key_hash(key)
+    );
+    ExitCode::from(NO_RECORD)
+}

@@ -1,0 +1,87 @@
+//! `tower_idempotency::admin` mounted in an application: its routes find the layer's records
+//! by the layer's own namespace, key secret and scope, and a forgotten key runs again. The
+//! proxy's tests run the same routes behind its token, with Redis too.
+
+#![cfg(feature = "admin")]
+#![allow(clippy::unwrap_used)]
+
+use http::HeaderName;
+use idempotency_test_support::harness::{assert_problem, client, counting_app, send, serve};
+use serde_json::Value;
+use tower_idempotency::admin::Admin;
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+#[tokio::test]
+async fn the_admin_router_finds_a_layers_records_and_forgets_them() {
+    let user = HeaderName::from_static("x-user");
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_namespace("shop")
+        .with_key_secret("s3cret")
+        .with_scope_headers([user.clone()]);
+    let admin = Admin::for_layer(&layer).with_scope_headers([user]);
+    let (app, count) = counting_app(layer);
+    let server = serve(app.nest("/admin", admin.router())).await;
+    let post = || {
+        client()
+            .post(server.url("/orders"))
+            .header("Idempotency-Key", "k-1")
+            .header("X-User", "alice")
+            .body("one")
+    };
+    assert_eq!(send(post()).await.status, 201);
+
+    let found = send(client().get(server.url("/admin/keys/k-1?scope=alice"))).await;
+    assert_eq!(found.status, 200, "{}", found.text());
+    let doc: Value = serde_json::from_slice(&found.body).unwrap();
+    assert_eq!(
+        (doc["state"].as_str(), doc["status"].as_u64()),
+        (Some("completed"), Some(201))
+    );
+    // Bob's scope and the global scope hold nothing under this key.
+    for path in ["/admin/keys/k-1?scope=bob", "/admin/keys/k-1"] {
+        assert_problem(
+            &send(client().get(server.url(path))).await,
+            404,
+            "no-record",
+        );
+    }
+    // One scope value per scope header, no more.
+    let two = send(client().get(server.url("/admin/keys/k-1?scope=a&scope=b"))).await;
+    assert_problem(&two, 400, "bad-admin-request");
+    let long = format!("/admin/keys/{}", "k".repeat(300));
+    assert_problem(
+        &send(client().get(server.url(&long))).await,
+        400,
+        "bad-admin-request",
+    );
+
+    let forgotten = send(client().delete(server.url("/admin/keys/k-1?scope=alice"))).await;
+    assert_eq!(forgotten.status, 204);
+    let again = send(post()).await;
+    assert_eq!(again.status, 201);
+    assert!(!again.replayed());
+    assert_eq!(count.get(), 2, "the forgotten key ran again");
+    let replay = send(post()).await;
+    assert!(replay.replayed());
+    assert_eq!(count.get(), 2);
+}
+
+#[tokio::test]
+async fn admin_router_of_a_bare_store_uses_a_default_layers_keys() {
+    let store = MemoryStore::default();
+    let (app, count) = counting_app(IdempotencyLayer::new(store.clone()));
+    let server = serve(app.nest("/admin", tower_idempotency::admin::router(store))).await;
+    let post = client()
+        .post(server.url("/orders"))
+        .header("Idempotency-Key", "k-2")
+        .header("Authorization", "Bearer t");
+    assert_eq!(send(post).await.status, 201);
+    let found = send(client().get(server.url("/admin/keys/k-2?scope=Bearer%20t"))).await;
+    assert_eq!(found.status, 200, "{}", found.text());
+    let listed = send(client().get(server.url("/admin/in-flight"))).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&listed.body).unwrap(),
+        Value::Array(vec![])
+    );
+    assert_eq!(count.get(), 1);
+}
