@@ -153,7 +153,8 @@ where
     B::Error: Into<BoxError>,
 {
     /// A client to `upstream` that gives up connecting after `connect_timeout`, and keeps at
-    /// most `max_idle` connections idle, each for at most `idle_timeout`.
+    /// most `max_idle` connections idle. One idle longer than `idle_timeout` is closed when a
+    /// connection is next put back (or sooner, by the upstream's own keep-alive timeout).
     pub(crate) fn new(
         upstream: &Upstream,
         connect_timeout: Duration,
