@@ -14,11 +14,13 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore};
 #[tokio::test]
 async fn the_admin_router_finds_a_layers_records_and_forgets_them() {
     let user = HeaderName::from_static("x-user");
+    let header = user.clone();
     let layer = IdempotencyLayer::new(MemoryStore::default())
         .with_namespace("shop")
         .with_key_secret("s3cret")
-        .with_scope_headers([user.clone()]);
-    let admin = Admin::for_layer(&layer).with_scope_headers([user]);
+        .with_scope_headers([header]);
+    // The layer's own scope headers are where the scope values go.
+    let admin = Admin::for_layer(&layer);
     let (app, count) = counting_app(layer);
     let server = serve(app.nest("/admin", admin.router())).await;
     let post = || {
@@ -84,4 +86,31 @@ async fn admin_router_of_a_bare_store_uses_a_default_layers_keys() {
         Value::Array(vec![])
     );
     assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn scope_values_a_layers_own_extractor_does_not_read_are_refused() {
+    // A scope told by something else than headers: the values must be given headers it reads.
+    let layer =
+        IdempotencyLayer::new(MemoryStore::default()).with_scope(|parts: &http::request::Parts| {
+            match parts.headers.get("x-user") {
+                Some(user) => tower_idempotency::Scope::caller(user.as_bytes()),
+                None => tower_idempotency::Scope::Global,
+            }
+        });
+    let blind = Admin::for_layer(&layer);
+    assert!(
+        blind.storage_key("k", &["alice"]).is_err(),
+        "values put in Authorization"
+    );
+    let told = Admin::for_layer(&layer).with_scope_headers([HeaderName::from_static("x-user")]);
+    assert_eq!(
+        told.storage_key("k", &["alice"]).unwrap(),
+        layer.storage_key_for(Some(b"alice"), "k")
+    );
+    assert_eq!(
+        told.storage_key("k", &[] as &[&str]).unwrap(),
+        layer.storage_key_for(None, "k")
+    );
+    assert!(told.storage_key("with space", &[] as &[&str]).is_err());
 }
