@@ -2,7 +2,7 @@
 //! by the layer's own namespace, key secret and scope, and a forgotten key runs again. The
 //! proxy's tests run the same routes behind its token, with Redis too.
 
-#![cfg(feature = "admin")]
+#![cfg(all(feature = "admin", feature = "conformance"))]
 #![allow(clippy::unwrap_used)]
 
 use http::HeaderName;
@@ -113,4 +113,66 @@ async fn scope_values_a_layers_own_extractor_does_not_read_are_refused() {
         layer.storage_key_for(None, "k")
     );
     assert!(told.storage_key("with space", &[] as &[&str]).is_err());
+}
+
+/// A store that offers only the lifecycle's verbs, as a store written before the operator's
+/// verbs does.
+struct Lifecycle(MemoryStore);
+
+#[async_trait::async_trait]
+impl tower_idempotency::Store for Lifecycle {
+    async fn begin(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        fingerprint: &tower_idempotency::Fingerprint,
+        lease_ttl: std::time::Duration,
+    ) -> Result<tower_idempotency::BeginOutcome, tower_idempotency::StoreError> {
+        self.0.begin(key, fingerprint, lease_ttl).await
+    }
+    async fn complete(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        token: tower_idempotency::LeaseToken,
+        record: bytes::Bytes,
+        ttl: std::time::Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.complete(key, token, record, ttl).await
+    }
+    async fn release(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        token: tower_idempotency::LeaseToken,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        token: tower_idempotency::LeaseToken,
+        lease_ttl: std::time::Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.renew(key, token, lease_ttl).await
+    }
+    async fn wait(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        timeout: std::time::Duration,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        self.0.wait(key, timeout).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_without_the_operators_verbs_answers_501() {
+    let store = Lifecycle(MemoryStore::default());
+    assert!(!tower_idempotency::conformance::offers_operator_verbs(&store).await);
+    let server =
+        serve(axum::Router::new().nest("/admin", tower_idempotency::admin::router(store))).await;
+    for req in [
+        client().get(server.url("/admin/keys/k")),
+        client().delete(server.url("/admin/keys/k")),
+        client().get(server.url("/admin/in-flight")),
+    ] {
+        assert_problem(&send(req).await, 501, "store-unsupported");
+    }
 }
