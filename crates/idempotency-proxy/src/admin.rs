@@ -11,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use sha2::{Digest, Sha256};
 use tower_idempotency::admin::Admin;
 use tower_idempotency::{ProblemDetails, Store};
 
@@ -44,10 +45,13 @@ pub(crate) fn router(
 
 /// Lets a request through only with `Authorization: Bearer TOKEN`; 401 otherwise.
 async fn bearer(State(token): State<Arc<Vec<u8>>>, request: Request, next: Next) -> Response {
+    // The scheme is case-insensitive (RFC 9110 11.1), the token is not.
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| &v[7..]);
     if given.is_some_and(|given| same(given, &token)) {
         return next.run(request).await;
     }
@@ -64,9 +68,14 @@ async fn bearer(State(token): State<Arc<Vec<u8>>>, request: Request, next: Next)
     res
 }
 
-/// Compares in time that depends on the lengths only, not on where the bytes differ.
+/// Compares the SHA-256 digests, in time that depends on neither where the tokens differ nor
+/// the length of the right one.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
 }
 
 async fn not_found() -> Response {
@@ -79,15 +88,12 @@ async fn not_found() -> Response {
 }
 
 fn problem(status: StatusCode, slug: &str, title: &'static str, detail: &'static str) -> Response {
-    ProblemDetails::new(
-        status,
-        format!("urn:tower-idempotency:problem:{slug}"),
-        title,
-    )
-    .with_detail(detail)
-    .to_response()
-    .map(axum::body::Body::from)
-    .into_response()
+    ProblemDetails::own(status, slug, title)
+        .with_detail(detail)
+        .with_no_store()
+        .to_response()
+        .map(axum::body::Body::from)
+        .into_response()
 }
 
 /// 200 when the store answers, 503 otherwise.

@@ -25,6 +25,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens the store and checks that it answers. The error is one line for the operator, and
 /// never shows a password.
 pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
+    open_with(args, true).await
+}
+
+/// The store as [`open`] opens it, but without creating a missing PostgreSQL table: for the
+/// `keys` commands, which may run as a role that cannot.
+pub(crate) async fn open_existing(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
+    open_with(args, false).await
+}
+
+async fn open_with(args: &StoreArgs, migrate: bool) -> Result<Arc<dyn Store>, String> {
     let spec = &args.spec;
     let store: Arc<dyn Store> = match spec {
         StoreSpec::Memory if args.redis_replica_acks > 0 => {
@@ -52,7 +62,7 @@ pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
                 "{flag} bounds the memory store; {bound} (--store {spec})"
             ));
         }
-        StoreSpec::Postgres(url) => Arc::new(postgres(url, spec).await?),
+        StoreSpec::Postgres(url) => Arc::new(postgres(url, spec, migrate).await?),
         StoreSpec::Redis(url) => {
             let connect = RedisStore::builder(url.as_str())
                 .with_replica_acks(args.redis_replica_acks)
@@ -80,10 +90,12 @@ pub(crate) async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, String> {
 /// A PostgreSQL store on its own pool, its table created when missing. Not transactional: the
 /// upstream's writes are in its own database, out of the proxy's reach, so the promise is the
 /// Redis store's (exactly once while the records last), with records that survive restarts.
-async fn postgres(url: &str, spec: &StoreSpec) -> Result<PostgresStore, String> {
+async fn postgres(url: &str, spec: &StoreSpec, migrate: bool) -> Result<PostgresStore, String> {
     let opening = async {
         let store = PostgresStore::connect(url).await?;
-        store.migrate().await?;
+        if migrate {
+            store.migrate().await?;
+        }
         Ok::<_, tower_idempotency::StoreError>(store)
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, opening).await {

@@ -43,6 +43,10 @@ async fn admin_get(proxy: &Proxy, path: &str) -> (StatusCode, reqwest::header::H
         !text.contains(KEY),
         "the raw key in an admin answer: {text}"
     );
+    assert!(
+        !text.contains("alice"),
+        "a raw scope in an admin answer: {text}"
+    );
     (
         status,
         headers,
@@ -138,6 +142,25 @@ async fn the_key_routes_answer_401_without_the_token() {
             );
         }
     }
+    // The scheme is case-insensitive; the token is not.
+    let res = client()
+        .get(proxy.admin_url("/keys/abc"))
+        .header("Authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::NOT_FOUND,
+        "a valid token, no record"
+    );
+    let res = client()
+        .get(proxy.admin_url("/keys/abc"))
+        .header("Authorization", format!("Bearer {}", TOKEN.to_uppercase()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     // Health and metrics need no token.
     for path in ["/healthz", "/metrics"] {
         let res = client().get(proxy.admin_url(path)).send().await.unwrap();
@@ -333,9 +356,24 @@ async fn forgetting_a_key_in_flight_needs_force(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.text().await.unwrap(), "slow run 2");
     assert_eq!(upstream.hits("/slow"), 2);
+    // The first owner's late outcome is refused as a lost lease: the record is the second's.
     let _ = slow.await.unwrap();
+    let replay = client()
+        .post(proxy.url("/slow?ms=10"))
+        .header("Idempotency-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.text().await.unwrap(), "slow run 2");
+    assert_eq!(upstream.hits("/slow"), 2);
     let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("idempotency_events_total{event=\"lease_lost\"} 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("idempotency_events_total{event=\"forgotten_in_flight\"} 1"),
         "{metrics}"
@@ -352,6 +390,76 @@ async fn memory_forgetting_a_key_in_flight_needs_force() {
 #[tokio::test]
 async fn redis_forgetting_a_key_in_flight_needs_force() {
     forgetting_a_key_in_flight_needs_force(Backend::redis()).await;
+}
+
+#[tokio::test]
+async fn scope_values_stand_for_each_scope_header_in_order() {
+    let upstream = Upstream::start().await;
+    let proxy = Backend::memory()
+        .proxy(
+            &upstream.url(),
+            &[
+                "--admin-token",
+                TOKEN,
+                "--scope-header",
+                "X-Tenant",
+                "--scope-header",
+                "Authorization",
+            ],
+        )
+        .await;
+    let res = client()
+        .post(proxy.url("/orders"))
+        .header("Idempotency-Key", KEY)
+        .header("X-Tenant", "acme")
+        .header("Authorization", "Bearer alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (status, _, doc) = admin_get(
+        &proxy,
+        &format!("/keys/{KEY}?scope=acme&scope=Bearer%20alice"),
+    )
+    .await;
+    assert_eq!(
+        (status, doc["state"].as_str()),
+        (StatusCode::OK, Some("completed"))
+    );
+    for other in [
+        format!("/keys/{KEY}?scope=Bearer%20alice&scope=acme"),
+        format!("/keys/{KEY}?scope=acme"),
+        format!("/keys/{KEY}"),
+    ] {
+        let (status, _, doc) = admin_get(&proxy, &other).await;
+        assert_problem(status, &doc, StatusCode::NOT_FOUND, "no-record");
+    }
+    let (status, _, doc) = admin_get(&proxy, &format!("/keys/{KEY}?scope=a&scope=b&scope=c")).await;
+    assert_problem(status, &doc, StatusCode::BAD_REQUEST, "bad-admin-request");
+    // A path that is no key, and a method the routes do not take: problems too.
+    for (method, path) in [
+        (reqwest::Method::GET, "/keys/%FF"),
+        (reqwest::Method::GET, "/keys/with%20space"),
+        (reqwest::Method::POST, "/keys/abc"),
+        (reqwest::Method::PUT, "/in-flight"),
+    ] {
+        let res = client()
+            .request(method.clone(), proxy.admin_url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            res.status().is_client_error(),
+            "{method} {path}: {}",
+            res.status()
+        );
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{method} {path}"
+        );
+    }
 }
 
 #[tokio::test]

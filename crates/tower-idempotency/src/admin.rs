@@ -44,6 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -58,8 +59,8 @@ use crate::problem::ProblemDetails;
 use crate::record::{Record, Unreplayable};
 use crate::scope::{HeaderScope, Scope, ScopeExtractor};
 use crate::{
-    Forgotten, IdempotencyLayer, InFlightPage, Inspected, LeaseInfo, MAX_KEY_LEN, StorageKey,
-    Store, StoreError,
+    Forgotten, IdempotencyKey, IdempotencyLayer, InFlightPage, Inspected, LeaseInfo, MAX_KEY_LEN,
+    StorageKey, Store, StoreError,
 };
 
 /// How many requests in flight a page lists unless told otherwise, and at most.
@@ -81,9 +82,10 @@ pub struct Admin {
     secret: Option<KeySecret>,
     scope: Arc<dyn ScopeExtractor>,
     scope_headers: Vec<HeaderName>,
-    /// Whether `scope` is a layer's own extractor, which the scope headers are given to, or a
-    /// [`HeaderScope`] of them.
-    layer_scope: bool,
+    /// Whether the scope is made of the scope headers ([`Admin::new`]: a [`HeaderScope`] of
+    /// them, made again when they change), or is a layer's own extractor that they are given to
+    /// ([`Admin::for_layer`]).
+    scope_is_headers: bool,
 }
 
 impl std::fmt::Debug for Admin {
@@ -117,14 +119,15 @@ impl Admin {
             secret: None,
             scope: Arc::new(HeaderScope::default()),
             scope_headers: vec![header::AUTHORIZATION],
-            layer_scope: false,
+            scope_is_headers: true,
         }
     }
 
-    /// Operations on `layer`'s store, deriving storage keys as `layer` does (its namespace, key
-    /// secret and scope extractor). The scope values an operator gives are put in the
-    /// `Authorization` header unless [`with_scope_headers`](Self::with_scope_headers) names
-    /// the headers the layer's extractor reads.
+    /// Operations on `layer`'s store, deriving storage keys as `layer` does: its namespace, key
+    /// secret and scope extractor. The operator's scope values go into the headers that
+    /// extractor reads ([`ScopeExtractor::header_names`]: a layer's `with_scope_headers`, or
+    /// `Authorization` by default); for an extractor of its own that tells no headers, name
+    /// them with [`with_scope_headers`](Self::with_scope_headers).
     pub fn for_layer(layer: &IdempotencyLayer) -> Self {
         let config = &layer.shared().config;
         Self {
@@ -132,8 +135,11 @@ impl Admin {
             namespace: config.namespace.clone(),
             secret: config.key_secret.clone(),
             scope: config.scope.clone(),
-            scope_headers: vec![header::AUTHORIZATION],
-            layer_scope: true,
+            scope_headers: config
+                .scope
+                .header_names()
+                .map_or_else(|| vec![header::AUTHORIZATION], <[HeaderName]>::to_vec),
+            scope_is_headers: false,
         }
     }
 
@@ -150,12 +156,12 @@ impl Admin {
         self
     }
 
-    /// The headers the scope values stand for, in order. With [`Admin::new`] they are also
-    /// the scope ([`HeaderScope::new`]); with [`Admin::for_layer`] they are given to the
-    /// layer's own extractor.
+    /// The headers the scope values stand for, in order. With [`Admin::new`] they are the
+    /// scope, as a layer's [`with_scope_headers`](IdempotencyLayer::with_scope_headers) makes
+    /// it; with [`Admin::for_layer`] they are given to the layer's own extractor.
     pub fn with_scope_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.scope_headers = names.into_iter().collect();
-        if !self.layer_scope {
+        if self.scope_is_headers {
             self.scope = Arc::new(HeaderScope::new(self.scope_headers.clone()));
         }
         self
@@ -169,8 +175,10 @@ impl Admin {
     /// The storage key of `key` in the scope these header values give (none: the global
     /// scope). Errs with a reason when the key is no key or the scope cannot be told.
     pub fn storage_key(&self, key: &str, scope: &[impl AsRef<[u8]>]) -> Result<StorageKey, String> {
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return Err(format!("a key is 1 to {MAX_KEY_LEN} characters"));
+        if let Err(e) = IdempotencyKey::new(key) {
+            return Err(format!(
+                "no idempotency key ({e}): a key is 1 to {MAX_KEY_LEN} visible ASCII characters"
+            ));
         }
         if scope.len() > self.scope_headers.len() {
             return Err(format!(
@@ -193,6 +201,17 @@ impl Admin {
         let (parts, ()) = request.into_parts();
         let scope = match self.scope.scope(&parts) {
             Scope::Caller(bytes) => Some(bytes),
+            Scope::Global if !scope.is_empty() => {
+                return Err(format!(
+                    "these scope values, put in {}, give the global scope: the layer's scope \
+                     does not read those headers",
+                    self.scope_headers[..scope.len()]
+                        .iter()
+                        .map(HeaderName::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
             Scope::Global => None,
             Scope::Unknown => {
                 return Err(
@@ -236,7 +255,7 @@ impl Admin {
             Inspected::InFlight(lease) => json!({
                 "state": "in_flight",
                 "status": null,
-                "fingerprint": hex(&lease.fingerprint.0),
+                "fingerprint": lease.fingerprint.to_hex(),
                 "created": timestamp(now.checked_sub(lease.age)),
                 "age_ms": millis(lease.age),
                 "expires": timestamp(now.checked_add(lease.expires_in)),
@@ -249,7 +268,7 @@ impl Admin {
                 let record =
                     Record::decode(done.record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let mut members = json!({
-                    "fingerprint": hex(&record.fingerprint.0),
+                    "fingerprint": record.fingerprint.to_hex(),
                     "created": timestamp(done.age.and_then(|age| now.checked_sub(age))),
                     "age_ms": done.age.map(millis),
                     "expires": timestamp(now.checked_add(done.expires_in)),
@@ -299,25 +318,20 @@ impl Admin {
     /// [`Event::Forgotten`]: crate::Event::Forgotten
     /// [`Event::ForgottenInFlight`]: crate::Event::ForgottenInFlight
     pub async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten, StoreError> {
-        // Without force, nothing in flight is touched; with it, whether a lease went is told
-        // by looking first (a lease that ends between the two is counted as a record).
-        let was_in_flight = force
-            && matches!(
-                self.store.inspect(key).await,
-                Ok(Some(Inspected::InFlight(_)))
-            );
         let forgotten = self.store.forget(key, force).await?;
-        if forgotten == Forgotten::Forgotten {
-            if was_in_flight {
+        match forgotten {
+            Forgotten::Lease => {
                 count(Event::ForgottenInFlight);
                 tracing::warn!(
                     key_hash = %key_hash(key),
                     "an operator forgot a request in flight (forced): its owner's outcome will not be kept, and the next request with its key runs"
                 );
-            } else {
+            }
+            Forgotten::Record => {
                 count(Event::Forgotten);
                 tracing::info!(key_hash = %key_hash(key), "an operator forgot a record");
             }
+            Forgotten::NotFound | Forgotten::InFlight => {}
         }
         Ok(forgotten)
     }
@@ -336,7 +350,7 @@ impl Admin {
                     let mut doc = lease_json(lease);
                     doc["key_hash"] = json!(key_hash(&lease.key));
                     doc["storage_key"] = json!(lease.key.to_hex());
-                    doc["fingerprint"] = json!(hex(&lease.fingerprint.0));
+                    doc["fingerprint"] = json!(lease.fingerprint.to_hex());
                     doc
                 })
                 .collect(),
@@ -347,8 +361,14 @@ impl Admin {
     /// The routes (see the [module docs](self)), with no authentication of their own.
     pub fn router(self) -> Router {
         Router::new()
-            .route("/keys/{key}", get(get_key).delete(delete_key))
-            .route("/in-flight", get(list_in_flight))
+            .route(
+                "/keys/{key}",
+                get(get_key).delete(delete_key).fallback(method_not_allowed),
+            )
+            .route(
+                "/in-flight",
+                get(list_in_flight).fallback(method_not_allowed),
+            )
             .with_state(self)
     }
 }
@@ -384,10 +404,6 @@ fn headers_json(headers: &HeaderMap) -> Value {
     )
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -419,15 +435,12 @@ fn flag(query: Option<&str>, name: &str) -> Result<bool, String> {
 }
 
 fn problem(status: StatusCode, slug: &str, title: &'static str, detail: String) -> Response {
-    let res = ProblemDetails::new(
-        status,
-        format!("urn:tower-idempotency:problem:{slug}"),
-        title,
-    )
-    .with_detail(detail)
-    .with_no_store()
-    .to_response();
-    res.map(axum::body::Body::from).into_response()
+    ProblemDetails::own(status, slug, title)
+        .with_detail(detail)
+        .with_no_store()
+        .to_response()
+        .map(axum::body::Body::from)
+        .into_response()
 }
 
 fn bad_request(detail: String) -> Response {
@@ -502,11 +515,30 @@ fn key_and_flag(
     ))
 }
 
+async fn method_not_allowed() -> Response {
+    problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "the key routes are GET and DELETE /keys/{key}, and GET /in-flight".to_owned(),
+    )
+}
+
+/// The key of the path, or why a path that is no text cannot give one.
+fn path_key(path: Result<Path<String>, PathRejection>) -> Result<String, String> {
+    path.map(|Path(key)| key)
+        .map_err(|e| format!("the key in the path cannot be read: {e}"))
+}
+
 async fn get_key(
     State(admin): State<Admin>,
-    Path(key): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    let key = match path_key(path) {
+        Ok(key) => key,
+        Err(why) => return bad_request(why),
+    };
     let query = query.as_deref();
     let (key, body) = match key_and_flag(&admin, &key, query, "body") {
         Ok(parsed) => parsed,
@@ -521,16 +553,20 @@ async fn get_key(
 
 async fn delete_key(
     State(admin): State<Admin>,
-    Path(key): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    let key = match path_key(path) {
+        Ok(key) => key,
+        Err(why) => return bad_request(why),
+    };
     let query = query.as_deref();
     let (key, force) = match key_and_flag(&admin, &key, query, "force") {
         Ok(parsed) => parsed,
         Err(why) => return bad_request(why),
     };
     match admin.forget(&key, force).await {
-        Ok(Forgotten::Forgotten) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Forgotten::Record | Forgotten::Lease) => StatusCode::NO_CONTENT.into_response(),
         Ok(Forgotten::NotFound) => no_record(&key),
         Ok(Forgotten::InFlight) => problem(
             StatusCode::CONFLICT,

@@ -31,6 +31,13 @@ pub struct Fingerprint(pub [u8; 32]);
 const VERSION: &[u8] = b"tower-idempotency fingerprint v1";
 
 impl Fingerprint {
+    /// The fingerprint as 64 lower-case hex digits.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        crate::storage_key::push_hex(&self.0, &mut s);
+        s
+    }
+
     /// Computes the fingerprint of a request without `Content-Encoding` and without fingerprint
     /// headers, from its parts.
     pub fn compute(

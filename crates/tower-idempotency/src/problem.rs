@@ -86,6 +86,12 @@ impl ProblemDetails {
         }
     }
 
+    /// One of this project's own problems: of type `urn:tower-idempotency:problem:{slug}`, as
+    /// every [`Problem`] is, for the tools built on the layer (the admin routes, the proxy).
+    pub fn own(status: StatusCode, slug: &str, title: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(status, format!("{TYPE_PREFIX}{slug}"), title)
+    }
+
     /// The `detail` member: what happened to this request, for a person to read.
     pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
         self.detail = Some(detail.into());

@@ -130,6 +130,13 @@ impl Scope {
 pub trait ScopeExtractor: Send + Sync + 'static {
     /// The scope of the request.
     fn scope(&self, parts: &Parts) -> Scope;
+
+    /// The request headers the scope is made of, in order, when it is made of headers alone:
+    /// what an operator's scope values stand for in the admin routes. `None` (the default) for
+    /// a scope told otherwise.
+    fn header_names(&self) -> Option<&[HeaderName]> {
+        None
+    }
 }
 
 impl<F> ScopeExtractor for F
@@ -149,6 +156,10 @@ pub struct GlobalScope;
 impl ScopeExtractor for GlobalScope {
     fn scope(&self, _: &Parts) -> Scope {
         Scope::Global
+    }
+
+    fn header_names(&self) -> Option<&[HeaderName]> {
+        Some(&[])
     }
 }
 
@@ -206,6 +217,10 @@ impl ScopeExtractor for HeaderScope {
             }
         }
         Scope::Caller(scope)
+    }
+
+    fn header_names(&self) -> Option<&[HeaderName]> {
+        Some(&self.names)
     }
 }
 

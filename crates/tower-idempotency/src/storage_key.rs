@@ -38,11 +38,7 @@ impl StorageKey {
 
     /// Appends the key in lower-case hex to `out`.
     pub(crate) fn push_hex(&self, out: &mut String) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for b in self.0 {
-            out.push(DIGITS[usize::from(b >> 4)] as char);
-            out.push(DIGITS[usize::from(b & 0xf)] as char);
-        }
+        push_hex(&self.0, out);
     }
 
     /// The storage key of `key` in `scope` (`None`: the global scope) under `namespace`: a hash
@@ -84,6 +80,15 @@ impl StorageKey {
                 StorageKey(mac.finalize().into_bytes().into())
             }
         }
+    }
+}
+
+/// Appends `bytes` in lower-case hex to `out`.
+pub(crate) fn push_hex(bytes: &[u8], out: &mut String) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
     }
 }
 

@@ -2,7 +2,7 @@
 //! by the layer's own namespace, key secret and scope, and a forgotten key runs again. The
 //! proxy's tests run the same routes behind its token, with Redis too.
 
-#![cfg(feature = "admin")]
+#![cfg(all(feature = "admin", feature = "conformance"))]
 #![allow(clippy::unwrap_used)]
 
 use http::HeaderName;
@@ -14,11 +14,13 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore};
 #[tokio::test]
 async fn the_admin_router_finds_a_layers_records_and_forgets_them() {
     let user = HeaderName::from_static("x-user");
+    let header = user.clone();
     let layer = IdempotencyLayer::new(MemoryStore::default())
         .with_namespace("shop")
         .with_key_secret("s3cret")
-        .with_scope_headers([user.clone()]);
-    let admin = Admin::for_layer(&layer).with_scope_headers([user]);
+        .with_scope_headers([header]);
+    // The layer's own scope headers are where the scope values go.
+    let admin = Admin::for_layer(&layer);
     let (app, count) = counting_app(layer);
     let server = serve(app.nest("/admin", admin.router())).await;
     let post = || {
@@ -84,4 +86,93 @@ async fn admin_router_of_a_bare_store_uses_a_default_layers_keys() {
         Value::Array(vec![])
     );
     assert_eq!(count.get(), 1);
+}
+
+#[tokio::test]
+async fn scope_values_a_layers_own_extractor_does_not_read_are_refused() {
+    // A scope told by something else than headers: the values must be given headers it reads.
+    let layer =
+        IdempotencyLayer::new(MemoryStore::default()).with_scope(|parts: &http::request::Parts| {
+            match parts.headers.get("x-user") {
+                Some(user) => tower_idempotency::Scope::caller(user.as_bytes()),
+                None => tower_idempotency::Scope::Global,
+            }
+        });
+    let blind = Admin::for_layer(&layer);
+    assert!(
+        blind.storage_key("k", &["alice"]).is_err(),
+        "values put in Authorization"
+    );
+    let told = Admin::for_layer(&layer).with_scope_headers([HeaderName::from_static("x-user")]);
+    assert_eq!(
+        told.storage_key("k", &["alice"]).unwrap(),
+        layer.storage_key_for(Some(b"alice"), "k")
+    );
+    assert_eq!(
+        told.storage_key("k", &[] as &[&str]).unwrap(),
+        layer.storage_key_for(None, "k")
+    );
+    assert!(told.storage_key("with space", &[] as &[&str]).is_err());
+}
+
+/// A store that offers only the lifecycle's verbs, as a store written before the operator's
+/// verbs does.
+struct Lifecycle(MemoryStore);
+
+#[async_trait::async_trait]
+impl tower_idempotency::Store for Lifecycle {
+    async fn begin(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        fingerprint: &tower_idempotency::Fingerprint,
+        lease_ttl: std::time::Duration,
+    ) -> Result<tower_idempotency::BeginOutcome, tower_idempotency::StoreError> {
+        self.0.begin(key, fingerprint, lease_ttl).await
+    }
+    async fn complete(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        token: tower_idempotency::LeaseToken,
+        record: bytes::Bytes,
+        ttl: std::time::Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.complete(key, token, record, ttl).await
+    }
+    async fn release(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        token: tower_idempotency::LeaseToken,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        token: tower_idempotency::LeaseToken,
+        lease_ttl: std::time::Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.renew(key, token, lease_ttl).await
+    }
+    async fn wait(
+        &self,
+        key: &tower_idempotency::StorageKey,
+        timeout: std::time::Duration,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        self.0.wait(key, timeout).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_without_the_operators_verbs_answers_501() {
+    let store = Lifecycle(MemoryStore::default());
+    assert!(!tower_idempotency::conformance::offers_operator_verbs(&store).await);
+    let server =
+        serve(axum::Router::new().nest("/admin", tower_idempotency::admin::router(store))).await;
+    for req in [
+        client().get(server.url("/admin/keys/k")),
+        client().delete(server.url("/admin/keys/k")),
+        client().get(server.url("/admin/in-flight")),
+    ] {
+        assert_problem(&send(req).await, 501, "store-unsupported");
+    }
 }

@@ -20,6 +20,13 @@ const RECORD_OVERHEAD: usize = MemoryStore::RECORD_OVERHEAD;
 #[cfg(feature = "conformance")]
 mod conformance {
     tower_idempotency::store_conformance!(async { tower_idempotency::MemoryStore::default() });
+
+    /// The suite's operator tests pass a store that offers none of the verbs: this one must.
+    #[tokio::test]
+    async fn offers_the_operators_verbs() {
+        let store = tower_idempotency::MemoryStore::default();
+        assert!(tower_idempotency::conformance::offers_operator_verbs(&store).await);
+    }
 }
 
 const CAPACITY: usize = 1_000;

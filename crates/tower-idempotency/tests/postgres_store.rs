@@ -44,6 +44,13 @@ mod conformance_suite {
     tower_idempotency::store_conformance!(async {
         crate::store_on(&crate::pg_server::shared_server().url()).await
     });
+
+    /// The suite's operator tests pass a store that offers none of the verbs: this one must.
+    #[tokio::test]
+    async fn offers_the_operators_verbs() {
+        let store = crate::store_on(&crate::pg_server::shared_server().url()).await;
+        assert!(tower_idempotency::conformance::offers_operator_verbs(&store).await);
+    }
 }
 
 async fn send(app: &Router, key: &str) -> (StatusCode, HeaderMap, Bytes) {

@@ -42,6 +42,13 @@ mod standalone {
     tower_idempotency::store_conformance!(async {
         crate::store_on(&crate::servers::shared_server().url()).await
     });
+
+    /// The suite's operator tests pass a store that offers none of the verbs: this one must.
+    #[tokio::test]
+    async fn offers_the_operators_verbs() {
+        let store = crate::store_on(&crate::servers::shared_server().url()).await;
+        assert!(tower_idempotency::conformance::offers_operator_verbs(&store).await);
+    }
 }
 
 /// The conformance suite against one 3-master Redis Cluster shared by these tests.
@@ -49,6 +56,13 @@ mod cluster {
     tower_idempotency::store_conformance!(async {
         crate::store_on(&crate::servers::shared_cluster().url()).await
     });
+
+    /// The suite's operator tests pass a store that offers none of the verbs: this one must.
+    #[tokio::test]
+    async fn offers_the_operators_verbs() {
+        let store = crate::store_on(&crate::servers::shared_cluster().url()).await;
+        assert!(tower_idempotency::conformance::offers_operator_verbs(&store).await);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -65,9 +79,9 @@ fn client_commands(
     before: &BTreeMap<String, u64>,
     after: &BTreeMap<String, u64>,
 ) -> (u64, BTreeMap<String, u64>, BTreeMap<String, u64>) {
-    // `zadd` and `zrem` file a lease in the index of leases: inside the scripts on a standalone
-    // server, and on a Redis Cluster (where the index lives in other slots) as commands of their
-    // own sent beside the request's step, which it does not wait for. Redis counts both alike.
+    // `zadd` and `zrem` file a lease in the index of leases inside the scripts on a standalone
+    // server; on a Redis Cluster (where the index lives in other slots) they are commands of
+    // their own, sent beside the request's step, which the budget counts apart.
     const IN_SCRIPTS: [&str; 11] = [
         "get", "set", "getrange", "del", "pexpire", "pttl", "publish", "spublish", "time", "zadd",
         "zrem",
@@ -196,6 +210,21 @@ async fn command_budget(url: &str, nodes: &[RedisServer]) {
     println!("replay:      {rep} commands {rep_sent:?}, inside scripts {rep_scripted:?}");
     assert_eq!(new, 2, "a new request: {new_sent:?}");
     assert_eq!(rep, 1, "a replay: {rep_sent:?}");
+    // The new request's lease was filed once and unfiled once, and the replay touched the index
+    // not at all: in its scripts on a standalone server, by two commands sent apart on a
+    // Cluster (which may land after the answer, so they are waited for).
+    let filed = |name: &str| {
+        calls().get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+    };
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while (filed("zadd"), filed("zrem")) != (1, 1) && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (filed("zadd"), filed("zrem")),
+        (1, 1),
+        "the index of leases"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

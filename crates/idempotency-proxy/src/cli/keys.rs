@@ -163,7 +163,8 @@ async fn run(args: KeysArgs) -> ExitCode {
              (--admin-token)",
         );
     }
-    let store = match crate::store::open(&args.store).await {
+    // A store as it is: no table is created, so a read-only role can inspect.
+    let store = match crate::store::open_existing(&args.store).await {
         Ok(store) => store,
         Err(e) => return fail(&e),
     };
@@ -197,10 +198,14 @@ async fn run(args: KeysArgs) -> ExitCode {
                 Err(code) => return code,
             };
             match admin.forget(&key, *force).await {
-                Ok(Forgotten::Forgotten) => {
+                Ok(gone @ (Forgotten::Record | Forgotten::Lease)) => {
                     println!(
                         "{}",
-                        serde_json::json!({"key_hash": key_hash(&key), "forgotten": true})
+                        serde_json::json!({
+                            "key_hash": key_hash(&key),
+                            "forgotten": true,
+                            "was": if gone == Forgotten::Lease { "in_flight" } else { "record" },
+                        })
                     );
                     ExitCode::SUCCESS
                 }
@@ -230,7 +235,7 @@ async fn run(args: KeysArgs) -> ExitCode {
                     Ok(page) => page,
                     Err(e) => return fail(&e.to_string()),
                 };
-                left -= page.leases.len();
+                left = left.saturating_sub(page.leases.len());
                 for lease in &page.leases {
                     println!("{lease}");
                 }

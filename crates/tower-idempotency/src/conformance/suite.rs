@@ -603,6 +603,8 @@ suite! {$
         acquire(&*store, &k, SHORT).await;
         tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
         assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+        // Nor to forget, even by force.
+        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::NotFound);
     }
 
     /// A forgotten record runs again: the next begin takes a lease. Forgetting it twice finds
@@ -614,7 +616,7 @@ suite! {$
         let k = key();
         let t = acquire(&*store, &k, LONG).await;
         assert!(store.complete(&k, t, record("once"), TTL).await.expect("complete"));
-        assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::Forgotten);
+        assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::Record);
         assert_eq!(store.inspect(&k).await.expect("inspect"), None);
         assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::NotFound);
         assert!(matches!(
@@ -633,7 +635,7 @@ suite! {$
         let t = acquire(&*store, &k, LONG).await;
         assert_eq!(store.forget(&k, false).await.expect("forget"), Forgotten::InFlight);
         expect_in_flight(&*store, &k, fp(1)).await;
-        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::Forgotten);
+        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::Lease);
         assert!(!store.complete(&k, t, record("late"), TTL).await.expect("complete"));
         let next = acquire(&*store, &k, LONG).await;
         assert_ne!(next, t);
@@ -650,7 +652,7 @@ suite! {$
         let (done, waiters) = spawn_waiters(&store, k, 10);
         tokio::time::sleep(Duration::from_millis(300)).await;
         done.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::Forgotten);
+        assert_eq!(store.forget(&k, true).await.expect("forget"), Forgotten::Lease);
         for w in waiters {
             let (returned, _) = w.await.expect("waiter");
             assert!(returned - start < PROMPTLY, "a waiter slept through the forget");
@@ -663,18 +665,20 @@ suite! {$
         if !offers_operator_verbs(&*store).await {
             return;
         }
-        let mut mine: Vec<StorageKey> = (0..7).map(|_| key()).collect();
+        let mut mine: Vec<StorageKey> = (0..8).map(|_| key()).collect();
         let mut tokens = Vec::new();
         for k in &mine {
             tokens.push(acquire(&*store, k, LONG).await);
         }
         assert!(store.complete(&mine[0], tokens[0], record("x"), TTL).await.expect("complete"));
         assert!(store.release(&mine[1], tokens[1]).await.expect("release"));
+        assert_eq!(store.forget(&mine[2], true).await.expect("forget"), Forgotten::Lease);
         assert!(store.renew(&mine[3], tokens[3], LONG).await.expect("renew"));
         let renewed = mine[3];
+        // The first three are done: completed, released, forgotten.
         let owners: std::collections::HashMap<StorageKey, LeaseToken> =
             mine.iter().copied().zip(tokens.iter().copied()).collect();
-        let gone = mine.drain(..2).collect::<Vec<_>>();
+        let gone = mine.drain(..3).collect::<Vec<_>>();
         mine.sort();
         // Another test's leases may be listed too (a shared server): only ours are checked.
         let mut seen = Vec::new();

@@ -53,27 +53,36 @@ pub struct CompletedInfo {
     pub expires_in: Duration,
 }
 
-/// What [`Store::forget`](super::Store::forget) did.
+/// What [`Store::forget`](super::Store::forget) did, told by the store in the same step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forgotten {
-    /// The record is gone: the next request with its key runs. A lease forgotten by force
-    /// wakes its waiters, and its owner's completion is refused as a lost lease.
-    Forgotten,
+    /// A completed record is gone: the next request with its key runs.
+    Record,
+    /// A live lease is gone, by force: its waiters are woken, its owner's completion is refused
+    /// as a lost lease, and the next request with its key runs.
+    Lease,
     /// There was no live record under the key.
     NotFound,
     /// A live lease is there and `force` was not given: nothing changed.
     InFlight,
 }
 
+impl Forgotten {
+    /// Whether a record or a lease went.
+    pub fn is_forgotten(self) -> bool {
+        matches!(self, Forgotten::Record | Forgotten::Lease)
+    }
+}
+
 /// One page of [`Store::in_flight`](super::Store::in_flight): live leases in the order of their
-/// storage keys.
+/// storage keys. A store may answer a short page (even an empty one) with a `next`, when it
+/// stopped after examining as many candidates as it allows one call: go on from `next`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InFlightPage {
     /// At most the asked-for number of leases, each with a storage key greater than the
     /// cursor given.
     pub leases: Vec<LeaseInfo>,
-    /// The cursor of the next page (the last key of this one), or `None` when this page is the
-    /// last.
+    /// Where the next page starts (after this key), or `None` when this page is the last.
     pub next: Option<StorageKey>,
 }
 
@@ -87,9 +96,24 @@ impl InFlightPage {
     ) -> Self {
         leases.retain(|l| after.is_none_or(|after| l.key > *after));
         leases.sort_unstable_by_key(|l| l.key);
+        Self::from_sorted(leases, after, limit)
+    }
+
+    /// The page of at most `limit` leases from `leases`, in key order and all after `after`:
+    /// its `next` is set when there are more. A `limit` of 0 gives an empty page that goes on
+    /// from `after`.
+    pub fn from_sorted(
+        mut leases: Vec<LeaseInfo>,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Self {
         let more = leases.len() > limit;
         leases.truncate(limit);
-        let next = more.then(|| leases.last().map(|l| l.key)).flatten();
+        let next = if more {
+            leases.last().map(|l| l.key).or(after.copied())
+        } else {
+            None
+        };
         Self { leases, next }
     }
 }

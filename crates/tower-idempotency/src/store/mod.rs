@@ -186,8 +186,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// For operators: up to `limit` live leases with storage keys after `after`, in the order
-    /// of their keys, and the cursor of the next page. Bounded: a store answers from an index
-    /// of its leases, never by reading every record.
+    /// of their keys, and where the next page starts. A networked store answers from an index of
+    /// its leases, not by reading every record (the memory store looks through its own table,
+    /// under its lock), and bounds the work of one call.
     ///
     /// The default answers [`StoreError::Unsupported`].
     async fn in_flight(

@@ -18,6 +18,10 @@ use crate::store::{LeaseToken, StorageKey, StoreError};
 /// enough; SipHash would cost more than the rest of a lookup.
 type Hasher = foldhash::fast::RandomState;
 
+/// A completed record's `created` when its grant time is not kept (it is kept too long for
+/// [`Table::millis`] to tell).
+pub(super) const NO_TIME: u32 = u32::MAX;
+
 /// How often, at most, a store full of leases is searched for expired ones.
 const LEASE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 

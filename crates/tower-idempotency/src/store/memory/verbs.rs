@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-use super::table::{Entry, Freed, Table, record_bytes};
+use super::table::{Entry, Freed, NO_TIME, Table, record_bytes};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::{Event, count};
 use crate::record::{Record, Unreplayable};
@@ -77,11 +77,7 @@ impl Store for MemoryStore {
         if expired_record {
             // An expired record goes, as if it had been purged (its queue entry goes stale), and
             // the key is a new one: the lease needs room like any other.
-            if let Some(old) = table.map.remove(key) {
-                table.completed_len -= 1;
-                table.bytes -= old.bytes();
-                freed.push(Some(old));
-            }
+            freed.push(table.remove(key));
         }
         let room = table.make_room(now, &mut freed);
         let begun = room.map(|()| {
@@ -158,7 +154,10 @@ impl Store for MemoryStore {
         let Some(entry) = table.map.get_mut(key).filter(|e| e.owned_by(token, now)) else {
             return Ok(false);
         };
+        // A grant time reads back right for 49 days (it is four bytes of milliseconds): a
+        // record kept longer has none.
         let created = match entry {
+            _ if ttl.as_millis() >= u128::from(NO_TIME) => NO_TIME,
             Entry::Lease { granted, .. } => *granted,
             Entry::Completed { created, .. } => *created,
         };
@@ -298,7 +297,8 @@ impl Store for MemoryStore {
         }
         Ok(match gone {
             Some(Entry::Lease { expires, .. }) if expires <= now => Forgotten::NotFound,
-            Some(_) => Forgotten::Forgotten,
+            Some(Entry::Lease { .. }) => Forgotten::Lease,
+            Some(Entry::Completed { .. }) => Forgotten::Record,
             None => Forgotten::NotFound,
         })
     }
@@ -355,7 +355,7 @@ fn inspected(table: &Table, key: &StorageKey, entry: &Entry, now: Instant) -> Op
             ..
         } if *expires > now => Some(Inspected::Completed(CompletedInfo {
             record: record.clone(),
-            age: Some(table.age(*created, now)),
+            age: (*created != NO_TIME).then(|| table.age(*created, now)),
             expires_in: *expires - now,
         })),
         _ => None,

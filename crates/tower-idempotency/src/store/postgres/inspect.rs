@@ -43,13 +43,18 @@ impl PostgresStore {
                     .fetch_one(&self.inner.pool)
             })
             .await?;
-        let read = |row: &PgRow| -> Result<(bool, bool), sqlx::Error> {
-            Ok((row.try_get("forgotten")?, row.try_get("in_flight")?))
+        let read = |row: &PgRow| -> Result<(bool, bool, bool), sqlx::Error> {
+            Ok((
+                row.try_get("forgotten")?,
+                row.try_get("lease")?,
+                row.try_get("in_flight")?,
+            ))
         };
         Ok(match read(&row).map_err(|e| self.error(e))? {
-            (true, _) => Forgotten::Forgotten,
-            (false, true) => Forgotten::InFlight,
-            (false, false) => Forgotten::NotFound,
+            (true, true, _) => Forgotten::Lease,
+            (true, false, _) => Forgotten::Record,
+            (false, _, true) => Forgotten::InFlight,
+            (false, _, false) => Forgotten::NotFound,
         })
     }
 
@@ -58,6 +63,7 @@ impl PostgresStore {
         after: Option<&StorageKey>,
         limit: usize,
     ) -> Result<InFlightPage, StoreError> {
+        let after_key = after;
         let after: &[u8] = after.map_or(&[], |k| &k.0[..]);
         // One more than asked, to know whether a next page exists.
         let asked = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
@@ -75,10 +81,7 @@ impl PostgresStore {
                 leases.push(lease);
             }
         }
-        let more = leases.len() > limit;
-        leases.truncate(limit);
-        let next = more.then(|| leases.last().map(|l| l.key)).flatten();
-        Ok(InFlightPage { leases, next })
+        Ok(InFlightPage::from_sorted(leases, after_key, limit))
     }
 }
 

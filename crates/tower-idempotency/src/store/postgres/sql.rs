@@ -128,6 +128,9 @@ impl Statements {
             // Drops the record, a live lease only when forced ($2), an expired row always; a
             // forced lease wakes its waiters. Returns whether a live row went, and whether a
             // live row stays (a lease, not forced).
+            //
+            // The index of leases it reads is built by `migrate()` with the table; on a large
+            // table that exists already, build it first with `CREATE INDEX CONCURRENTLY`.
             forget: format!(
                 "WITH gone AS ( \
                     DELETE FROM {t} \
@@ -137,6 +140,7 @@ impl Statements {
                     SELECT pg_notify('{channel}', encode(key, 'hex')) FROM gone WHERE waited AND lease AND live \
                  ) \
                  SELECT EXISTS (SELECT 1 FROM gone WHERE live) AS forgotten, \
+                    EXISTS (SELECT 1 FROM gone WHERE live AND lease) AS lease, \
                     (SELECT count(*) FROM woken) AS woken, \
                     EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND expires_at > statement_timestamp() \
                         AND NOT EXISTS (SELECT 1 FROM gone)) AS in_flight"

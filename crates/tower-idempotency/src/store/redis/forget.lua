@@ -5,7 +5,8 @@
 -- KEYS[3]  the index of leases, on a standalone Redis only
 -- ARGV[1]  '1' to drop a lease too, '0' otherwise
 -- ARGV[2]  PUBLISH, or SPUBLISH on a Redis Cluster
--- Returns 1 when the record went, 0 when there was none, 2 for a lease left in place.
+-- Returns 1 when a completed record went, 3 when a lease went (forced), 0 when there was
+-- none, 2 for a lease left in place.
 local v = redis.call('GET', KEYS[1])
 if not v then
   return 0
@@ -20,5 +21,6 @@ if lease then
     redis.call('ZREM', KEYS[3], KEYS[1])
   end
   redis.call(ARGV[2], KEYS[2], 'r')
+  return 3
 end
 return 1

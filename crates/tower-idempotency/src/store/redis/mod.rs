@@ -74,7 +74,9 @@ const DEFAULT_REPLICA_ACK_TIMEOUT: Duration = Duration::from_millis(250);
 /// Every verb is one round trip: a Lua script run with `EVALSHA` (the scripts are loaded when
 /// the store connects, and again by themselves if Redis forgets them). A new request costs two
 /// commands, `begin` and `complete`, plus one `renew` every `lock_ttl / 3` while its handler
-/// runs; a replay costs one. A waiting duplicate costs one subscription on the shared
+/// runs; a replay costs one. On a Redis Cluster a new request also sends two commands apart
+/// that it does not wait for, which file its lease in the index of leases and unfile it (see
+/// below; a standalone server does this inside the scripts). A waiting duplicate costs one subscription on the shared
 /// subscriber connection (shared with every other waiter on the same key) and one round trip
 /// to re-check the lease after subscribing. With
 /// [`RedisStoreBuilder::with_replica_acks`], `begin` and `complete` each carry a `WAIT` in the
@@ -86,8 +88,16 @@ const DEFAULT_REPLICA_ACK_TIMEOUT: Duration = Duration::from_millis(250);
 ///
 /// Each record is one Redis string at `<prefix>{<64 hex digits of the storage key>}`
 /// (default prefix `idempotency:`). Its first byte says what it is: `L` followed by the owner
-/// token and the request fingerprint for a lease, `C` followed by the encoded record for a
-/// completed request, so one read tells them apart. Completions, releases and renewals are
+/// token, the request fingerprint and, in ASCII, `<granted ms>,<renewals>` for a lease (a renewal
+/// rewrites it), `C` followed by the encoded record for a completed request, so one read tells
+/// them apart.
+///
+/// The requests in flight are listed, for operators, from an index of leases: the sorted set
+/// `<prefix>leases` of their record keys on a standalone server, kept by the scripts in the
+/// same step (so a script there names two keys of different hash slots: a `redis://` endpoint
+/// that enforces slots, such as a cluster proxy, refuses them; use `redis+cluster://` there),
+/// or sixteen sets `<prefix>leases{0}` to `<prefix>leases{f}` on a Cluster, kept by commands of
+/// their own. Completions, releases and renewals are
 /// announced on the channel `<prefix>{<hex>}:n`. The `{...}` hash tag puts a record and its
 /// channel in the same Redis Cluster slot. Expiry is by Redis's clock (`PX`): a lease lives
 /// `lock_ttl` from its last grant or renewal, a completed record `ttl` from its completion; the
@@ -488,11 +498,19 @@ impl Store for RedisStore {
         token: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let call =
-            self.inner
-                .scripts
-                .renew(&self.record_key(key), &self.channel(key), token, lease_ttl);
+        let index = self.script_index();
+        let call = self.inner.scripts.renew(
+            &self.record_key(key),
+            &self.channel(key),
+            index.as_deref(),
+            token,
+            lease_ttl,
+        );
         let renewed: i64 = call.run(&self.inner.connection, self.inner.timeout).await?;
+        if renewed == 1 {
+            // On a Cluster, a lease whose entry went missing is filed again.
+            self.file_apart(key, true);
+        }
         Ok(renewed == 1)
     }
 

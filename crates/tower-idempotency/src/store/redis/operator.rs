@@ -5,11 +5,12 @@
 //! leases (score 0, so in key order), kept by the scripts in the same step as the lease. On a
 //! Redis Cluster a script cannot reach a key of another slot, so the index is sixteen sorted
 //! sets, `<prefix>leases{0}` to `<prefix>leases{f}` by the storage key's first hex digit, and
-//! each lease is filed and unfiled by a command of its own, sent beside the request's step
-//! without delaying it. Either way the records are the truth and the index a list of
-//! candidates: the listing reads each candidate's record and drops from the index what is no
-//! longer a lease (one that expired with its owner gone). On a Cluster a process that dies
-//! between taking a lease and filing it leaves that lease out of the listing until it expires.
+//! each lease is filed and unfiled by a command of its own (`ZADD`, `ZREM`), sent beside the
+//! request's step without delaying it. Either way the records are the truth and the index a
+//! list of candidates: the listing reads each candidate's record and drops from the index what
+//! is no longer a lease (one that expired with its owner gone). Every renewal files its lease
+//! again, so an entry that went missing (on a Cluster, a process that died between taking a
+//! lease and filing it, or a filing that failed) comes back within a third of the lease's TTL.
 
 use redis::Value;
 
@@ -19,6 +20,9 @@ use crate::store::{Forgotten, InFlightPage, Inspected, StorageKey, StoreError};
 
 /// How many index sets a Redis Cluster spreads its leases over.
 const CLUSTER_SHARDS: usize = 16;
+/// The fewest candidates one listing examines before it may stop short (ten times the page
+/// otherwise).
+const MIN_EXAMINED: usize = 1000;
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl RedisStore {
@@ -91,9 +95,10 @@ impl RedisStore {
             .run(&self.inner.connection, self.inner.timeout)
             .await?;
         match answer {
-            1 => {
+            1 => Ok(Forgotten::Record),
+            3 => {
                 self.file_apart(key, false);
-                Ok(Forgotten::Forgotten)
+                Ok(Forgotten::Lease)
             }
             2 => Ok(Forgotten::InFlight),
             _ => Ok(Forgotten::NotFound),
@@ -109,61 +114,91 @@ impl RedisStore {
             Some(index) => vec![index],
             None => (0..CLUSTER_SHARDS).map(|s| self.shard_index(s)).collect(),
         };
-        let start = match after {
+        let mut cursor = match after {
             Some(after) => format!("({}", self.record_key(after)),
             None => "-".to_owned(),
         };
+        // One call examines a bounded number of candidates: after many owners died, the index
+        // holds many stale entries, and a page may then come back short, with where to go on.
+        let budget = limit.saturating_mul(10).max(MIN_EXAMINED);
+        let mut examined = 0;
         let mut leases = Vec::new();
-        let mut cursor = start;
-        // Candidates are read in batches until the page is full or the index is done; stale
-        // ones are dropped from the index on the way.
+        let mut last_examined = None;
         loop {
             let batch = limit.saturating_add(1).clamp(16, 1000);
-            let mut candidates: Vec<(String, String)> = Vec::new();
-            for index in &indexes {
-                let mut cmd = redis::cmd("ZRANGE");
+            let mut candidates: Vec<(String, usize)> = Vec::new();
+            for (shard, index) in indexes.iter().enumerate() {
+                let mut cmd = redis::cmd("ZRANGEBYLEX");
                 cmd.arg(index)
                     .arg(&cursor)
                     .arg("+")
-                    .arg("BYLEX")
                     .arg("LIMIT")
                     .arg(0)
                     .arg(batch);
                 let members: Vec<String> = self.query(&cmd).await?;
-                candidates.extend(members.into_iter().map(|m| (m, index.clone())));
+                candidates.extend(members.into_iter().map(|m| (m, shard)));
             }
             candidates.sort_unstable();
             candidates.truncate(batch);
             let exhausted = candidates.len() < batch;
-            for (member, index) in &candidates {
-                let Some(key) = self.storage_key_of(member) else {
-                    self.unfile(index, member).await;
-                    continue;
+            let mut stale: Vec<Vec<&str>> = vec![Vec::new(); indexes.len()];
+            for (member, shard) in &candidates {
+                examined += 1;
+                let key = self.storage_key_of(member);
+                // A value that cannot be read is left to `begin`, which reports it; the
+                // listing goes on without it.
+                let found = match key {
+                    Some(key) => self.inspect_key(&key).await.ok().flatten(),
+                    None => None,
                 };
-                match self.inspect_key(&key).await? {
-                    Some(Inspected::InFlight(lease)) => leases.push(lease),
-                    _ => self.unfile(index, member).await,
+                match (key, found) {
+                    (Some(key), Some(Inspected::InFlight(lease))) => {
+                        leases.push(lease);
+                        last_examined = Some(key);
+                    }
+                    (key, _) => {
+                        stale[*shard].push(member.as_str());
+                        last_examined = key.or(last_examined);
+                    }
                 }
-                if leases.len() > limit {
+                if leases.len() > limit || examined >= budget {
                     break;
                 }
             }
+            for (index, members) in indexes.iter().zip(&stale) {
+                self.unfile(index, members).await;
+            }
             if leases.len() > limit || exhausted {
-                break;
+                return Ok(InFlightPage::from_sorted(leases, after, limit));
+            }
+            if examined >= budget {
+                let mut page = InFlightPage::from_sorted(leases, after, limit);
+                page.next = page.next.or(last_examined);
+                return Ok(page);
             }
             match candidates.last() {
                 Some((last, _)) => cursor = format!("({last}"),
-                None => break,
+                None => return Ok(InFlightPage::from_sorted(leases, after, limit)),
             }
         }
-        Ok(InFlightPage::from_unsorted(leases, after, limit))
     }
 
-    /// Drops a member that is no lease any more from its index set.
-    async fn unfile(&self, index: &str, member: &str) {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(index).arg(member);
-        let _ = self.query::<Value>(&cmd).await;
+    /// Drops from an index set the members the listing found holding no lease: on a standalone
+    /// Redis in one step with a second look, so that a lease taken meanwhile stays filed; on a
+    /// Cluster plainly, and a lease wrongly dropped is filed again at its next renewal.
+    async fn unfile(&self, index: &str, members: &[&str]) {
+        if members.is_empty() {
+            return;
+        }
+        if self.inner.cluster {
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(index).arg(members);
+            let _ = self.query::<Value>(&cmd).await;
+        } else {
+            let _ = scripts::unfile_call(&self.inner.scripts, index, members)
+                .run::<Value>(&self.inner.connection, self.inner.timeout)
+                .await;
+        }
     }
 
     /// The storage key of a record key of this store's prefix.

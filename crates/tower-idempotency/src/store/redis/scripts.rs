@@ -37,6 +37,7 @@ pub(super) struct Scripts {
     probe: Script,
     inspect: Script,
     forget: Script,
+    unfile: Script,
     /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster, so that a notice stays on the key's shard.
     publish: &'static str,
 }
@@ -51,6 +52,7 @@ impl Scripts {
             probe: Script::new(include_str!("probe.lua")),
             inspect: Script::new(include_str!("inspect.lua")),
             forget: Script::new(include_str!("forget.lua")),
+            unfile: Script::new(include_str!("unfile.lua")),
             publish: if cluster { "SPUBLISH" } else { "PUBLISH" },
         }
     }
@@ -69,6 +71,7 @@ impl Scripts {
             &self.probe,
             &self.inspect,
             &self.forget,
+            &self.unfile,
         ];
         for script in all {
             tokio::time::timeout(timeout, connection.load(script))
@@ -139,10 +142,11 @@ impl Scripts {
         &self,
         record_key: &str,
         channel: &str,
+        index: Option<&str>,
         token: LeaseToken,
         lease_ttl: Duration,
     ) -> ScriptCall<'_> {
-        ScriptCall::new(&self.renew, &[record_key, channel])
+        ScriptCall::new(&self.renew, &with_index(&[record_key, channel], index))
             .arg(&lease_prefix(token)[..])
             .arg(millis(lease_ttl))
             .arg(self.publish)
@@ -160,8 +164,8 @@ impl Scripts {
         ScriptCall::new(&self.inspect, &[record_key])
     }
 
-    /// Drops the record, a lease only with `force`; answers 1 (gone), 0 (none) or 2 (a lease
-    /// left in place).
+    /// Drops the record, a lease only with `force`; answers 1 (a record gone), 3 (a lease
+    /// gone), 0 (none) or 2 (a lease left in place).
     pub(super) fn forget(
         &self,
         record_key: &str,
@@ -173,6 +177,17 @@ impl Scripts {
             .arg(if force { "1" } else { "0" })
             .arg(self.publish)
     }
+}
+
+/// Drops from `index` those of `record_keys` that hold no lease, in one step with the look.
+pub(super) fn unfile_call<'a>(
+    scripts: &'a Scripts,
+    index: &str,
+    record_keys: &[&str],
+) -> ScriptCall<'a> {
+    let mut keys = vec![index];
+    keys.extend_from_slice(record_keys);
+    ScriptCall::new(&scripts.unfile, &keys)
 }
 
 /// A script's keys, with the index of leases last when there is one.
@@ -191,7 +206,11 @@ pub(super) fn inspected(
         return Ok(None);
     };
     let expires_in = match pttl {
-        -1 => return Err(no_expiry()),
+        -1 => {
+            return Err(StoreError::Corrupt(
+                "a record without an expiry, not written by this store".to_owned(),
+            ));
+        }
         ms if ms <= 0 => return Ok(None),
         ms => Duration::from_millis(ms.unsigned_abs()),
     };
