@@ -91,8 +91,6 @@ fn problem(status: StatusCode, slug: &str, title: &'static str, detail: &'static
     ProblemDetails::own(status, slug, title)
         .with_detail(detail)
         .with_no_store()
-        .to_response()
-        .map(axum::body::Body::from)
         .into_response()
 }
 

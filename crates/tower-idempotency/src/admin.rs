@@ -438,8 +438,6 @@ fn problem(status: StatusCode, slug: &str, title: &'static str, detail: String) 
     ProblemDetails::own(status, slug, title)
         .with_detail(detail)
         .with_no_store()
-        .to_response()
-        .map(axum::body::Body::from)
         .into_response()
 }
 
@@ -502,19 +500,6 @@ fn json_response(status: StatusCode, doc: &Value) -> Response {
         .into_response()
 }
 
-/// The storage key a route's key and `scope` parameters name, and its flag `name`.
-fn key_and_flag(
-    admin: &Admin,
-    key: &str,
-    query: Option<&str>,
-    name: &str,
-) -> Result<(StorageKey, bool), String> {
-    Ok((
-        admin.storage_key(key, &params(query, "scope"))?,
-        flag(query, name)?,
-    ))
-}
-
 async fn method_not_allowed() -> Response {
     problem(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -524,10 +509,19 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// The key of the path, or why a path that is no text cannot give one.
-fn path_key(path: Result<Path<String>, PathRejection>) -> Result<String, String> {
-    path.map(|Path(key)| key)
-        .map_err(|e| format!("the key in the path cannot be read: {e}"))
+/// The storage key a key route names (its path's key and its `scope` parameters), and its
+/// flag `name`; or why they name none.
+fn route_key(
+    admin: &Admin,
+    path: Result<Path<String>, PathRejection>,
+    query: Option<&str>,
+    name: &str,
+) -> Result<(StorageKey, bool), String> {
+    let Path(key) = path.map_err(|e| format!("the key in the path cannot be read: {e}"))?;
+    Ok((
+        admin.storage_key(&key, &params(query, "scope"))?,
+        flag(query, name)?,
+    ))
 }
 
 async fn get_key(
@@ -535,12 +529,7 @@ async fn get_key(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let key = match path_key(path) {
-        Ok(key) => key,
-        Err(why) => return bad_request(why),
-    };
-    let query = query.as_deref();
-    let (key, body) = match key_and_flag(&admin, &key, query, "body") {
+    let (key, body) = match route_key(&admin, path, query.as_deref(), "body") {
         Ok(parsed) => parsed,
         Err(why) => return bad_request(why),
     };
@@ -556,12 +545,7 @@ async fn delete_key(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let key = match path_key(path) {
-        Ok(key) => key,
-        Err(why) => return bad_request(why),
-    };
-    let query = query.as_deref();
-    let (key, force) = match key_and_flag(&admin, &key, query, "force") {
+    let (key, force) = match route_key(&admin, path, query.as_deref(), "force") {
         Ok(parsed) => parsed,
         Err(why) => return bad_request(why),
     };

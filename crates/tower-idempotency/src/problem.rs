@@ -187,6 +187,14 @@ impl From<ProblemDetails> for Response<Bytes> {
     }
 }
 
+/// An axum handler or extractor may answer with the problem itself.
+#[cfg(any(feature = "admin", feature = "postgres"))]
+impl axum_core::response::IntoResponse for ProblemDetails {
+    fn into_response(self) -> axum_core::response::Response {
+        self.to_response().map(axum_core::body::Body::from)
+    }
+}
+
 impl fmt::Display for ProblemDetails {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.title, self.status)

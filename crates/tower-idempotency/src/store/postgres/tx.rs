@@ -186,7 +186,7 @@ impl<S: Send + Sync> axum_core::extract::FromRequestParts<S> for IdempotentTx {
     ) -> Result<Self, Self::Rejection> {
         Self::begin(&parts.extensions)
             .await
-            .map_err(|problem| problem.to_response().map(axum_core::body::Body::from))
+            .map_err(axum_core::response::IntoResponse::into_response)
     }
 }
 
