@@ -309,16 +309,15 @@ impl Store for MemoryStore {
         limit: usize,
     ) -> Result<InFlightPage, StoreError> {
         let now = Instant::now();
-        let leases = {
+        let mut leases: Vec<LeaseInfo> = {
             let table = self.lock();
             // The leases are the requests in flight, few beside the completed records; the
-            // scan reads every entry but copies only those.
+            // scan reads every entry but copies only live leases after the cursor.
             table
                 .map
                 .iter()
                 .filter(|(k, e)| {
-                    matches!(e, Entry::Lease { expires, .. } if *expires > now)
-                        && after.is_none_or(|after| *k > after)
+                    matches!(e, Entry::Lease { .. }) && after.is_none_or(|after| *k > after)
                 })
                 .filter_map(|(k, e)| match inspected(&table, k, e, now) {
                     Some(Inspected::InFlight(lease)) => Some(lease),
@@ -326,7 +325,8 @@ impl Store for MemoryStore {
                 })
                 .collect()
         };
-        Ok(InFlightPage::from_unsorted(leases, after, limit))
+        leases.sort_unstable_by_key(|l| l.key);
+        Ok(InFlightPage::from_sorted(leases, after, limit))
     }
 }
 

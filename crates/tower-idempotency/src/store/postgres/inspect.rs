@@ -63,14 +63,13 @@ impl PostgresStore {
         after: Option<&StorageKey>,
         limit: usize,
     ) -> Result<InFlightPage, StoreError> {
-        let after_key = after;
-        let after: &[u8] = after.map_or(&[], |k| &k.0[..]);
+        let after_bytes: &[u8] = after.map_or(&[], |k| &k.0[..]);
         // One more than asked, to know whether a next page exists.
         let asked = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
         let rows = self
             .run(|| {
                 sqlx::query(&self.inner.sql.in_flight)
-                    .bind(after)
+                    .bind(after_bytes)
                     .bind(asked)
                     .fetch_all(&self.inner.pool)
             })
@@ -81,7 +80,7 @@ impl PostgresStore {
                 leases.push(lease);
             }
         }
-        Ok(InFlightPage::from_sorted(leases, after_key, limit))
+        Ok(InFlightPage::from_sorted(leases, after, limit))
     }
 }
 

@@ -145,10 +145,14 @@ impl RedisStore {
             for (member, shard) in &candidates {
                 examined += 1;
                 let key = self.storage_key_of(member);
-                // A value that cannot be read is left to `begin`, which reports it; the
-                // listing goes on without it.
+                // A value that cannot be read is no lease to list (`begin` reports it to its
+                // requests); the listing goes on without it. An outage ends the listing.
                 let found = match key {
-                    Some(key) => self.inspect_key(&key).await.ok().flatten(),
+                    Some(key) => match self.inspect_key(&key).await {
+                        Ok(found) => found,
+                        Err(StoreError::Corrupt(_)) => None,
+                        Err(e) => return Err(e),
+                    },
                     None => None,
                 };
                 match (key, found) {
@@ -168,17 +172,19 @@ impl RedisStore {
             for (index, members) in indexes.iter().zip(&stale) {
                 self.unfile(index, members).await;
             }
-            if leases.len() > limit || exhausted {
+            if leases.len() > limit {
                 return Ok(InFlightPage::from_sorted(leases, after, limit));
             }
+            // Before `exhausted`: the budget may run out inside the last batch, whose rest
+            // the next page must still examine.
             if examined >= budget {
                 let mut page = InFlightPage::from_sorted(leases, after, limit);
                 page.next = page.next.or(last_examined);
                 return Ok(page);
             }
             match candidates.last() {
-                Some((last, _)) => cursor = format!("({last}"),
-                None => return Ok(InFlightPage::from_sorted(leases, after, limit)),
+                Some((last, _)) if !exhausted => cursor = format!("({last}"),
+                _ => return Ok(InFlightPage::from_sorted(leases, after, limit)),
             }
         }
     }
