@@ -18,6 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
+use crate::cli::{UrlWords, plain_http_url};
 use crate::proxy::BoxError;
 
 /// `--upstream`: where requests go.
@@ -31,33 +32,16 @@ pub(crate) struct Upstream {
 
 impl Upstream {
     pub(crate) fn parse(s: &str) -> Result<Self, String> {
-        let uri: Uri = s
-            .parse()
-            .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(
-                    "https upstreams are not supported; point the proxy at the service's plain \
-                     http:// address"
-                        .into(),
-                );
-            }
-            _ => return Err("expected an http:// URL such as http://127.0.0.1:5000".into()),
-        }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or("the URL has no host; expected http://HOST:PORT")?;
-        if authority.host().is_empty() {
-            return Err("the URL has no host; expected http://HOST:PORT".into());
-        }
-        if authority.as_str().contains('@') {
-            return Err("user names and passwords in the upstream URL are not supported".into());
-        }
-        if uri.query().is_some() {
-            return Err("the upstream URL must not carry a query".into());
-        }
+        let (uri, authority) = plain_http_url(
+            s,
+            &UrlWords {
+                https: "https upstreams are not supported; point the proxy at the service's \
+                        plain http:// address",
+                example: "http://127.0.0.1:5000",
+                credentials: "user names and passwords in the upstream URL are not supported",
+                query: "the upstream URL must not carry a query",
+            },
+        )?;
         Ok(Self {
             scheme: Scheme::HTTP,
             authority,

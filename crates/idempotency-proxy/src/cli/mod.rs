@@ -12,6 +12,8 @@ use http::{HeaderName, Method};
 pub(crate) mod keys;
 mod parse;
 
+pub(crate) use parse::{UrlWords, plain_http_url};
+
 pub(crate) use parse::{
     ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec, Token,
 };

@@ -4,7 +4,8 @@ use std::fmt;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use http::{HeaderName, Method};
+use http::uri::Authority;
+use http::{HeaderName, Method, Uri};
 
 /// `--key-secret` or `--key-secret-file`: bytes that are never shown.
 #[derive(Clone, PartialEq, Eq)]
@@ -132,6 +133,42 @@ impl ReleaseStatus {
     }
 }
 
+/// What [`plain_http_url`] says of a URL that is not one, in the words of the flag it is for.
+pub(crate) struct UrlWords {
+    /// For an `https://` URL.
+    pub(crate) https: &'static str,
+    /// A URL the flag takes, shown for one of another scheme.
+    pub(crate) example: &'static str,
+    /// For a URL with a user name or password.
+    pub(crate) credentials: &'static str,
+    /// For a URL with a query.
+    pub(crate) query: &'static str,
+}
+
+/// A plain `http://HOST[:PORT][/PATH]` URL, as `--upstream` and `--otlp-endpoint` take: no
+/// TLS, no user name or password, no query. Returns it with its authority.
+pub(crate) fn plain_http_url(s: &str, words: &UrlWords) -> Result<(Uri, Authority), String> {
+    let uri: Uri = s
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(words.https.into()),
+        _ => return Err(format!("expected an http:// URL such as {}", words.example)),
+    }
+    let authority = match uri.authority() {
+        Some(a) if !a.host().is_empty() => a.clone(),
+        _ => return Err("the URL has no host; expected http://HOST:PORT".into()),
+    };
+    if authority.as_str().contains('@') {
+        return Err(words.credentials.into());
+    }
+    if uri.query().is_some() {
+        return Err(words.query.into());
+    }
+    Ok((uri, authority))
+}
+
 /// Where traces go over OTLP/HTTP: the full URL of the traces endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OtlpEndpoint(String);
@@ -151,35 +188,18 @@ impl OtlpEndpoint {
     }
 
     fn check(s: &str) -> Result<(), String> {
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(
-                    "https is not supported; send traces to a collector's plain http:// address \
-                     (an OpenTelemetry Collector beside the proxy)"
-                        .into(),
-                );
-            }
-            _ => return Err("expected an http:// URL such as http://127.0.0.1:4318".into()),
-        }
-        match uri.authority() {
-            Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => {}
-            Some(a) if a.as_str().contains('@') => {
-                return Err(
-                    "user names and passwords in the URL are not supported; set \
-                     OTEL_EXPORTER_OTLP_HEADERS for the collector's credentials"
-                        .into(),
-                );
-            }
-            _ => return Err("the URL has no host; expected http://HOST:PORT".into()),
-        }
-        if uri.query().is_some() {
-            return Err("the URL must not carry a query".into());
-        }
-        Ok(())
+        plain_http_url(
+            s,
+            &UrlWords {
+                https: "https is not supported; send traces to a collector's plain http:// \
+                        address (an OpenTelemetry Collector beside the proxy)",
+                example: "http://127.0.0.1:4318",
+                credentials: "user names and passwords in the URL are not supported; set \
+                              OTEL_EXPORTER_OTLP_HEADERS for the collector's credentials",
+                query: "the URL must not carry a query",
+            },
+        )
+        .map(|_| ())
     }
 
     /// The traces endpoint's URL.
