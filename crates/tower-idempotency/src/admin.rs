@@ -247,11 +247,7 @@ impl Admin {
             return Ok(None);
         };
         let now = SystemTime::now();
-        let mut doc = json!({
-            "key_hash": key_hash(key),
-            "storage_key": key.to_hex(),
-        });
-        let members = match found {
+        let mut doc = match found {
             Inspected::InFlight(lease) => json!({
                 "state": "in_flight",
                 "status": null,
@@ -305,9 +301,8 @@ impl Admin {
                 members
             }
         };
-        if let (Value::Object(doc), Value::Object(members)) = (&mut doc, members) {
-            doc.extend(members);
-        }
+        doc["key_hash"] = json!(key_hash(key));
+        doc["storage_key"] = json!(key.to_hex());
         Ok(Some(doc))
     }
 
