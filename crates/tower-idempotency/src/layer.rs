@@ -268,10 +268,13 @@ impl IdempotencyLayer {
     /// once its lease expires. Every clone of this layer, and every service made from them,
     /// shares the work it waits for.
     pub async fn drain(&self) {
+        // Closed for good: a closed tracker still tracks the work started after, and its
+        // `wait` then returns once that is done too. Reopening it here would race with a drain
+        // of a clone on another thread (a worker per core, each draining on shutdown): one
+        // reopening between the other's `close` and `wait` leaves that one waiting for ever.
         let background = &self.shared.background;
         background.close();
         background.wait().await;
-        background.reopen();
     }
 
     /// The `Retry-After` advised with 409 and 503 answers (default 1 s).

@@ -260,3 +260,30 @@ async fn drain_waits_for_a_handler_whose_caller_stopped_waiting() {
     assert!(retry.replayed(), "{}", retry.text());
     assert_eq!(count.get(), 1);
 }
+
+/// Clones of one layer drained at once on threads of their own, as a server with a worker
+/// thread per core drains them on shutdown: every drain returns, whichever ends first.
+#[test]
+fn clones_drained_at_once_on_their_own_threads_all_return() {
+    let layer = layer();
+    for round in 0..5_000 {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (ended, drains) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let (layer, start, ended) = (layer.clone(), start.clone(), ended.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                start.wait();
+                runtime.block_on(layer.drain());
+                let _ = ended.send(());
+            });
+        }
+        for _ in 0..2 {
+            let ended = drains.recv_timeout(Duration::from_secs(10));
+            assert!(ended.is_ok(), "round {round}: a drain never returned");
+        }
+    }
+}
