@@ -130,7 +130,7 @@ impl Lease {
 
     /// Stores the outcome; `true` once the store has taken it.
     pub(crate) async fn complete(&self, record: Bytes, ttl: Duration) -> bool {
-        metrics::record_bytes().record(record.len() as f64);
+        metrics::observe_record_bytes(record.len());
         self.settle(Settle::Complete(record, ttl)).await
     }
 
@@ -190,7 +190,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         metrics::leases_held(-1.0);
-        metrics::owner_duration().record(self.acquired.elapsed().as_secs_f64());
+        metrics::observe_owner(self.acquired.elapsed().as_secs_f64());
     }
 }
 

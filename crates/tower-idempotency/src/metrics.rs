@@ -1,7 +1,10 @@
 //! [`Event`]: what the layer counts, and the histograms and gauge it keeps, through the
-//! `metrics` facade. Every key is static, so that recording allocates nothing.
+//! `metrics` facade. Every key is static, so that recording allocates nothing, and each
+//! thread keeps the handles it registered (see [`with_handles`]).
 
-use metrics::{Histogram, Key, Label, Level, Metadata};
+use std::cell::RefCell;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 
 /// Something the layer did with a request, counted through the `metrics` facade.
 ///
@@ -141,8 +144,11 @@ static METADATA: Metadata<'static> =
 
 /// Counts `event` once under [`EVENTS_TOTAL`].
 pub(crate) fn count(event: Event) {
-    metrics::with_recorder(|recorder| recorder.register_counter(key(event), &METADATA))
-        .increment(1);
+    with_handles(|handles, recorder| {
+        handles.events[event as usize]
+            .get_or_insert_with(|| recorder.register_counter(key(event), &METADATA))
+            .increment(1);
+    });
 }
 
 /// Histogram of how long duplicates waited for the request in flight with their key, in
@@ -183,6 +189,39 @@ static OWNER_KEY: Key = Key::from_static_name(OWNER_DURATION);
 static RECORD_KEY: Key = Key::from_static_name(RECORD_BYTES);
 static LEASES_KEY: Key = Key::from_static_name(LEASES_HELD);
 
+/// Each histogram the layer observes, as an index into [`Handles::histograms`].
+#[derive(Clone, Copy)]
+enum Observed {
+    Wait,
+    Owner,
+    Record,
+    /// A timed verb: any but [`Verb::Wait`].
+    Store(Verb),
+}
+
+impl Observed {
+    const COUNT: usize = 7;
+
+    fn index(self) -> usize {
+        match self {
+            Observed::Wait => 0,
+            Observed::Owner => 1,
+            Observed::Record => 2,
+            // Wait, the last verb, has no histogram: the index stays below COUNT.
+            Observed::Store(verb) => 3 + verb as usize,
+        }
+    }
+
+    fn key(self) -> Option<&'static Key> {
+        match self {
+            Observed::Wait => Some(&WAIT_KEY),
+            Observed::Owner => Some(&OWNER_KEY),
+            Observed::Record => Some(&RECORD_KEY),
+            Observed::Store(verb) => store_key(verb),
+        }
+    }
+}
+
 /// The store-duration key of each timed verb.
 macro_rules! store_keys {
     ($($verb:ident => $label:literal),* $(,)?) => {
@@ -209,34 +248,97 @@ store_keys! {
     Renew => "renew",
 }
 
-fn histogram(key: &'static Key) -> Histogram {
-    metrics::with_recorder(|recorder| recorder.register_histogram(key, &METADATA))
+/// The handles one thread registered with the recorder in use, each on first use.
+///
+/// Registering a handle is a lookup in the recorder's registry (a hash and a lock), which a
+/// fresh key would otherwise pay seven times; a handle kept costs an index. The recorder is
+/// told apart by its address: when another one is in use (a test's local recorder, a global one
+/// installed after the first requests), the thread's handles are dropped and registered anew
+/// with it.
+struct Handles {
+    recorder: usize,
+    events: [Option<Counter>; Event::ALL.len()],
+    histograms: [Option<Histogram>; Observed::COUNT],
+    leases: Option<Gauge>,
 }
 
-/// The histogram of [`WAIT_DURATION`].
-pub(crate) fn wait_duration() -> Histogram {
-    histogram(&WAIT_KEY)
+impl Handles {
+    fn new(recorder: usize) -> Self {
+        Self {
+            recorder,
+            events: [const { None }; Event::ALL.len()],
+            histograms: [const { None }; Observed::COUNT],
+            leases: None,
+        }
+    }
 }
 
-/// The histogram of [`OWNER_DURATION`].
-pub(crate) fn owner_duration() -> Histogram {
-    histogram(&OWNER_KEY)
+thread_local! {
+    static HANDLES: RefCell<Option<Handles>> = const { RefCell::new(None) };
 }
 
-/// The histogram of [`RECORD_BYTES`].
-pub(crate) fn record_bytes() -> Histogram {
-    histogram(&RECORD_KEY)
+/// Runs `f` with this thread's handles for the recorder in use, and that recorder to register
+/// the missing ones with. Where the thread keeps none (it is ending, or this is a call from
+/// inside a recorder), `f` gets handles of its own, used once.
+fn with_handles<T>(f: impl FnOnce(&mut Handles, &dyn Recorder) -> T) -> T {
+    metrics::with_recorder(|recorder| {
+        let id = std::ptr::from_ref(recorder).cast::<()>().addr();
+        let mut f = Some(f);
+        let kept = HANDLES.try_with(|cell| {
+            let mut kept = cell.try_borrow_mut().ok()?;
+            let handles = kept.get_or_insert_with(|| Handles::new(id));
+            if handles.recorder != id {
+                *handles = Handles::new(id);
+            }
+            f.take().map(|f| f(handles, recorder))
+        });
+        match (kept, f) {
+            (Ok(Some(out)), _) => out,
+            (_, Some(f)) => f(&mut Handles::new(id), recorder),
+            (_, None) => unreachable!("`f` runs once, and its result is returned"),
+        }
+    })
 }
 
-/// The histogram of [`STORE_DURATION`] for `verb`; none for `wait`.
-pub(crate) fn store_duration(verb: Verb) -> Option<Histogram> {
-    store_key(verb).map(histogram)
+fn observe(what: Observed, value: f64) {
+    let Some(key) = what.key() else {
+        return;
+    };
+    with_handles(|handles, recorder| {
+        handles.histograms[what.index()]
+            .get_or_insert_with(|| recorder.register_histogram(key, &METADATA))
+            .record(value);
+    });
+}
+
+/// Observes a duplicate's wait, in seconds, in [`WAIT_DURATION`].
+pub(crate) fn observe_wait(seconds: f64) {
+    observe(Observed::Wait, seconds);
+}
+
+/// Observes how long an owner held its lease, in seconds, in [`OWNER_DURATION`].
+pub(crate) fn observe_owner(seconds: f64) {
+    observe(Observed::Owner, seconds);
+}
+
+/// Observes a record's size, in bytes, in [`RECORD_BYTES`].
+pub(crate) fn observe_record_bytes(bytes: usize) {
+    observe(Observed::Record, bytes as f64);
+}
+
+/// Observes a store call's round trip, in seconds, in [`STORE_DURATION`]; a wait is not one.
+pub(crate) fn observe_store(verb: Verb, seconds: f64) {
+    observe(Observed::Store(verb), seconds);
 }
 
 /// Adds `delta` (one lease taken: 1, one ended: -1) to [`LEASES_HELD`].
 pub(crate) fn leases_held(delta: f64) {
-    metrics::with_recorder(|recorder| recorder.register_gauge(&LEASES_KEY, &METADATA))
-        .increment(delta);
+    with_handles(|handles, recorder| {
+        handles
+            .leases
+            .get_or_insert_with(|| recorder.register_gauge(&LEASES_KEY, &METADATA))
+            .increment(delta);
+    });
 }
 
 #[cfg(test)]

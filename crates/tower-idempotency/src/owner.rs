@@ -206,7 +206,7 @@ where
             return unstored(Ok(Problem::OutcomeUnknown.respond()));
         }
     };
-    metrics::record_bytes().record(record.len() as f64);
+    metrics::observe_record_bytes(record.len());
     let complete = completer.complete(lease.key, lease.token(), record, ttl);
     match store_call(Verb::Complete, complete, owner_checked).await {
         Ok(true) => Owned {

@@ -173,7 +173,7 @@ impl RequestTrace {
         };
         let waited = started.elapsed().as_secs_f64();
         self.waited = Some(waited);
-        metrics::wait_duration().record(waited);
+        metrics::observe_wait(waited);
         if !self.span.is_disabled() {
             self.span.record("idempotency.wait_seconds", waited);
         }
@@ -267,9 +267,7 @@ pub(crate) async fn store_call<T>(
         call.as_mut().poll(cx)
     })
     .await;
-    if let Some(histogram) = metrics::store_duration(verb) {
-        histogram.record(started.elapsed().as_secs_f64());
-    }
+    metrics::observe_store(verb, started.elapsed().as_secs_f64());
     if !span.is_disabled() {
         match &out {
             Ok(value) => span.record("idempotency.store.result", result(value)),

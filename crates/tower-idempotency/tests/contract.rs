@@ -1032,6 +1032,34 @@ async fn an_auth_layer_that_runs_after_the_layer_is_a_500_scope_unavailable_not_
     assert_fresh(&keyless, 1);
 }
 
+/// The layer keeps the handles it registered with a recorder, but a request counts with the
+/// recorder in use when it runs: one set for a while, then another, each sees its own requests.
+#[tokio::test]
+async fn each_recorder_counts_the_requests_made_while_it_is_in_use() {
+    let (app, count) = counting_app(layer());
+    let srv = serve(app).await;
+    let c = client();
+    let post = |key: &str| {
+        c.post(srv.url("/orders"))
+            .header("Idempotency-Key", format!("\"{key}\""))
+            .body("one")
+    };
+    let (first, second) = (events::Events::default(), events::Events::default());
+    {
+        let _local = metrics::set_default_local_recorder(&first);
+        assert_fresh(&send(post("first")).await, 1);
+        assert!(send(post("first")).await.replayed());
+    }
+    {
+        let _local = metrics::set_default_local_recorder(&second);
+        assert_fresh(&send(post("second")).await, 2);
+    }
+    let counted = |e: &events::Events| (e.get(Event::Executed), e.get(Event::Replayed));
+    assert_eq!(counted(&first), (1, 1));
+    assert_eq!(counted(&second), (1, 0));
+    assert_eq!(count.get(), 2);
+}
+
 #[tokio::test]
 async fn header_scopes_without_their_headers_are_global_or_refused_as_configured() {
     // The default: a caller without Authorization is anonymous, in the global scope.
