@@ -62,7 +62,7 @@ pub(crate) struct KeysArgs {
         value_name = "SECRET",
         hide_env_values = true,
         conflicts_with = "key_secret_file",
-        value_parser = Secret::parse
+        value_parser = Secret::parse_key_secret
     )]
     key_secret: Option<Secret>,
 
@@ -72,7 +72,7 @@ pub(crate) struct KeysArgs {
         global = true,
         env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
         value_name = "PATH",
-        value_parser = Secret::read_file
+        value_parser = Secret::read_key_secret
     )]
     key_secret_file: Option<Secret>,
 

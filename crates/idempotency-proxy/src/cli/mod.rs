@@ -15,7 +15,7 @@ mod parse;
 pub(crate) use parse::{UrlWords, plain_http_url};
 
 pub(crate) use parse::{
-    ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec, Token,
+    ConflictMode, LogFormat, OtlpEndpoint, ReleaseStatus, Secret, StatusItem, StoreSpec,
 };
 use parse::{
     duration, parse_fingerprint_header, parse_header_name, parse_method, parse_response_size,
@@ -86,9 +86,9 @@ pub(crate) struct Args {
         value_name = "TOKEN",
         hide_env_values = true,
         conflicts_with = "admin_token_file",
-        value_parser = Token::parse
+        value_parser = Secret::parse_admin_token
     )]
-    pub(crate) admin_token: Option<Token>,
+    pub(crate) admin_token: Option<Secret>,
 
     /// Read the admin token (see --admin-token) from this file, whole, less one trailing
     /// newline.
@@ -96,9 +96,9 @@ pub(crate) struct Args {
         long,
         env = "IDEMPOTENCY_PROXY_ADMIN_TOKEN_FILE",
         value_name = "PATH",
-        value_parser = Token::read_file
+        value_parser = Secret::read_admin_token
     )]
-    pub(crate) admin_token_file: Option<Token>,
+    pub(crate) admin_token_file: Option<Secret>,
 
     #[command(flatten)]
     pub(crate) store: StoreArgs,
@@ -203,7 +203,7 @@ pub(crate) struct Args {
         value_name = "SECRET",
         hide_env_values = true,
         conflicts_with = "key_secret_file",
-        value_parser = Secret::parse
+        value_parser = Secret::parse_key_secret
     )]
     pub(crate) key_secret: Option<Secret>,
 
@@ -212,7 +212,7 @@ pub(crate) struct Args {
         long,
         env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
         value_name = "PATH",
-        value_parser = Secret::read_file
+        value_parser = Secret::read_key_secret
     )]
     pub(crate) key_secret_file: Option<Secret>,
 
@@ -439,7 +439,7 @@ impl Args {
     }
 
     /// The admin token, from --admin-token or --admin-token-file.
-    pub(crate) fn admin_token(&self) -> Option<&Token> {
+    pub(crate) fn admin_token(&self) -> Option<&Secret> {
         self.admin_token.as_ref().or(self.admin_token_file.as_ref())
     }
 }

@@ -7,69 +7,59 @@ use clap::ValueEnum;
 use http::uri::Authority;
 use http::{HeaderName, Method, Uri};
 
-/// `--key-secret` or `--key-secret-file`: bytes that are never shown.
+/// A secret given as a flag or kept in a file (`--key-secret`, `--admin-token` and their
+/// `-file` forms): bytes that never show in logs or `Debug`.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Secret(Vec<u8>);
 
 impl Secret {
-    pub(super) fn parse(s: &str) -> Result<Self, String> {
+    /// `--key-secret`.
+    pub(super) fn parse_key_secret(s: &str) -> Result<Self, String> {
+        Self::parse(s, "key secret")
+    }
+
+    /// `--key-secret-file`.
+    pub(super) fn read_key_secret(path: &str) -> Result<Self, String> {
+        Self::read_file(path, "key secret")
+    }
+
+    /// `--admin-token`.
+    pub(super) fn parse_admin_token(s: &str) -> Result<Self, String> {
+        Self::parse(s, "admin token")
+    }
+
+    /// `--admin-token-file`.
+    pub(super) fn read_admin_token(path: &str) -> Result<Self, String> {
+        Self::read_file(path, "admin token")
+    }
+
+    /// The flag's value, which must not be empty; `what` names it in the error.
+    fn parse(s: &str, what: &str) -> Result<Self, String> {
         if s.is_empty() {
-            return Err("the key secret must not be empty".into());
+            return Err(format!("the {what} must not be empty"));
         }
         Ok(Self(s.as_bytes().to_vec()))
     }
 
-    pub(super) fn read_file(path: &str) -> Result<Self, String> {
-        read_secret_file(path, "key secret").map(Self)
+    /// A file's whole content less one trailing newline (`\n` or `\r\n`), which must not be
+    /// empty; `what` names it in the error.
+    fn read_file(path: &str, what: &str) -> Result<Self, String> {
+        let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        if bytes.is_empty() {
+            return Err(format!("{path} holds no {what}"));
+        }
+        Ok(Self(bytes))
     }
 
     /// The secret's bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.0
-    }
-}
-
-/// A file's whole content less one trailing newline (`\n` or `\r\n`): a secret kept in a file.
-/// `what` names it in the error.
-fn read_secret_file(path: &str, what: &str) -> Result<Vec<u8>, String> {
-    let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    if bytes.ends_with(b"\n") {
-        bytes.pop();
-        if bytes.ends_with(b"\r") {
-            bytes.pop();
-        }
-    }
-    if bytes.is_empty() {
-        return Err(format!("{path} holds no {what}"));
-    }
-    Ok(bytes)
-}
-
-/// The admin token: bytes that never show in logs or `Debug`.
-#[derive(Clone)]
-pub(crate) struct Token(Vec<u8>);
-
-impl Token {
-    pub(super) fn parse(s: &str) -> Result<Self, String> {
-        if s.is_empty() {
-            return Err("the admin token must not be empty".into());
-        }
-        Ok(Self(s.as_bytes().to_vec()))
-    }
-
-    pub(super) fn read_file(path: &str) -> Result<Self, String> {
-        read_secret_file(path, "admin token").map(Self)
-    }
-
-    /// The token's bytes.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(..)")
     }
 }
 
