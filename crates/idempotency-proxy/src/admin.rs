@@ -122,7 +122,7 @@ async fn render_metrics(State(health): State<Health>) -> impl IntoResponse {
 
 /// The operator's view of the layer's keys: the same namespace, key secret and scope headers.
 pub(crate) fn keys(layer: &tower_idempotency::IdempotencyLayer, args: &crate::cli::Args) -> Admin {
-    Admin::for_layer(layer).with_scope_headers(args.scope_header.iter().cloned())
+    Admin::for_layer(layer).with_scope_headers(args.keys.scope_header.iter().cloned())
 }
 
 #[cfg(test)]

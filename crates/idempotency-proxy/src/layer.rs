@@ -22,20 +22,20 @@ pub(crate) fn from_args(args: &Args, store: Arc<dyn Store>) -> Result<Idempotenc
         .with_methods(args.methods.iter().cloned())
         .with_require_key(args.require_key)
         .with_fail_open(args.fail_open)
-        .with_scope_headers(args.scope_header.iter().cloned())
+        .with_scope_headers(args.keys.scope_header.iter().cloned())
         .with_max_request_body(args.max_request_body)
         .with_max_response_body(args.max_response_body)
         // The caller of a keyed request waits for the upstream as long as an untracked one;
         // the upstream call itself goes on until --upstream-deadline.
         .with_caller_timeout(args.upstream_timeout)
-        .with_namespace(args.namespace.clone())
+        .with_namespace(args.keys.namespace.clone())
         .with_request_body_timeout(args.client_body_timeout)
         // One bound for the process: every worker's clone of the layer shares it.
         .with_max_in_flight(args.max_in_flight as usize)
         .with_storable(move |status| !release.releases(status))
         .with_fingerprint_headers(args.fingerprint_header.iter().cloned())
         .map_err(|e| format!("--fingerprint-header: {e}"))?;
-    Ok(match args.key_secret() {
+    Ok(match args.keys.key_secret() {
         Some(secret) => layer.with_key_secret(secret.bytes()),
         None => layer,
     })

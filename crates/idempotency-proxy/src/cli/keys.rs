@@ -15,12 +15,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use http::HeaderName;
 use tower_idempotency::admin::{Admin, MAX_PAGE, key_hash};
 use tower_idempotency::{Forgotten, StorageKey};
 
-use super::parse::{Secret, parse_header_name};
-use super::{StoreArgs, StoreSpec};
+use super::{KeyArgs, StoreArgs, StoreSpec};
 
 /// Exit code: the key has no record.
 const NO_RECORD: u8 = 1;
@@ -44,49 +42,8 @@ pub(crate) struct KeysArgs {
     #[command(flatten)]
     store: StoreArgs,
 
-    /// The namespace of the proxies whose keys are asked about (their --namespace).
-    #[arg(
-        long,
-        global = true,
-        env = "IDEMPOTENCY_PROXY_NAMESPACE",
-        value_name = "NAME",
-        default_value = ""
-    )]
-    namespace: String,
-
-    /// The proxies' key secret (their --key-secret).
-    #[arg(
-        long,
-        global = true,
-        env = "IDEMPOTENCY_PROXY_KEY_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true,
-        conflicts_with = "key_secret_file",
-        value_parser = Secret::parse_key_secret
-    )]
-    key_secret: Option<Secret>,
-
-    /// Read the key secret from this file (their --key-secret-file).
-    #[arg(
-        long,
-        global = true,
-        env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
-        value_name = "PATH",
-        value_parser = Secret::read_key_secret
-    )]
-    key_secret_file: Option<Secret>,
-
-    /// The proxies' scope headers (their --scope-header), which the --scope values stand for.
-    #[arg(
-        long,
-        global = true,
-        env = "IDEMPOTENCY_PROXY_SCOPE_HEADER",
-        value_name = "NAME",
-        value_delimiter = ',',
-        default_value = "Authorization",
-        value_parser = parse_header_name
-    )]
-    scope_header: Vec<HeaderName>,
+    #[command(flatten)]
+    keys: KeyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,9 +126,9 @@ async fn run(args: KeysArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let mut admin = Admin::new(store)
-        .with_namespace(args.namespace.clone())
-        .with_scope_headers(args.scope_header.iter().cloned());
-    if let Some(secret) = args.key_secret.as_ref().or(args.key_secret_file.as_ref()) {
+        .with_namespace(args.keys.namespace.clone())
+        .with_scope_headers(args.keys.scope_header.iter().cloned());
+    if let Some(secret) = args.keys.key_secret() {
         admin = admin.with_key_secret(secret.bytes());
     }
     let key_of = |key: &str, scope: &[String]| -> Result<StorageKey, ExitCode> {

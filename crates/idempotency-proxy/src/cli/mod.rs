@@ -103,6 +103,9 @@ pub(crate) struct Args {
     #[command(flatten)]
     pub(crate) store: StoreArgs,
 
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
+
     /// How long a completed response is kept for replay.
     #[arg(
         long,
@@ -166,18 +169,6 @@ pub(crate) struct Args {
     #[arg(long, env = "IDEMPOTENCY_PROXY_FAIL_OPEN")]
     pub(crate) fail_open: bool,
 
-    /// A request header whose value scopes keys, so one caller never sees another's responses.
-    /// Repeat the flag (or comma-separate in the environment) for several headers.
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_SCOPE_HEADER",
-        value_name = "NAME",
-        value_delimiter = ',',
-        default_value = "Authorization",
-        value_parser = parse_header_name
-    )]
-    pub(crate) scope_header: Vec<HeaderName>,
-
     /// A request header that is part of the fingerprint, beside the method, path, query,
     /// Content-Type, Content-Encoding and body: the same key sent with another value of it is a
     /// 422, not a replay. For headers that change what a request does, such as
@@ -191,42 +182,6 @@ pub(crate) struct Args {
         value_parser = parse_fingerprint_header
     )]
     pub(crate) fingerprint_header: Vec<HeaderName>,
-
-    /// A server secret: storage keys become an HMAC-SHA256 of (scope, key) keyed with it instead
-    /// of a plain SHA-256, so that whoever can read the store cannot test guesses of keys or
-    /// scopes. Every proxy sharing a store must use the same secret; setting or changing it
-    /// makes earlier records unreachable. Use at least 32 random bytes. A flag's value shows in
-    /// the process list: prefer IDEMPOTENCY_PROXY_KEY_SECRET or --key-secret-file.
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_KEY_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true,
-        conflicts_with = "key_secret_file",
-        value_parser = Secret::parse_key_secret
-    )]
-    pub(crate) key_secret: Option<Secret>,
-
-    /// Read the key secret (see --key-secret) from this file, whole, less one trailing newline.
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
-        value_name = "PATH",
-        value_parser = Secret::read_key_secret
-    )]
-    pub(crate) key_secret_file: Option<Secret>,
-
-    /// A namespace mixed into every storage key. Services that share a store (one Redis for
-    /// several proxies in front of different services) must each have their own: records of
-    /// different namespaces never meet, so the same path and key sent to two services run on
-    /// both. Proxies in front of one service share a namespace. Empty by default.
-    #[arg(
-        long,
-        env = "IDEMPOTENCY_PROXY_NAMESPACE",
-        value_name = "NAME",
-        default_value = ""
-    )]
-    pub(crate) namespace: String,
 
     /// The statuses that free a key, so that a retry with it runs again: status codes and
     /// classes such as `5xx`, comma-separated. Every other answer of the upstream is stored and
@@ -433,14 +388,74 @@ impl Args {
         }
     }
 
-    /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
-    pub(crate) fn key_secret(&self) -> Option<&Secret> {
-        self.key_secret.as_ref().or(self.key_secret_file.as_ref())
-    }
-
     /// The admin token, from --admin-token or --admin-token-file.
     pub(crate) fn admin_token(&self) -> Option<&Secret> {
         self.admin_token.as_ref().or(self.admin_token_file.as_ref())
+    }
+}
+
+/// How a request's key becomes its storage key: `--scope-header`, `--key-secret` (or its file)
+/// and `--namespace`. Shared by the server and `keys`, which must make the same storage keys;
+/// global, so that `keys` takes them after its own subcommand too.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct KeyArgs {
+    /// A request header whose value scopes keys, so one caller never sees another's responses.
+    /// Repeat the flag (or comma-separate in the environment) for several headers.
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_SCOPE_HEADER",
+        value_name = "NAME",
+        value_delimiter = ',',
+        default_value = "Authorization",
+        value_parser = parse_header_name
+    )]
+    pub(crate) scope_header: Vec<HeaderName>,
+
+    /// A server secret: storage keys become an HMAC-SHA256 of (scope, key) keyed with it instead
+    /// of a plain SHA-256, so that whoever can read the store cannot test guesses of keys or
+    /// scopes. Every proxy sharing a store must use the same secret; setting or changing it
+    /// makes earlier records unreachable. Use at least 32 random bytes. A flag's value shows in
+    /// the process list: prefer IDEMPOTENCY_PROXY_KEY_SECRET or --key-secret-file.
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_KEY_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        conflicts_with = "key_secret_file",
+        value_parser = Secret::parse_key_secret
+    )]
+    pub(crate) key_secret: Option<Secret>,
+
+    /// Read the key secret (see --key-secret) from this file, whole, less one trailing newline.
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_KEY_SECRET_FILE",
+        value_name = "PATH",
+        value_parser = Secret::read_key_secret
+    )]
+    pub(crate) key_secret_file: Option<Secret>,
+
+    /// A namespace mixed into every storage key. Services that share a store (one Redis for
+    /// several proxies in front of different services) must each have their own: records of
+    /// different namespaces never meet, so the same path and key sent to two services run on
+    /// both. Proxies in front of one service share a namespace. Empty by default.
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMPOTENCY_PROXY_NAMESPACE",
+        value_name = "NAME",
+        default_value = ""
+    )]
+    pub(crate) namespace: String,
+}
+
+impl KeyArgs {
+    /// The key secret, from whichever of `--key-secret` and `--key-secret-file` was given.
+    pub(crate) fn key_secret(&self) -> Option<&Secret> {
+        self.key_secret.as_ref().or(self.key_secret_file.as_ref())
     }
 }
 
@@ -585,7 +600,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.methods, vec![Method::POST, Method::PUT]);
-        assert_eq!(a.scope_header.len(), 2);
+        assert_eq!(a.keys.scope_header.len(), 2);
         assert_eq!(a.ttl, Duration::from_secs(300));
         assert_eq!(a.max_request_body, 1 << 20);
         assert_eq!(a.upstream_deadline, Duration::from_secs(600));
@@ -653,9 +668,9 @@ mod tests {
     #[test]
     fn key_secrets() {
         let parse = Args::with_upstream;
-        assert!(parse(&[]).unwrap().key_secret().is_none());
+        assert!(parse(&[]).unwrap().keys.key_secret().is_none());
         let a = parse(&["--key-secret", "s3cret"]).unwrap();
-        assert_eq!(a.key_secret().unwrap().bytes(), b"s3cret");
+        assert_eq!(a.keys.key_secret().unwrap().bytes(), b"s3cret");
         assert!(
             !format!("{a:?}").contains("s3cret"),
             "the secret is never shown"
@@ -668,10 +683,10 @@ mod tests {
         std::fs::write(&file, b"from a file\r\n").unwrap();
         let path = file.to_str().unwrap();
         let a = parse(&["--key-secret-file", path]).unwrap();
-        assert_eq!(a.key_secret().unwrap().bytes(), b"from a file");
+        assert_eq!(a.keys.key_secret().unwrap().bytes(), b"from a file");
         std::fs::write(&file, b"\x00\xffbinary\n\n").unwrap();
         let a = parse(&["--key-secret-file", path]).unwrap();
-        assert_eq!(a.key_secret().unwrap().bytes(), b"\x00\xffbinary\n");
+        assert_eq!(a.keys.key_secret().unwrap().bytes(), b"\x00\xffbinary\n");
         std::fs::write(&file, b"\n").unwrap();
         assert!(parse(&["--key-secret-file", path]).is_err());
         assert!(parse(&["--key-secret", "a", "--key-secret-file", path]).is_err());
