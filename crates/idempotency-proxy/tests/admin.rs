@@ -568,7 +568,24 @@ async fn the_keys_commands_inspect_forget_and_list(store: &str) {
     let doc: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(doc["state"], "completed");
     assert_eq!(doc["status"], 201);
+    assert!(doc["expires"].is_string(), "{doc}");
+    assert!(doc["size"].as_u64().unwrap() > 0, "{doc}");
+    assert!(doc.get("body").is_none(), "the body without --body: {doc}");
     assert!(!out.contains(KEY));
+    let (code, out, err) = keys(&with(&[
+        "inspect",
+        KEY,
+        "--scope",
+        "Bearer alice",
+        "--body",
+    ]))
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        !doc["body"].as_str().unwrap().is_empty() && doc["headers"].is_array(),
+        "{doc}"
+    );
     // Without the scope, or without the proxies' secret, the record is not found: exit 1.
     let (code, _, err) = keys(&with(&["inspect", KEY])).await;
     assert_eq!(code, 1, "{err}");
@@ -597,7 +614,8 @@ async fn the_keys_commands_inspect_forget_and_list(store: &str) {
     assert!(res.headers().get("idempotent-replayed").is_none());
     assert_eq!(upstream.hits("/orders"), 2, "the forgotten key ran again");
 
-    // In flight: listed, left in place without --force (exit 3), forgotten with it.
+    // In flight: listed, left in place without --force (exit 2), forgotten with it, and the
+    // forced forget logged with the key's hash.
     let slow = {
         let url = proxy.url("/slow?ms=3000");
         tokio::spawn(async move {
@@ -625,10 +643,37 @@ async fn the_keys_commands_inspect_forget_and_list(store: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(listed.len(), 1, "{listed:?}");
-    let (code, out, _) = keys(&with(&["forget", "slow-key"])).await;
-    assert_eq!(code, 3, "{out}");
+    let lease = &listed[0];
+    assert_eq!(lease["owner"].as_str().unwrap().len(), 36, "{lease}");
+    assert!(
+        lease["age_ms"].is_number() && lease["renewals"].is_number(),
+        "{lease}"
+    );
+    let (code, out, err) = keys(&with(&["forget", "slow-key"])).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap()["state"],
+        "in_flight"
+    );
     let (code, out, err) = keys(&with(&["forget", "slow-key", "--force"])).await;
     assert_eq!(code, 0, "{out}{err}");
+    let hash = serde_json::from_str::<Value>(out.trim()).unwrap()["key_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("forced") && l.contains(&hash)),
+        "no warning of the forced forget with key hash {hash}: {err}"
+    );
+    assert!(
+        !err.contains("slow-key"),
+        "the raw key in a log line: {err}"
+    );
+    // A key with no record: forget says so with exit 1.
+    let (code, _, err) = keys(&with(&["forget", "never-sent"])).await;
+    assert_eq!(code, 1, "{err}");
     let _ = slow.await.unwrap();
 
     // Usage and store errors: exit 2.

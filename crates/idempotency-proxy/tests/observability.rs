@@ -256,6 +256,31 @@ fn is_key_hash(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Without `--otlp-endpoint`, the standard `OTEL_EXPORTER_OTLP_ENDPOINT` turns the export on,
+/// to its `/v1/traces`, as every OpenTelemetry SDK reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_otlp_variable_turns_the_export_on() {
+    let receiver = Receiver::start().await;
+    let up = Upstream::start().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()),
+    ];
+    let proxy = proxy(&up, &[], &env).await;
+    assert_eq!(post(&proxy, "/orders", "env-one", "a").await, 201);
+    assert_eq!(post(&proxy, "/orders", "env-one", "a").await, 201);
+    stop(proxy).await;
+    let outcomes: Vec<_> = receiver
+        .requests()
+        .iter()
+        .map(|s| s.str("idempotency.outcome").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [Some("executed".to_owned()), Some("replayed".to_owned())]
+    );
+}
+
 /// Each keyed request is a span `idempotency.request` with the key's hash, its outcome, its
 /// status and its wait; the store's calls and the upstream's run are its children. The batch
 /// exporter waits ten minutes between exports here, so the spans arrive by the flush at
@@ -448,7 +473,8 @@ async fn no_log_line_or_span_holds_a_raw_key() {
     let waiting = owner_and_waiter(&proxy, &up, "/slow?ms=150", &format!("{secret}-w")).await;
     assert_eq!(waiting, (200, 200));
     tracked += 4;
-    // A key that is refused (a space is not allowed): 400, not tracked.
+    // A key that is refused (a space is not allowed): 400, and a span and line whose outcome is
+    // `rejected`, with no key hash: the key was never taken.
     let bad = c
         .post(proxy.url("/orders"))
         .header("Idempotency-Key", format!("{secret} bad"))
@@ -456,6 +482,7 @@ async fn no_log_line_or_span_holds_a_raw_key() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    let rejected = 1;
 
     // An operator looks a key up and forgets it: the admin routes take the raw key too.
     let admin = |method: reqwest::Method, query: &str| {
@@ -482,12 +509,20 @@ async fn no_log_line_or_span_holds_a_raw_key() {
     assert_eq!(listed.status(), 200);
 
     // Exported while the proxy runs, not only at shutdown.
-    receiver.wait_for_requests(tracked).await;
+    receiver.wait_for_requests(tracked + rejected).await;
     let logs = stop(proxy).await;
 
     let requests = receiver.requests();
-    assert_eq!(requests.len(), tracked, "{requests:#?}");
-    for span in &requests {
+    assert_eq!(requests.len(), tracked + rejected, "{requests:#?}");
+    let (refused, keyed): (Vec<_>, Vec<_>) = requests
+        .iter()
+        .partition(|s| s.str("idempotency.outcome") == Some("rejected"));
+    assert_eq!(refused.len(), rejected, "{requests:#?}");
+    assert!(
+        refused[0].str("idempotency.key_hash").is_none(),
+        "{refused:?}"
+    );
+    for span in &keyed {
         assert!(
             is_key_hash(span.str("idempotency.key_hash").unwrap_or_default()),
             "{span:?}"
@@ -509,13 +544,17 @@ async fn no_log_line_or_span_holds_a_raw_key() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         if doc["message"] == "tracked request" {
             request_lines += 1;
-            let hash = doc["idempotency.key_hash"].as_str().unwrap_or_default();
-            assert!(is_key_hash(hash), "{line}");
+            let hash = doc["idempotency.key_hash"].as_str();
+            if doc["idempotency.outcome"] == "rejected" {
+                assert!(hash.is_none(), "{line}");
+            } else {
+                assert!(is_key_hash(hash.unwrap_or_default()), "{line}");
+            }
             assert!(doc["idempotency.outcome"].is_string(), "{line}");
             assert!(doc["http.response.status_code"].is_u64(), "{line}");
         }
     }
-    assert_eq!(request_lines, tracked, "{logs}");
+    assert_eq!(request_lines, tracked + rejected, "{logs}");
 }
 
 /// JSON logs at the default level (no RUST_LOG) have the line of each keyed request; text logs

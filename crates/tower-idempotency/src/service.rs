@@ -20,7 +20,7 @@ use crate::key::KeyError;
 use crate::problem::bad_key;
 use crate::shared::Shared;
 use crate::store::Store;
-use crate::trace::{RequestTrace, request_span};
+use crate::trace::{Outcome, RequestTrace, request_span};
 use crate::tracked::tracked;
 use crate::transaction;
 
@@ -146,12 +146,12 @@ where
         let head_key =
             match extract::from_head(req.headers(), req.uri().query(), &config.key_sources) {
                 Ok(key) => key,
-                Err(e) => return ResponseFuture::ready(bad_key(e)),
+                Err(e) => return ResponseFuture::ready(rejected(req.method(), bad_key(e))),
             };
         let form = extract::form_kind(req.headers(), &config.key_sources);
         if head_key.is_none() && form.is_none() {
             if config.require_key {
-                return ResponseFuture::ready(bad_key(KeyError::Missing));
+                return ResponseFuture::ready(rejected(req.method(), bad_key(KeyError::Missing)));
             }
             return self.untracked(req);
         }
@@ -165,4 +165,13 @@ where
         let future = tracked(shared, inner, req, head_key, form, trace);
         ResponseFuture::tracked(Box::pin(future), span)
     }
+}
+
+/// `res`, the answer to a request refused before it is tracked (its key header is bad, or a
+/// required key is missing), told to its trace as a tracked request's would be: a span whose
+/// outcome is `rejected`, and its line.
+fn rejected<B>(method: &http::Method, res: Response<B>) -> Response<B> {
+    let span = request_span(method);
+    let _entered = span.enter();
+    RequestTrace::new(span.clone()).answer(Outcome::Rejected, res)
 }

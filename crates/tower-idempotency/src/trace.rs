@@ -41,8 +41,9 @@ pub(crate) enum Outcome {
     WaitTimeout,
     /// The key was used with another request (422).
     Mismatch,
-    /// Refused before the store was asked: a bad key in a form, a body too large, too slow or
-    /// unreadable, a malformed form, or too many requests in flight.
+    /// Refused before the store was asked: a bad key (in a header, the query or a form), a
+    /// required key missing, a body too large, too slow or unreadable, a malformed form, or too
+    /// many requests in flight.
     Rejected,
     /// The store failed and the request was refused (503).
     StoreError,

@@ -189,3 +189,103 @@ async fn a_subscriber_at_info_gets_no_span_and_no_event() {
     assert!(capture.spans.lock().unwrap().is_empty());
     assert!(capture.events.lock().unwrap().is_empty());
 }
+
+/// A handler that answers 201, after 300 ms on `/slow`.
+async fn slow_or_not(
+    req: Request<IdempotencyBody<String>>,
+) -> Result<Response<String>, Infallible> {
+    if req.uri().path() == "/slow" {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    Ok(Response::builder().status(201).body("made".into()).unwrap())
+}
+
+async fn send_to<S>(service: &S, path: &str, key: &str) -> u16
+where
+    S: tower::Service<Request<String>, Response = Response<IdempotencyBody<String>>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: fmt::Debug,
+    S::Future: Send,
+{
+    let req = Request::post(path)
+        .header("idempotency-key", key)
+        .body(String::new())
+        .unwrap();
+    service
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The outcomes of the request spans a subscriber saw, in the order the spans were made.
+fn outcomes(capture: &Capture) -> Vec<String> {
+    let spans = capture.spans.lock().unwrap();
+    spans
+        .iter()
+        .filter(|(_, s)| s.name == "idempotency.request")
+        .map(|(_, s)| s.fields["idempotency.outcome"].clone())
+        .collect()
+}
+
+/// The other ways a tracked request ends, each named on its span: a duplicate refused while
+/// the first runs (`conflict`), a duplicate that waited past its bound (`wait_timeout`), a key
+/// the layer refuses (`rejected`), a store that cannot be reached (`store_error`).
+#[tokio::test]
+async fn each_way_a_request_ends_is_its_spans_outcome() {
+    use tower::Layer;
+    use tower_idempotency::{IdempotencyLayer, MAX_KEY_LEN, OnConflict};
+
+    let capture = Capture::default();
+    let subscriber =
+        tracing_subscriber::registry().with(capture.clone().with_filter(LevelFilter::DEBUG));
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    // A duplicate while the first runs, refused at once, then one that waits too little.
+    for (layer, outcome, status) in [
+        (
+            IdempotencyLayer::new(MemoryStore::default()).with_on_conflict(OnConflict::Reject),
+            "conflict",
+            409,
+        ),
+        (
+            IdempotencyLayer::new(MemoryStore::default())
+                .with_wait_timeout(std::time::Duration::from_millis(20)),
+            "wait_timeout",
+            409,
+        ),
+    ] {
+        let service = layer.layer(service_fn(slow_or_not));
+        let first = {
+            let service = service.clone();
+            tokio::spawn(async move { send_to(&service, "/slow", "dup").await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let duplicate = send_to(&service, "/slow", "dup").await;
+        assert_eq!(first.await.unwrap(), 201);
+        assert_eq!(duplicate, status, "{outcome}");
+        assert_eq!(outcomes(&capture), ["executed", outcome]);
+        capture.spans.lock().unwrap().clear();
+    }
+
+    // A key longer than the layer takes.
+    let service = IdempotencyLayer::new(MemoryStore::default()).layer(service_fn(slow_or_not));
+    let long = "k".repeat(MAX_KEY_LEN + 1);
+    assert_eq!(send_to(&service, "/orders", &long).await, 400);
+    assert_eq!(outcomes(&capture), ["rejected"]);
+    capture.spans.lock().unwrap().clear();
+
+    // A store that cannot be reached: the request is not run.
+    let store = idempotency_test_support::recording::RecordingStore::new(MemoryStore::default());
+    store.fail_always("begin");
+    let service = IdempotencyLayer::new(store).layer(service_fn(slow_or_not));
+    assert_eq!(send_to(&service, "/orders", "k").await, 503);
+    assert_eq!(outcomes(&capture), ["store_error"]);
+    drop(_default);
+    let everything = format!("{:?}", capture.spans.lock().unwrap());
+    assert!(!everything.contains(&long), "{everything}");
+}

@@ -9,8 +9,9 @@
 //! Each takes `--store`, `--namespace`, `--key-secret` (or `--key-secret-file`) and
 //! `--scope-header` as the server does, from the same environment variables, so that it finds
 //! the server's records. Output is JSON: one object, or one per line for lists. Exit codes: 0
-//! done, 1 no record under the key, 2 a usage or store error, 3 a request in flight left in
-//! place (forget without --force).
+//! done, 1 no record under the key, 2 a usage or store error (a forget of a request in flight
+//! without --force among them: it is left in place). What an operator forgets is logged on
+//! standard error, with the key's hash; a forced forget of a request in flight as a warning.
 
 use std::process::ExitCode;
 
@@ -22,17 +23,15 @@ use super::{KeyArgs, StoreArgs, StoreSpec};
 
 /// Exit code: the key has no record.
 const NO_RECORD: u8 = 1;
-/// Exit code: a usage or store error.
+/// Exit code: a usage or store error, or a request in flight left in place without --force.
 const ERROR: u8 = 2;
-/// Exit code: the key's request is in flight and was left in place.
-const IN_FLIGHT: u8 = 3;
 
 /// Ask the store about idempotency keys, forget one, list the requests in flight.
 ///
 /// Run against the store the proxies use (`--store`, and the same --namespace, --key-secret and
 /// --scope-header as theirs, or the same IDEMPOTENCY_PROXY_* environment). Output is JSON.
-/// Exit codes: 0 done, 1 no record under the key, 2 a usage or store error, 3 (forget) a
-/// request in flight left in place without --force.
+/// Exit codes: 0 done, 1 no record under the key, 2 a usage or store error, or (forget) a
+/// request in flight left in place without --force. What is forgotten is logged on stderr.
 #[derive(Parser, Debug)]
 #[command(name = "idempotency-proxy keys", version)]
 pub(crate) struct KeysArgs {
@@ -97,6 +96,13 @@ pub(crate) fn main(argv: Vec<std::ffi::OsString>) -> ExitCode {
             };
         }
     };
+    // What the commands log (a forgotten record, a forced forget's warning) goes to stderr,
+    // where an operator's shell history or a job's log keeps it; stdout stays JSON.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -179,7 +185,7 @@ async fn run(args: KeysArgs) -> ExitCode {
                     eprintln!(
                         "idempotency-proxy keys: the request is in flight; --force forgets it anyway"
                     );
-                    ExitCode::from(IN_FLIGHT)
+                    ExitCode::from(ERROR)
                 }
                 Err(e) => fail(&e.to_string()),
             }
