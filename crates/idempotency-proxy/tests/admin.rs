@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{BIN, Backend, Proxy, Upstream, client};
+use idempotency_test_support::events::gauge;
 use idempotency_test_support::postgres::PgServer;
 use idempotency_test_support::process::proxy_env;
 use reqwest::StatusCode;
@@ -338,6 +339,8 @@ async fn forgetting_a_key_in_flight_needs_force(backend: Backend) {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["key_hash"], doc["key_hash"]);
     assert_eq!(listed[0]["owner"], doc["lease"]["owner"]);
+    let held = |metrics: &str| gauge(metrics, "idempotency_leases_held");
+    assert_eq!(held(&proxy.metrics().await), Some(1.0), "the owner's lease");
 
     let (status, problem) = admin_delete(&proxy, &path).await;
     assert_problem(status, &problem, StatusCode::CONFLICT, "request-in-flight");
@@ -370,6 +373,11 @@ async fn forgetting_a_key_in_flight_needs_force(backend: Backend) {
     assert_eq!(replay.text().await.unwrap(), "slow run 2");
     assert_eq!(upstream.hits("/slow"), 2);
     let metrics = proxy.metrics().await;
+    assert_eq!(
+        held(&metrics),
+        Some(0.0),
+        "a lease held after both owners ended"
+    );
     assert!(
         metrics.contains("idempotency_events_total{event=\"lease_lost\"} 1"),
         "{metrics}"

@@ -68,6 +68,76 @@ async fn the_admin_router_finds_a_layers_records_and_forgets_them() {
     assert_eq!(count.get(), 2);
 }
 
+/// What an operator reads of each kind of record: a response past the replay limit is
+/// `unreplayable` with its reason and no status; a body that is not UTF-8 is shown in base64,
+/// and only when asked for; every record has its times and size.
+#[tokio::test]
+async fn inspect_shows_each_kind_of_record() {
+    use axum::routing::post;
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_max_response_body(16);
+    let admin = Admin::for_layer(&layer);
+    let app = axum::Router::new()
+        .route(
+            "/big",
+            post(|| async { (http::StatusCode::CREATED, "x".repeat(64)) }),
+        )
+        .route(
+            "/bytes",
+            post(|| async { (http::StatusCode::OK, vec![0xff_u8, 0xfe, 0x00]) }),
+        )
+        .layer(layer)
+        .nest("/admin", admin.router());
+    let server = serve(app).await;
+    for (path, key) in [("/big", "k-big"), ("/bytes", "k-bytes")] {
+        let res = send(
+            client()
+                .post(server.url(path))
+                .header("Idempotency-Key", key),
+        )
+        .await;
+        assert!(res.status.is_success(), "{}", res.text());
+    }
+    let inspect = |query: &'static str| {
+        let url = server.url(&format!("/admin/keys/{query}"));
+        async move {
+            let found = send(client().get(url)).await;
+            assert_eq!(found.status, 200, "{}", found.text());
+            serde_json::from_slice::<Value>(&found.body).unwrap()
+        }
+    };
+
+    let big = inspect("k-big?body=1").await;
+    assert_eq!(big["state"], "unreplayable", "{big}");
+    assert_eq!(big["reason"], "too_large", "{big}");
+    assert!(big["status"].is_null(), "{big}");
+    assert!(
+        big.get("body").is_none() && big.get("body_base64").is_none(),
+        "{big}"
+    );
+
+    let bytes = inspect("k-bytes").await;
+    assert_eq!(
+        (bytes["state"].as_str(), bytes["status"].as_u64()),
+        (Some("completed"), Some(200))
+    );
+    assert!(
+        bytes.get("body_base64").is_none(),
+        "the body without ?body=1: {bytes}"
+    );
+    let bytes = inspect("k-bytes?body=1").await;
+    assert_eq!(bytes["body_base64"], "//4A", "{bytes}");
+    assert!(bytes.get("body").is_none(), "{bytes}");
+
+    for doc in [&big, &bytes] {
+        for member in ["created", "expires", "fingerprint"] {
+            assert!(doc[member].is_string(), "{member}: {doc}");
+        }
+        assert!(doc["size"].as_u64().unwrap() > 0, "{doc}");
+        assert!(doc["expires_in_ms"].as_u64().unwrap() > 0, "{doc}");
+        assert!(doc["lease"].is_null(), "{doc}");
+    }
+}
+
 #[tokio::test]
 async fn admin_router_of_a_bare_store_uses_a_default_layers_keys() {
     let store = MemoryStore::default();

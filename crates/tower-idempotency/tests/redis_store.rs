@@ -940,3 +940,52 @@ async fn rediss_urls_connect_over_tls() {
     assert!(tls_clients >= 1, "no client on the TLS port");
     drop(server);
 }
+
+/// The index of leases keeps what died with its owner: a listing drops each entry whose lease is
+/// gone, examines at most 1000 candidates per call, and a page cut short by that bound says
+/// where to go on, so that every live lease is still listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_listing_drops_dead_leases_from_the_index_a_bounded_number_per_call() {
+    let server = servers::shared_server();
+    let store = store_on(&server.url()).await;
+    // 1 200 owners that died: leases of 50 ms, never completed or released.
+    let dead: Vec<StorageKey> = (0..1200).map(|_| conformance::key()).collect();
+    for key in &dead {
+        conformance::acquire(&store, key, Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut live: Vec<StorageKey> = (0..2).map(|_| conformance::key()).collect();
+    for key in &live {
+        conformance::acquire(&store, key, Duration::from_secs(30)).await;
+    }
+    live.sort();
+    let record_key = store.record_key(&live[0]);
+    let index = format!(
+        "{}leases",
+        record_key
+            .strip_suffix(&format!("{{{}}}", live[0].to_hex()))
+            .unwrap()
+    );
+    let filed = || -> usize { server.cli(&["ZCARD", &index]).trim().parse().unwrap() };
+    assert_eq!(filed(), 1202);
+
+    let first = store.in_flight(None, 2).await.unwrap();
+    assert!(
+        first.next.is_some(),
+        "a listing over 1202 candidates stops at 1000 and says where to go on: {first:?}"
+    );
+    let left = filed();
+    assert!(
+        (202..=204).contains(&left),
+        "the dead leases examined are dropped from the index: {left} left"
+    );
+    let mut seen: Vec<StorageKey> = first.leases.iter().map(|l| l.key).collect();
+    let mut after = first.next;
+    while let Some(from) = after {
+        let page = store.in_flight(Some(&from), 2).await.unwrap();
+        seen.extend(page.leases.iter().map(|l| l.key));
+        after = page.next;
+    }
+    assert_eq!(seen, live, "each live lease listed once, in key order");
+    assert_eq!(filed(), 2, "only the live leases stay filed");
+}
