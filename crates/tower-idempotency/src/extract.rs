@@ -229,16 +229,17 @@ fn from_pairs<'a>(
     Ok(found)
 }
 
-/// The key named by the request's headers and query, if any.
+/// The key named by the request's headers and query, if any, and the kind of form body that may
+/// carry one: the headers read once for both.
 ///
-/// When the body is a form that may carry a key of the page's, the `Idempotency-Key` header is
-/// left out (it travels in the [`FormKind`] and is weighed by [`with_form_body`]), except that a
-/// repeated one is refused at once.
+/// When the body is such a form, the `Idempotency-Key` header is left out of the key (it
+/// travels in the [`FormKind`] and is weighed by [`with_form_body`]), except that a repeated one
+/// is refused at once.
 pub(crate) fn from_head(
     headers: &HeaderMap,
     query: Option<&str>,
     sources: &KeySources,
-) -> Result<Option<IdempotencyKey>, KeyError> {
+) -> Result<(Option<IdempotencyKey>, Option<FormKind>), KeyError> {
     let mut page = None;
     if sources.x_idempotent_key {
         page = single_header(headers, &X_IDEMPOTENT_KEY, from_plain)?;
@@ -248,13 +249,18 @@ pub(crate) fn from_head(
     {
         page = merge(page, from_pairs(form_urlencoded::parse(query.as_bytes()))?)?;
     }
-    match header_key(headers, sources) {
-        HeaderKey::Absent => Ok(page),
-        HeaderKey::Repeated => Err(KeyError::Conflicting),
-        // The form's field may name the page's key: the header waits for it.
-        _ if form_encoding(headers, sources).is_some() => Ok(page),
-        header => weigh(page, header),
+    let header = header_key(headers, sources);
+    if header == HeaderKey::Repeated {
+        return Err(KeyError::Conflicting);
     }
+    Ok(match form_encoding(headers, sources) {
+        // The form's field may name the page's key: the header waits for it.
+        Some(FormEncoding::UrlEncoded) => (page, Some(FormKind::UrlEncoded { header })),
+        Some(FormEncoding::Multipart { boundary }) => {
+            (page, Some(FormKind::Multipart { boundary, header }))
+        }
+        None => (weigh(page, header)?, None),
+    })
 }
 
 /// How a form body that may carry a key is encoded.
@@ -267,27 +273,17 @@ fn form_encoding(headers: &HeaderMap, sources: &KeySources) -> Option<FormEncodi
     if !sources.form {
         return None;
     }
-    let ct = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+    let ct = headers.get(CONTENT_TYPE)?;
+    let essence = ct.as_bytes().split(|&b| b == b';').next()?.trim_ascii();
+    if essence.eq_ignore_ascii_case(b"application/x-www-form-urlencoded") {
         Some(FormEncoding::UrlEncoded)
-    } else if essence.eq_ignore_ascii_case("multipart/form-data") {
-        multer::parse_boundary(ct)
+    } else if essence.eq_ignore_ascii_case(b"multipart/form-data") {
+        multer::parse_boundary(ct.to_str().ok()?)
             .ok()
             .map(|boundary| FormEncoding::Multipart { boundary })
     } else {
         None
     }
-}
-
-/// Whether the body is a form that may carry a key, with the `Idempotency-Key` header to weigh
-/// against the key it carries.
-pub(crate) fn form_kind(headers: &HeaderMap, sources: &KeySources) -> Option<FormKind> {
-    let header = header_key(headers, sources);
-    Some(match form_encoding(headers, sources)? {
-        FormEncoding::UrlEncoded => FormKind::UrlEncoded { header },
-        FormEncoding::Multipart { boundary } => FormKind::Multipart { boundary, header },
-    })
 }
 
 /// The request's key, from the key of the head (see [`from_head`]), the key of the form body,
@@ -333,6 +329,20 @@ mod tests {
         h
     }
 
+    /// The key of the head alone.
+    fn head_key(
+        headers: &HeaderMap,
+        query: Option<&str>,
+        sources: &KeySources,
+    ) -> Result<Option<IdempotencyKey>, KeyError> {
+        from_head(headers, query, sources).map(|(key, _)| key)
+    }
+
+    /// The form the body may be, from the head.
+    fn form_kind(headers: &HeaderMap, sources: &KeySources) -> Option<FormKind> {
+        from_head(headers, None, sources).ok()?.1
+    }
+
     fn key(k: &str) -> Option<IdempotencyKey> {
         Some(IdempotencyKey::new(k).unwrap())
     }
@@ -342,16 +352,16 @@ mod tests {
         let all = KeySources::all();
         let h = headers(&[("idempotency-key", "\"k1\""), ("x-idempotent-key", "k1")]);
         assert_eq!(
-            from_head(&h, Some("__idempotent_key=k1"), &all),
+            head_key(&h, Some("__idempotent_key=k1"), &all),
             Ok(key("k1"))
         );
         let h = headers(&[("x-idempotent-key", "k1")]);
         assert_eq!(
-            from_head(&h, Some("__idempotent_key=k2"), &all),
+            head_key(&h, Some("__idempotent_key=k2"), &all),
             Err(KeyError::Conflicting)
         );
         let h = headers(&[("idempotency-key", "k1"), ("idempotency-key", "k1")]);
-        assert_eq!(from_head(&h, None, &all), Err(KeyError::Conflicting));
+        assert_eq!(head_key(&h, None, &all), Err(KeyError::Conflicting));
     }
 
     #[test]
@@ -359,18 +369,18 @@ mod tests {
         let all = KeySources::all();
         let firefox = "\"8315709230293478211\"";
         let h = headers(&[("idempotency-key", firefox), ("x-idempotent-key", "page")]);
-        assert_eq!(from_head(&h, None, &all), Ok(key("page")));
+        assert_eq!(head_key(&h, None, &all), Ok(key("page")));
         let h = headers(&[("idempotency-key", firefox)]);
         assert_eq!(
-            from_head(&h, Some("a=1&__idempotent_key=page"), &all),
+            head_key(&h, Some("a=1&__idempotent_key=page"), &all),
             Ok(key("page"))
         );
         // Alone, the browser's key is the key.
-        assert_eq!(from_head(&h, None, &all), Ok(key("8315709230293478211")));
+        assert_eq!(head_key(&h, None, &all), Ok(key("8315709230293478211")));
         // Page sources that disagree among themselves stay a conflict, header or not.
         let h = headers(&[("idempotency-key", firefox), ("x-idempotent-key", "a")]);
         assert_eq!(
-            from_head(&h, Some("__idempotent_key=b"), &all),
+            head_key(&h, Some("__idempotent_key=b"), &all),
             Err(KeyError::Conflicting)
         );
         // A repeated header is refused whatever the page chose.
@@ -379,7 +389,7 @@ mod tests {
             ("idempotency-key", "\"2\""),
             ("x-idempotent-key", "page"),
         ]);
-        assert_eq!(from_head(&h, None, &all), Err(KeyError::Conflicting));
+        assert_eq!(head_key(&h, None, &all), Err(KeyError::Conflicting));
     }
 
     #[test]
@@ -391,14 +401,14 @@ mod tests {
             ("\"\"", KeyError::Empty),
         ] {
             let h = headers(&[("idempotency-key", value), ("x-idempotent-key", "page")]);
-            assert_eq!(from_head(&h, None, &all), Ok(key("page")), "{value}");
+            assert_eq!(head_key(&h, None, &all), Ok(key("page")), "{value}");
             let h = headers(&[("idempotency-key", value)]);
             assert_eq!(
-                from_head(&h, Some("__idempotent_key=page"), &all),
+                head_key(&h, Some("__idempotent_key=page"), &all),
                 Ok(key("page")),
                 "{value}"
             );
-            assert_eq!(from_head(&h, None, &all), Err(error), "{value}");
+            assert_eq!(head_key(&h, None, &all), Err(error), "{value}");
         }
     }
 
@@ -410,7 +420,7 @@ mod tests {
             ("idempotency-key", firefox),
             ("content-type", "application/x-www-form-urlencoded"),
         ]);
-        assert_eq!(from_head(&h, None, &all), Ok(None), "left for the body");
+        assert_eq!(head_key(&h, None, &all), Ok(None), "left for the body");
         let kind = form_kind(&h, &all).unwrap();
         let field = Bytes::from_static(b"item=book&__idempotent_key=page");
         let no_field = Bytes::from_static(b"item=book");
@@ -431,7 +441,7 @@ mod tests {
 
         // An invalid header is ignored beside the field, and refused without it.
         h.insert("idempotency-key", HeaderValue::from_static("\"a b\""));
-        assert_eq!(from_head(&h, None, &all), Ok(None));
+        assert_eq!(head_key(&h, None, &all), Ok(None));
         let kind = form_kind(&h, &all).unwrap();
         assert_eq!(with_form_body(None, &kind, &field).await, Ok(key("page")));
         assert_eq!(
@@ -441,14 +451,14 @@ mod tests {
 
         // A repeated header is refused before the body is read.
         h.append("idempotency-key", HeaderValue::from_static("\"1\""));
-        assert_eq!(from_head(&h, None, &all), Err(KeyError::Conflicting));
+        assert_eq!(head_key(&h, None, &all), Err(KeyError::Conflicting));
     }
 
     #[test]
     fn disabled_sources_are_ignored() {
         let only = KeySources::only([KeySource::XIdempotentKeyHeader]);
         let h = headers(&[("idempotency-key", "k1")]);
-        assert_eq!(from_head(&h, Some("__idempotent_key=k2"), &only), Ok(None));
+        assert_eq!(head_key(&h, Some("__idempotent_key=k2"), &only), Ok(None));
     }
 
     #[tokio::test]

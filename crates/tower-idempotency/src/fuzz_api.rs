@@ -43,8 +43,8 @@ pub fn extract_key(
         headers.insert(CONTENT_TYPE, value);
     }
     let sources = KeySources::all();
-    let head_key = extract::from_head(&headers, query, &sources)?;
-    let key = match extract::form_kind(&headers, &sources) {
+    let (head_key, form) = extract::from_head(&headers, query, &sources)?;
+    let key = match form {
         Some(kind) => block_on(extract::with_form_body(
             head_key,
             &kind,

@@ -36,7 +36,7 @@ impl IdempotencyKey {
             && !inner.iter().any(|b| matches!(b, b'"' | b'\\'))
             && validate(inner).is_ok()
         {
-            return Ok(Self(String::from_utf8_lossy(inner).into_owned()));
+            return Ok(Self(ascii(inner)));
         }
         if trimmed.first() == Some(&b'"') {
             return Self::from_sf_string(trimmed);
@@ -44,7 +44,7 @@ impl IdempotencyKey {
         // A bare value: an sf-token, or anything else of visible ASCII (a UUID starts with a
         // digit, so it is no token), taken as it is.
         validate(trimmed)?;
-        Ok(Self(String::from_utf8_lossy(trimmed).into_owned()))
+        Ok(Self(ascii(trimmed)))
     }
 
     /// An sf-string item, by the sf parser.
@@ -70,6 +70,13 @@ impl fmt::Debug for IdempotencyKey {
         // out of logs by default.
         f.write_str("IdempotencyKey(..)")
     }
+}
+
+/// Bytes that [`validate`] passed (visible ASCII) as a string, without the lossy decoder's
+/// walk over them.
+fn ascii(key: &[u8]) -> String {
+    std::str::from_utf8(key)
+        .map_or_else(|_| String::from_utf8_lossy(key).into_owned(), str::to_owned)
 }
 
 fn validate(key: &[u8]) -> Result<(), KeyError> {

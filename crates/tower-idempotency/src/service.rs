@@ -143,12 +143,11 @@ where
         if !config.methods.contains(req.method()) {
             return self.untracked(req);
         }
-        let head_key =
+        let (head_key, form) =
             match extract::from_head(req.headers(), req.uri().query(), &config.key_sources) {
-                Ok(key) => key,
+                Ok(head) => head,
                 Err(e) => return ResponseFuture::ready(rejected(req.method(), bad_key(e))),
             };
-        let form = extract::form_kind(req.headers(), &config.key_sources);
         if head_key.is_none() && form.is_none() {
             if config.require_key {
                 return ResponseFuture::ready(rejected(req.method(), bad_key(KeyError::Missing)));
