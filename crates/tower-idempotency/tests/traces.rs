@@ -92,8 +92,17 @@ fn service() -> Service {
     Idempotency::new(service_fn(created as fn(_) -> _), MemoryStore::default())
 }
 
-async fn send(service: &Service, key: &str, body: &str) -> u16 {
-    let req = Request::post("/orders")
+/// Sends a keyed POST to `path` with a scope, and answers its status.
+async fn post<S>(service: &S, path: &str, key: &str, body: &str) -> u16
+where
+    S: tower::Service<Request<String>, Response = Response<IdempotencyBody<String>>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: fmt::Debug,
+    S::Future: Send,
+{
+    let req = Request::post(path)
         .header("idempotency-key", key)
         .header("authorization", "Bearer scope-secret-31")
         .body(body.to_owned())
@@ -107,17 +116,21 @@ async fn send(service: &Service, key: &str, body: &str) -> u16 {
         .as_u16()
 }
 
+/// A subscriber that captures everything at `level`, the default while the guard lives.
+fn capturing(level: LevelFilter) -> (Capture, tracing::subscriber::DefaultGuard) {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry().with(capture.clone().with_filter(level));
+    (capture, tracing::subscriber::set_default(subscriber))
+}
+
 #[tokio::test]
 async fn a_subscriber_sees_each_tracked_request_with_its_keys_hash_and_never_the_key() {
-    let capture = Capture::default();
-    let subscriber =
-        tracing_subscriber::registry().with(capture.clone().with_filter(LevelFilter::DEBUG));
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (capture, _default) = capturing(LevelFilter::DEBUG);
     let service = service();
     let key = "raw-key-a1b2c3";
-    assert_eq!(send(&service, key, "a").await, 201);
-    assert_eq!(send(&service, key, "a").await, 201);
-    assert_eq!(send(&service, key, "b").await, 422);
+    assert_eq!(post(&service, "/orders", key, "a").await, 201);
+    assert_eq!(post(&service, "/orders", key, "a").await, 201);
+    assert_eq!(post(&service, "/orders", key, "b").await, 422);
     drop(_default);
 
     let spans = capture.spans.lock().unwrap().clone();
@@ -178,13 +191,10 @@ async fn a_subscriber_sees_each_tracked_request_with_its_keys_hash_and_never_the
 
 #[tokio::test]
 async fn a_subscriber_at_info_gets_no_span_and_no_event() {
-    let capture = Capture::default();
-    let subscriber =
-        tracing_subscriber::registry().with(capture.clone().with_filter(LevelFilter::INFO));
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (capture, _default) = capturing(LevelFilter::INFO);
     let service = service();
-    assert_eq!(send(&service, "k", "a").await, 201);
-    assert_eq!(send(&service, "k", "a").await, 201);
+    assert_eq!(post(&service, "/orders", "k", "a").await, 201);
+    assert_eq!(post(&service, "/orders", "k", "a").await, 201);
     drop(_default);
     assert!(capture.spans.lock().unwrap().is_empty());
     assert!(capture.events.lock().unwrap().is_empty());
@@ -198,28 +208,6 @@ async fn slow_or_not(
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     Ok(Response::builder().status(201).body("made".into()).unwrap())
-}
-
-async fn send_to<S>(service: &S, path: &str, key: &str) -> u16
-where
-    S: tower::Service<Request<String>, Response = Response<IdempotencyBody<String>>>
-        + Clone
-        + Send
-        + 'static,
-    S::Error: fmt::Debug,
-    S::Future: Send,
-{
-    let req = Request::post(path)
-        .header("idempotency-key", key)
-        .body(String::new())
-        .unwrap();
-    service
-        .clone()
-        .oneshot(req)
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 /// The outcomes of the request spans a subscriber saw, in the order the spans were made.
@@ -240,10 +228,7 @@ async fn each_way_a_request_ends_is_its_spans_outcome() {
     use tower::Layer;
     use tower_idempotency::{IdempotencyLayer, MAX_KEY_LEN, OnConflict};
 
-    let capture = Capture::default();
-    let subscriber =
-        tracing_subscriber::registry().with(capture.clone().with_filter(LevelFilter::DEBUG));
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (capture, _default) = capturing(LevelFilter::DEBUG);
 
     // A duplicate while the first runs, refused at once, then one that waits too little.
     for (layer, outcome, status) in [
@@ -262,10 +247,10 @@ async fn each_way_a_request_ends_is_its_spans_outcome() {
         let service = layer.layer(service_fn(slow_or_not));
         let first = {
             let service = service.clone();
-            tokio::spawn(async move { send_to(&service, "/slow", "dup").await })
+            tokio::spawn(async move { post(&service, "/slow", "dup", "").await })
         };
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let duplicate = send_to(&service, "/slow", "dup").await;
+        let duplicate = post(&service, "/slow", "dup", "").await;
         assert_eq!(first.await.unwrap(), 201);
         assert_eq!(duplicate, status, "{outcome}");
         assert_eq!(outcomes(&capture), ["executed", outcome]);
@@ -275,7 +260,7 @@ async fn each_way_a_request_ends_is_its_spans_outcome() {
     // A key longer than the layer takes.
     let service = IdempotencyLayer::new(MemoryStore::default()).layer(service_fn(slow_or_not));
     let long = "k".repeat(MAX_KEY_LEN + 1);
-    assert_eq!(send_to(&service, "/orders", &long).await, 400);
+    assert_eq!(post(&service, "/orders", &long, "").await, 400);
     assert_eq!(outcomes(&capture), ["rejected"]);
     capture.spans.lock().unwrap().clear();
 
@@ -283,7 +268,7 @@ async fn each_way_a_request_ends_is_its_spans_outcome() {
     let store = idempotency_test_support::recording::RecordingStore::new(MemoryStore::default());
     store.fail_always("begin");
     let service = IdempotencyLayer::new(store).layer(service_fn(slow_or_not));
-    assert_eq!(send_to(&service, "/orders", "k").await, 503);
+    assert_eq!(post(&service, "/orders", "k", "").await, 503);
     assert_eq!(outcomes(&capture), ["store_error"]);
     drop(_default);
     let everything = format!("{:?}", capture.spans.lock().unwrap());
