@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -124,4 +124,38 @@ fn with_prefix(prefix: &Option<Bytes>, hint: SizeHint) -> SizeHint {
         out.set_upper(upper + extra);
     }
     out
+}
+
+/// A body read in full: a body of one chunk (a `Full`, most handlers' answer, or a small request
+/// that arrived in one read) is kept as it is, without a copy or a list of its chunks.
+#[derive(Default)]
+pub(crate) struct Collect {
+    first: Bytes,
+    rest: Option<BytesMut>,
+}
+
+impl Collect {
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        match &mut self.rest {
+            Some(rest) => rest.extend_from_slice(&data),
+            None if self.first.is_empty() => self.first = data,
+            None => {
+                let mut rest = BytesMut::with_capacity(self.first.len() + data.len());
+                rest.extend_from_slice(&self.first);
+                rest.extend_from_slice(&data);
+                self.rest = Some(rest);
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.rest.as_ref().map_or(self.first.len(), BytesMut::len)
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        self.rest.map_or(self.first, BytesMut::freeze)
+    }
 }

@@ -6,14 +6,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower::Service;
 
-use crate::body::{IdempotencyBody, IdempotencyResponse};
+use crate::body::{Collect, IdempotencyBody, IdempotencyResponse};
 use crate::extensions::{NotRun, OutcomeUnknown};
 use crate::fingerprint::Fingerprint;
 use crate::headers::kept_for_replay;
@@ -298,40 +298,6 @@ fn owner_record(
         tracing::warn!(?key, error = %e, "response cannot be kept for replay; duplicates will get 409");
         unreplayable(fingerprint, Unreplayable::TooLarge)
     })
-}
-
-/// A response body read in full: a body of one chunk (a `Full`, most handlers' answer) is kept
-/// as it is, without a copy.
-#[derive(Default)]
-struct Collect {
-    first: Bytes,
-    rest: Option<BytesMut>,
-}
-
-impl Collect {
-    fn push(&mut self, data: Bytes) {
-        if data.is_empty() {
-            return;
-        }
-        match &mut self.rest {
-            Some(rest) => rest.extend_from_slice(&data),
-            None if self.first.is_empty() => self.first = data,
-            None => {
-                let mut rest = BytesMut::with_capacity(self.first.len() + data.len());
-                rest.extend_from_slice(&self.first);
-                rest.extend_from_slice(&data);
-                self.rest = Some(rest);
-            }
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.rest.as_ref().map_or(self.first.len(), BytesMut::len)
-    }
-
-    fn into_bytes(self) -> Bytes {
-        self.rest.map_or(self.first, BytesMut::freeze)
-    }
 }
 
 #[cfg(test)]

@@ -10,11 +10,11 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError};
 use tokio::time::Instant;
 use tower::{BoxError, Service};
 
-use crate::body::{IdempotencyBody, IdempotencyResponse};
+use crate::body::{Collect, IdempotencyBody, IdempotencyResponse};
 use crate::config::{MAX_DURATION, OnConflict};
 use crate::detached::{Detached, answer_within};
 use crate::extensions::Tracked;
@@ -310,26 +310,50 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Problem::BodyTooLarge { limit });
     }
-    let read = Limited::new(body, limit).collect();
-    let read = match timeout {
+    let read = collect_within(body, limit);
+    match timeout {
         None => read.await,
         Some(timeout) => match tokio::time::timeout(timeout, read).await {
             Ok(read) => read,
             Err(_) => {
                 count(Event::BodyTimeout);
                 tracing::debug!(?timeout, "a tracked request's body did not arrive in time");
-                return Err(Problem::BodyTimeout);
+                Err(Problem::BodyTimeout)
             }
         },
-    };
-    match read {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(Problem::BodyTooLarge { limit }),
-        Err(e) => {
-            tracing::debug!(error = %e, "could not read a tracked request's body");
-            Err(Problem::BodyUnreadable)
+    }
+}
+
+/// Reads `body` in full, refused once it would hold more than `limit` bytes. A body of one
+/// chunk, as most small requests arrive, is kept without a copy or a list of its chunks.
+async fn collect_within<B>(body: B, limit: usize) -> Result<Bytes, Problem>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = Collect::default();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                let e: BoxError = e.into();
+                // A limit of the application's own (axum's `DefaultBodyLimit`) says so too.
+                if e.is::<LengthLimitError>() {
+                    return Err(Problem::BodyTooLarge { limit });
+                }
+                tracing::debug!(error = %e, "could not read a tracked request's body");
+                return Err(Problem::BodyUnreadable);
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(Problem::BodyTooLarge { limit });
+            }
+            buf.push(data);
         }
     }
+    Ok(buf.into_bytes())
 }
 
 /// The answer to a keyed request whose scope the extractor cannot tell: a counted 500 problem,
