@@ -1,4 +1,5 @@
-# What the benchmark scripts share (scripts/bench-wrk, bench-layer-instr, bench-pg-bound):
+# What the benchmark scripts share (scripts/bench-wrk, bench-layer-instr, bench-pg-bound,
+# bench-store-cpu, bench-proxy-spread):
 # sourced, not run. The functions that write files write them in $dir, which the sourcing
 # script makes; count_run reads $counter and $instr_duration.
 
@@ -164,3 +165,38 @@ count_run() {
   if [ "$(errors)" != 0 ]; then echo "wrk: errors while counting $row: $(cat "$dir/wrk.out")" >&2; exit 1; fi
   echo $((ir / n))
 }
+
+# nginx_conf NAME WORKERS SERVER_BLOCK [MAIN_LINES]: $dir/NAME.conf, an nginx with WORKERS
+# worker processes, its pid, logs and temporary files in $dir.
+nginx_conf() {
+  cat >"$dir/$1.conf" <<CONF
+${4:-}
+worker_processes $2;
+pid $dir/$1.pid;
+error_log $dir/$1.error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/$1-body;
+  proxy_temp_path $dir/$1-proxy;
+  $3
+}
+CONF
+}
+
+# upstream_block PORT: the server block of the upstream every proxy is measured in front of,
+# nginx answering `return 201` on 127.0.0.1:PORT.
+upstream_block() {
+  echo "server { listen 127.0.0.1:$1; location / { return 201 '{\"id\":1,\"product\":\"Teapot\"}'; } }"
+}
+
+# peer_block PORT UPSTREAM_PORT: the server block of the peer, nginx `proxy_pass` on
+# 127.0.0.1:PORT to the upstream, with a keep-alive pool of 64.
+peer_block() {
+  echo "upstream app { server 127.0.0.1:$2; keepalive 64; }
+  server { listen 127.0.0.1:$1; location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+}
+
+# ticks PID...: the CPU clock ticks (user + system) the processes named have spent so far, all
+# their threads.
+ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
