@@ -3,10 +3,12 @@
 requests it covered, compared function by function (by their own instructions, the sources
 inlined into a function counted with it), per request.
 
-    cg-diff.py BASE_PROFILE BASE_REQUESTS PROFILE REQUESTS [TOP]
+    cg-diff.py BASE_PROFILE BASE_REQUESTS PROFILE REQUESTS [TOP [FELL]]
 
 Prints the TOP (default 30) functions whose instructions per request grew most from the base
-to the profile, then the total.
+to the profile, then the FELL (default 0) that fell most (where code the base runs under one
+name runs under another in the profile, inlined elsewhere, the two rows pair up), then the
+total.
 """
 import re
 import subprocess
@@ -51,6 +53,7 @@ def per_request(profile, requests):
 def main():
     base, base_n, prof, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     top = int(sys.argv[5]) if len(sys.argv) > 5 else 30
+    fell = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     a, a_total = per_request(base, base_n)
     b, b_total = per_request(prof, n)
     # Thread entry frames carry a whole thread's cost as their own when frames are missing;
@@ -65,7 +68,8 @@ def main():
     rows.sort(reverse=True)
     print(f"| function | base/req | /req | added |")
     print(f"| --- | ---: | ---: | ---: |")
-    for added, was, now, name in rows[:top]:
+    shown = rows[:top] + [r for r in rows[::-1][:fell] if r[0] < 0 and r not in rows[:top]]
+    for added, was, now, name in shown:
         short = name if len(name) <= 110 else name[:107] + "..."
         short = short.replace("|", "\\|")
         print(f"| `{short}` | {was:.0f} | {now:.0f} | {added:+.0f} |")
