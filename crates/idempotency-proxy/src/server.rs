@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -114,32 +114,42 @@ pub(crate) async fn serve(
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
+        // The connection's watchdog is a task of its own: it wakes once per timeout, and on a
+        // shutdown, to tell the connection to close. The connection's task then polls a
+        // oneshot receiver beside hyper's connection, not a cancellation future and a timer,
+        // each time one of its requests makes progress.
+        let (mut close, close_requested) = oneshot::channel::<()>();
         let closing = closing.clone();
         let idle_timeout = limits.header_timeout;
         connections.spawn(async move {
+            tokio::select! {
+                () = closing.cancelled() => {}
+                () = activity.idle_for(idle_timeout) => {
+                    // No request head came in time (hyper's own header timeout covers
+                    // HTTP/1.1 heads once it knows the protocol; this covers the rest).
+                    tracing::debug!("closing a connection that sent no request in time");
+                }
+                // The connection ended on its own.
+                () = close.closed() => return,
+            }
+            let _ = close.send(());
+        });
+        connections.spawn(async move {
             let _place = place;
             tokio::pin!(conn);
-            let mut closed = false;
-            loop {
-                tokio::select! {
-                    ended = conn.as_mut() => {
-                        if let Err(e) = ended {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        break;
+            tokio::select! {
+                biased;
+                ended = conn.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "connection ended with an error");
                     }
-                    () = closing.cancelled(), if !closed => {
-                        conn.as_mut().graceful_shutdown();
-                        closed = true;
-                    }
-                    () = activity.idle_for(idle_timeout), if !closed => {
-                        // No request head came in time (hyper's own header timeout covers
-                        // HTTP/1.1 heads once it knows the protocol; this covers the rest).
-                        tracing::debug!("closing a connection that sent no request in time");
-                        conn.as_mut().graceful_shutdown();
-                        closed = true;
-                    }
+                    return;
                 }
+                // Sent, or the watchdog gone (the runtime shutting down): close either way.
+                _ = close_requested => conn.as_mut().graceful_shutdown(),
+            }
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
