@@ -15,8 +15,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ pub(crate) struct ClientAddr {
     ip: HeaderValue,
     /// This hop's `for=` parameter of `Forwarded`.
     forwarded_for: String,
+    /// The `Forwarded` element of the connection's last request, and the `Host` it was made
+    /// for: the requests of a connection name one host, so it is made once.
+    forwarded: Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl ClientAddr {
@@ -61,6 +64,7 @@ impl ClientAddr {
             // An address is always a valid header value.
             ip: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded_for,
+            forwarded: Mutex::new(None),
         }
     }
 }
@@ -237,8 +241,8 @@ impl Inner {
         client: Option<&ClientAddr>,
     ) -> Response<ProxyBody> {
         let guard = self.in_flight.enter();
-        let (mut parts, body) = req.into_parts();
-        let uri = match self.upstream.uri_for(&parts.uri) {
+        let mut req = req;
+        let uri = match self.upstream.uri_for(req.uri()) {
             Ok(uri) => uri,
             Err(e) => {
                 tracing::debug!(error = %e, "request target cannot be forwarded");
@@ -250,19 +254,23 @@ impl Inner {
                 );
             }
         };
-        // The client sets the upstream's own `Host`.
-        let host = parts.headers.remove(HOST).or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(EXPECT);
-        forwarding_headers(&mut parts.headers, client, host, self.trust_forwarded);
-        parts.uri = uri;
-        parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
+        // The request is changed where it is, not taken apart and put together again: each of
+        // those moves its head.
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        // `Host` and the forwarding headers, six at most, go in with the map grown once.
+        headers.reserve(6);
+        // The upstream's own `Host` takes the caller's place.
+        let host = headers
+            .insert(HOST, self.client.host().clone())
+            .or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+        forwarding_headers(req.headers_mut(), client, host, self.trust_forwarded);
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
 
         let tracked = req.extensions().get::<Tracked>().is_some();
         let limit = if tracked { self.deadline } else { self.timeout };
@@ -387,21 +395,26 @@ fn upstream_duration(outcome: Outcome) -> metrics::Histogram {
 /// `Host` it asked for, and `http`. With `trust`, the client is a proxy of the operator's: this
 /// hop is appended to `Forwarded` and `X-Forwarded-For`, and the other headers it sent are kept
 /// (an `X-Forwarded-Proto: https` from a front proxy that terminated TLS stays `https`), filled
-/// in from the connection only where it sent none.
+/// in from the connection only where it sent none. `Expect` is removed either way: the proxy
+/// answers `100-continue` itself.
 fn forwarding_headers(
     headers: &mut HeaderMap,
     peer: Option<&ClientAddr>,
     host: Option<HeaderValue>,
     trust: bool,
 ) {
-    if !trust {
-        // One pass over the names finds what the client sent under the forwarding names.
+    if trust {
+        headers.remove(EXPECT);
+    } else {
+        // One pass over the names finds what the client sent under the forwarding names, and
+        // `Expect`: the proxy answers `100-continue` itself.
         let forged: Vec<HeaderName> = headers
             .keys()
             .filter(|name| {
-                name.as_str().starts_with("x-forwarded-")
+                *name == EXPECT
                     || *name == http::header::FORWARDED
                     || *name == X_REAL_IP
+                    || name.as_str().starts_with("x-forwarded-")
             })
             .cloned()
             .collect();
@@ -454,6 +467,27 @@ fn forwarding_headers(
 /// This hop's `Forwarded` element: `for=` the caller, `host=` the `Host` it asked for (left out
 /// if it cannot be quoted), `proto=http`.
 fn forwarded_element(peer: Option<&ClientAddr>, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let (Some(peer), Some(host)) = (peer, host) else {
+        return make_forwarded_element(peer, host);
+    };
+    let mut last = peer
+        .forwarded
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((for_host, element)) = &*last
+        && for_host == host
+    {
+        return Some(element.clone());
+    }
+    let element = make_forwarded_element(Some(peer), Some(host))?;
+    *last = Some((host.clone(), element.clone()));
+    Some(element)
+}
+
+fn make_forwarded_element(
+    peer: Option<&ClientAddr>,
+    host: Option<&HeaderValue>,
+) -> Option<HeaderValue> {
     let host = host.map(HeaderValue::as_bytes).filter(|h| {
         h.iter()
             .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')

@@ -9,7 +9,6 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HOST;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
@@ -175,13 +174,17 @@ where
         }
     }
 
-    /// Sends `req` (its URI in origin form; its `Host` is set here) and returns the response,
-    /// whose body puts the connection back in the pool once read.
+    /// The `Host` of every request to the upstream: its authority.
+    pub(crate) fn host(&self) -> &HeaderValue {
+        &self.inner.host
+    }
+
+    /// Sends `req` (its URI in origin form, its `Host` the upstream's, [`Self::host`]) and
+    /// returns the response, whose body puts the connection back in the pool once read.
     pub(crate) async fn request(
         &self,
         mut req: Request<B>,
     ) -> Result<Response<PooledBody<B>>, UpstreamError> {
-        req.headers_mut().insert(HOST, self.inner.host.clone());
         loop {
             let (mut tx, reused) = match self.checkout() {
                 Some(tx) => (tx, true),
