@@ -25,30 +25,40 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1) and every header that `Connection`
 /// names, leaving the end-to-end headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // A name `Connection` lists is looked up as it is written, and made a `HeaderName` only when
-    // such a header is there: `close` costs no allocation, and `keep-alive`, one of the fixed
-    // set below, no lookup.
-    let mut named = Vec::new();
-    for value in headers.get_all(CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if !token.eq_ignore_ascii_case("keep-alive")
-                && headers.contains_key(token)
-                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            {
-                named.push(name);
-            }
-        }
-    }
-    for name in named {
-        headers.remove(name);
-    }
     // One pass over the names finds which of the fixed set are there (most messages carry
     // one, `Connection`, or none); only those are looked up again to be removed.
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // A name `Connection` lists is looked up as it is written, and made a `HeaderName` only when
+    // such a header is there: `close` costs no allocation, and `keep-alive`, one of the fixed
+    // set below, no lookup. A value of one option, as most are, is not split.
+    if present & 1 != 0 {
+        let mut named = Vec::new();
+        for value in headers.get_all(CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            let mut listed = |token: &str| {
+                if !token.eq_ignore_ascii_case("keep-alive")
+                    && headers.contains_key(token)
+                    && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                {
+                    named.push(name);
+                }
+            };
+            if value.as_bytes().contains(&b',') {
+                value.split(',').map(str::trim).for_each(&mut listed);
+            } else {
+                listed(value.trim());
+            }
+        }
+        for name in named {
+            headers.remove(name);
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
