@@ -682,4 +682,25 @@ mod tests {
         let e = forwarded_element(None, Some(&odd)).unwrap();
         assert_eq!(e, "proto=http");
     }
+
+    #[test]
+    fn a_connections_forwarded_element_follows_the_host_each_request_names() {
+        let peer = ClientAddr::new("10.0.0.9:1234".parse().unwrap());
+        let a = HeaderValue::from_static("a.example");
+        let b = HeaderValue::from_static("b.example");
+        let odd = HeaderValue::from_static("a\"b");
+        for (host, want) in [
+            (&a, "for=10.0.0.9;host=\"a.example\";proto=http"),
+            (&a, "for=10.0.0.9;host=\"a.example\";proto=http"),
+            (&b, "for=10.0.0.9;host=\"b.example\";proto=http"),
+            (&odd, "for=10.0.0.9;proto=http"),
+            (&a, "for=10.0.0.9;host=\"a.example\";proto=http"),
+        ] {
+            assert_eq!(forwarded_element(Some(&peer), Some(host)).unwrap(), want);
+        }
+        assert_eq!(
+            forwarded_element(Some(&peer), None).unwrap(),
+            "for=10.0.0.9;proto=http"
+        );
+    }
 }
