@@ -263,7 +263,7 @@ async fn handle(
     // The query is left out: it may carry an idempotency key.
     if let Some(path) = path {
         tracing::debug!(
-            method = method_label(&method),
+            method = method_label(&method).1,
             path,
             status = status.as_u16(),
             replayed = res.headers().contains_key("idempotent-replayed"),
@@ -344,35 +344,39 @@ pub(crate) fn has_dot_segment(path: &str) -> bool {
 }
 
 /// The request-duration histogram for a method and status. Handles are kept per thread, so a
-/// request costs no registry lookup and no label allocation once its kind has been seen.
+/// request costs no registry lookup and no label allocation once its kind has been seen; they
+/// are found by a number made of the method's label and the status, with foldhash's quick
+/// hasher rather than the map's default SipHash (half of the lookup's cost went to hashing).
 fn request_duration(method: &Method, status: StatusCode) -> metrics::Histogram {
+    type Handles = HashMap<u32, metrics::Histogram, foldhash::fast::FixedState>;
     thread_local! {
-        static HANDLES: RefCell<HashMap<(&'static str, u16), metrics::Histogram>> =
-            RefCell::new(HashMap::new());
+        static HANDLES: RefCell<Handles> = RefCell::new(Handles::default());
     }
-    let method = method_label(method);
+    let (index, label) = method_label(method);
+    let key = u32::from(index) << 16 | u32::from(status.as_u16());
     HANDLES.with_borrow_mut(|handles| {
         handles
-            .entry((method, status.as_u16()))
+            .entry(key)
             .or_insert_with(|| {
                 let status = status.as_str().to_owned();
-                metrics::histogram!(REQUEST_DURATION, "method" => method, "status" => status)
+                metrics::histogram!(REQUEST_DURATION, "method" => label, "status" => status)
             })
             .clone()
     })
 }
 
-/// The method as a metric label, from a fixed set so that labels stay few.
-fn method_label(m: &Method) -> &'static str {
+/// The method as a metric label, from a fixed set so that labels stay few, with its place in
+/// that set.
+fn method_label(m: &Method) -> (u8, &'static str) {
     match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+        Method::GET => (0, "GET"),
+        Method::POST => (1, "POST"),
+        Method::PUT => (2, "PUT"),
+        Method::PATCH => (3, "PATCH"),
+        Method::DELETE => (4, "DELETE"),
+        Method::HEAD => (5, "HEAD"),
+        Method::OPTIONS => (6, "OPTIONS"),
+        _ => (7, "other"),
     }
 }
 
