@@ -80,6 +80,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write new keys one after another to a MemoryStore at its bound on records, and print
+    /// the slowest write (a write holds the store's lock: every request needing the store
+    /// waits behind it).
+    StorePauses {
+        /// The store's bound on records.
+        #[arg(long, default_value_t = tower_idempotency::MemoryStore::DEFAULT_CAPACITY)]
+        records: usize,
+        /// New keys written, each a lease and then a record.
+        #[arg(long, default_value_t = 500_000)]
+        writes: u64,
+        /// Each record's body, in bytes.
+        #[arg(long, default_value_t = 64)]
+        body: usize,
+    },
     /// Send the proxy (with its default store bounds) keyed requests for 200 KiB responses,
     /// four times what its store holds, and print its RSS.
     ProxyAtBound,
@@ -949,6 +963,25 @@ fn main() {
             } else {
                 println!("{}.", describe_full_store(&f));
             }
+            return;
+        }
+        Some(Cmd::StorePauses {
+            records,
+            writes,
+            body,
+        }) => {
+            let p = rt.block_on(server::store_pauses(*records, *writes, *body));
+            println!(
+                "MemoryStore bounded to {} records, {} new keys written one after another \
+                 (a lease and a record of {body} bytes each): the slowest write took {:.2} ms; \
+                 {} took over 1 ms, {} over 5 ms; {:.2} µs a write on average.",
+                p.records,
+                p.writes,
+                ms(p.slowest),
+                p.over_1ms,
+                p.over_5ms,
+                p.elapsed.as_secs_f64() * 1e6 / p.writes as f64,
+            );
             return;
         }
         Some(Cmd::ProxyAtBound) => {

@@ -283,6 +283,46 @@ async fn complete_records(
     }
 }
 
+/// The pauses of a MemoryStore at its bound, from [`store_pauses`].
+pub(crate) struct Pauses {
+    pub(crate) records: usize,
+    pub(crate) writes: u64,
+    pub(crate) slowest: Duration,
+    pub(crate) over_1ms: u64,
+    pub(crate) over_5ms: u64,
+    pub(crate) elapsed: Duration,
+}
+
+/// Writes `writes` new keys (a lease and then its record of `body` bytes each) to a MemoryStore
+/// bounded to `records`, one after another, so that it fills and then evicts its oldest record
+/// for each new one; times each write. A write holds the store's lock, so its time is how long
+/// every other request that needs the store waits behind it.
+pub(crate) async fn store_pauses(records: usize, writes: u64, body: usize) -> Pauses {
+    let store = MemoryStore::with_capacity(records);
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let mut pauses = Pauses {
+        records,
+        writes,
+        slowest: Duration::ZERO,
+        over_1ms: 0,
+        over_5ms: 0,
+        elapsed: Duration::ZERO,
+    };
+    let started = std::time::Instant::now();
+    for i in 0..writes {
+        let t = std::time::Instant::now();
+        complete_records(&store, i..i + 1, &headers, body).await;
+        let took = t.elapsed();
+        pauses.slowest = pauses.slowest.max(took);
+        pauses.over_1ms += u64::from(took > Duration::from_millis(1));
+        pauses.over_5ms += u64::from(took > Duration::from_millis(5));
+    }
+    pauses.elapsed = started.elapsed();
+    assert_eq!(store.stats().len, records.min(writes as usize));
+    pauses
+}
+
 /// Fills a MemoryStore with `records` completed records of `body` bytes each; returns the RSS
 /// growth per record and in all.
 pub(crate) async fn memory_per_record(records: u64, body: usize) -> (f64, u64) {
