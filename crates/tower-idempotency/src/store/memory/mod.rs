@@ -3,7 +3,7 @@
 //! This file holds the public face ([`MemoryStore`], its builder, its counts and bounds);
 //! `table` the records and how room is made for them; `verbs` the store verbs on that table.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
@@ -121,7 +121,7 @@ impl MemoryStoreBuilder {
                 capacity: self.capacity.max(1),
                 max_bytes: self.max_bytes.max(MemoryStore::LEASE_BYTES),
                 bytes: 0,
-                map: HashMap::default(),
+                map: table::Shards::default(),
                 completed: VecDeque::new(),
                 completed_len: 0,
                 seq: 0,

@@ -203,3 +203,34 @@ async fn renew_moves_the_expiry() {
     ));
     assert!(!store.renew(&key(0), t, LEASE).await.unwrap());
 }
+
+#[tokio::test]
+async fn a_store_of_many_keys_finds_each_and_counts_them_over_its_shards() {
+    // Enough keys that every shard holds some, then each read back, then half forgotten.
+    let store = MemoryStore::with_capacity(10_000);
+    for n in 0..4_000 {
+        let BeginOutcome::Acquired(token) = store.begin(&key(n), &FP, LEASE).await.unwrap() else {
+            panic!("key {n} is new");
+        };
+        let record = Bytes::from(format!("record {n}"));
+        assert!(store.complete(&key(n), token, record, TTL).await.unwrap());
+    }
+    assert_eq!(store.stats().len, 4_000);
+    {
+        let table = store.lock();
+        for n in 0..4_000 {
+            assert!(
+                matches!(table.map.get(&key(n)), Some(table::Entry::Completed { record, .. }) if record == format!("record {n}").as_bytes()),
+                "key {n}"
+            );
+        }
+    }
+    for n in (0..4_000).step_by(2) {
+        store.forget(&key(n), false).await.unwrap();
+    }
+    assert_eq!(store.stats().len, 2_000);
+    let table = store.lock();
+    assert_eq!(table.map.iter().count(), 2_000);
+    assert!(table.map.get(&key(0)).is_none());
+    assert!(table.map.get(&key(1)).is_some());
+}
