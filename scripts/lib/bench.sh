@@ -1,5 +1,5 @@
 # What the benchmark scripts share (scripts/bench-wrk, bench-layer-instr, bench-pg-bound,
-# bench-store-cpu, bench-proxy-spread):
+# bench-store-cpu, bench-proxy-spread, bench-floor, bench-wire):
 # sourced, not run. The functions that write files write them in $dir, which the sourcing
 # script makes; count_run reads $counter and $instr_duration.
 
@@ -200,3 +200,29 @@ peer_block() {
 # ticks PID...: the CPU clock ticks (user + system) the processes named have spent so far, all
 # their threads.
 ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
+
+# serving PORT: the processes that serve a port (nginx: its workers; ours: the proxy).
+serving() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u | tr '\n' ' '; }
+
+# p99_ms: the p99 in ms of the last wrk run, from its latency distribution.
+p99_ms() {
+  awk '$1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+    if (u == "us") v /= 1000; else if (u == "s") v *= 1000; else if (u == "m") v *= 60000; print v }' "$dir/wrk.out"
+}
+
+# measure PORT ROW: "req/s p99-ms cpu-µs-per-request errors" of one wrk run of $duration, the
+# CPU time being that of the processes serving PORT.
+measure() {
+  local procs t0 t1 n
+  procs=$(serving "$1")
+  # shellcheck disable=SC2086
+  t0=$(ticks $procs)
+  wrk_run "$1" "$2" "$duration"
+  # shellcheck disable=SC2086
+  t1=$(ticks $procs)
+  n=$(awk '/requests in/ {print $1}' "$dir/wrk.out")
+  echo "$(awk '/Requests\/sec/ {print $2}' "$dir/wrk.out") $(p99_ms) $(echo "($t1 - $t0) * 1000000 / $(getconf CLK_TCK) / $n" | bc -l) $(errors)"
+}
+
+# col N: the Nth column of standard input.
+col() { awk -v c="$1" '{print $c}'; }
