@@ -484,6 +484,7 @@ fn forwarded_element(peer: Option<&ClientAddr>, host: Option<&HeaderValue>) -> O
     Some(element)
 }
 
+/// Builds the element [`forwarded_element`] hands out.
 fn make_forwarded_element(
     peer: Option<&ClientAddr>,
     host: Option<&HeaderValue>,
