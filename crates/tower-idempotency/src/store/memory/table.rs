@@ -29,7 +29,7 @@ const SHARDS: usize = 16;
 /// stopped every request for 13-46 ms each time it doubled; a shard holds a sixteenth of the
 /// entries, and the shards grow at different times.
 pub(super) struct Shards {
-    tables: [HashMap<StorageKey, Entry, Hasher>; SHARDS],
+    tables: [HashMap<TableKey, Entry, Hasher>; SHARDS],
     /// The entries of all the tables, kept rather than summed: the bounds read it on every
     /// write.
     len: usize,
@@ -38,6 +38,26 @@ pub(super) struct Shards {
     /// them again would; the random multiplier keeps a shard from being chosen by the caller.
     /// (The tables' own hasher must not pick shards: they read the same top bits.)
     pick: u64,
+}
+
+/// A key as the tables hash it: the four words of its digest folded into one, which the tables'
+/// seeded hasher then mixes. `StorageKey`'s own `Hash` feeds all 32 bytes through the hasher
+/// again, some 400 instructions a new key for nothing a SHA-256 digest lacks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct TableKey(StorageKey);
+
+impl std::hash::Hash for TableKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(fold(&self.0));
+    }
+}
+
+/// The four 64-bit words of a key, XORed: each bit of the digest counts.
+fn fold(key: &StorageKey) -> u64 {
+    key.0
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+        .fold(0, |a, w| a ^ w)
 }
 
 impl Default for Shards {
@@ -51,21 +71,18 @@ impl Default for Shards {
 }
 
 impl Shards {
-    fn table(&self, key: &StorageKey) -> &HashMap<StorageKey, Entry, Hasher> {
+    fn table(&self, key: &StorageKey) -> &HashMap<TableKey, Entry, Hasher> {
         &self.tables[self.shard(key)]
     }
 
-    fn table_mut(&mut self, key: &StorageKey) -> &mut HashMap<StorageKey, Entry, Hasher> {
+    fn table_mut(&mut self, key: &StorageKey) -> &mut HashMap<TableKey, Entry, Hasher> {
         let shard = self.shard(key);
         &mut self.tables[shard]
     }
 
     fn shard(&self, key: &StorageKey) -> usize {
-        let [a, b, c, d] = std::array::from_fn(|i| {
-            u64::from_le_bytes(key.0[i * 8..i * 8 + 8].try_into().unwrap_or_default())
-        });
         // The top bits of the product: 16 shards take four.
-        ((a ^ b ^ c ^ d).wrapping_mul(self.pick) >> (64 - SHARDS.trailing_zeros())) as usize
+        (fold(key).wrapping_mul(self.pick) >> (64 - SHARDS.trailing_zeros())) as usize
     }
 
     pub(super) fn len(&self) -> usize {
@@ -73,21 +90,21 @@ impl Shards {
     }
 
     pub(super) fn get(&self, key: &StorageKey) -> Option<&Entry> {
-        self.table(key).get(key)
+        self.table(key).get(&TableKey(*key))
     }
 
     pub(super) fn get_mut(&mut self, key: &StorageKey) -> Option<&mut Entry> {
-        self.table_mut(key).get_mut(key)
+        self.table_mut(key).get_mut(&TableKey(*key))
     }
 
     pub(super) fn insert(&mut self, key: StorageKey, entry: Entry) -> Option<Entry> {
-        let old = self.table_mut(&key).insert(key, entry);
+        let old = self.table_mut(&key).insert(TableKey(key), entry);
         self.len += usize::from(old.is_none());
         old
     }
 
     pub(super) fn remove(&mut self, key: &StorageKey) -> Option<Entry> {
-        let old = self.table_mut(key).remove(key);
+        let old = self.table_mut(key).remove(&TableKey(*key));
         self.len -= usize::from(old.is_some());
         old
     }
@@ -99,7 +116,7 @@ impl Shards {
         which: impl FnOnce(&Entry) -> bool,
     ) -> Option<Entry> {
         let shard = self.shard(&key);
-        match self.tables[shard].entry(key) {
+        match self.tables[shard].entry(TableKey(key)) {
             hash_map::Entry::Occupied(e) if which(e.get()) => {
                 self.len -= 1;
                 Some(e.remove())
@@ -110,13 +127,16 @@ impl Shards {
 
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&StorageKey, &mut Entry) -> bool) {
         for table in &mut self.tables {
-            table.retain(&mut keep);
+            table.retain(|k, e| keep(&k.0, e));
         }
         self.len = self.tables.iter().map(HashMap::len).sum();
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&StorageKey, &Entry)> {
-        self.tables.iter().flat_map(HashMap::iter)
+        self.tables
+            .iter()
+            .flat_map(HashMap::iter)
+            .map(|(k, e)| (&k.0, e))
     }
 }
 
