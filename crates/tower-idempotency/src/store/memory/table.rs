@@ -34,9 +34,9 @@ pub(super) struct Shards {
     /// write.
     len: usize,
     /// Picks a key's shard: an odd multiplier, random for each store. A storage key is already a
-    /// SHA-256 digest, so a multiply of some of its bytes spreads keys as well as hashing all of
-    /// them again would; the random multiplier keeps a shard from being chosen by the caller.
-    /// (The tables' own hasher must not pick shards: they read the same top bits.)
+    /// SHA-256 digest, so a multiply of its folded words ([`fold`]) spreads keys as well as
+    /// hashing them again would; the random multiplier keeps a shard from being chosen by the
+    /// caller. (The tables' own hasher must not pick shards: they read the same top bits.)
     pick: u64,
 }
 
