@@ -21,6 +21,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use clap::Parser;
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -31,55 +32,30 @@ use tokio::sync::Mutex;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The least a reverse proxy on hyper can do: a yardstick for the benchmarks, not a proxy to run.
+#[derive(Parser)]
 struct Args {
+    /// Address to listen on.
+    #[arg(long)]
     listen: SocketAddr,
+    /// The upstream's address.
+    #[arg(long)]
     upstream: SocketAddr,
-    workers: usize,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
+    /// Serve with hyper-util's HTTP/1-or-2 server, as the proxy does.
+    #[arg(long)]
     auto: bool,
 }
 
-fn args() -> Result<Args, String> {
-    let mut listen = None;
-    let mut upstream = None;
-    let mut workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut auto = false;
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        match arg.as_str() {
-            "--listen" => listen = Some(value("--listen")?),
-            "--upstream" => upstream = Some(value("--upstream")?),
-            "--workers" => {
-                workers = value("--workers")?
-                    .parse()
-                    .map_err(|e| format!("--workers: {e}"))?;
-            }
-            "--auto" => auto = true,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    let addr = |name: &str, v: Option<String>| -> Result<SocketAddr, String> {
-        v.ok_or(format!("{name} is required"))?
-            .parse()
-            .map_err(|e| format!("{name}: {e}"))
-    };
-    Ok(Args {
-        listen: addr("--listen", listen)?,
-        upstream: addr("--upstream", upstream)?,
-        workers: workers.max(1),
-        auto,
-    })
-}
-
 fn main() {
-    let args = match args() {
-        Ok(args) => Arc::new(args),
-        Err(e) => {
-            eprintln!("hyper-floor: {e}");
-            std::process::exit(2);
-        }
-    };
-    let threads: Vec<_> = (0..args.workers)
+    let args = Arc::new(Args::parse());
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let threads: Vec<_> = (0..workers)
         .map(|n| {
             let args = args.clone();
             std::thread::Builder::new()
